@@ -1,0 +1,189 @@
+"""The shard executor: sessions, their KV caches and samplers, and one batched step over a stage.
+
+This is the pure core a node runs; the gRPC servicer is a thin layer over it, and `LocalPipeline` chains
+executors in one process (the `--local` path and the reference for multi-node tests).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .kv_cache import KVCache
+from .model import Segment, Stage
+from .sampling import Sampler, SamplingParams
+
+
+class SessionError(KeyError):
+    """A step names a session the node does not hold, or one that already exists."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; say it plainly
+        return str(self.args[0])
+
+
+class StepError(ValueError):
+    """A step's inputs do not fit this stage (shape, dtype, positions)."""
+
+
+@dataclass
+class StepRequest:
+    """One sequence's rows in a batched step."""
+
+    session_id: str
+    start: int  # position of the first row in the sequence
+    tokens: torch.Tensor | None = None  # (T,) int64, first stage only
+    hidden: torch.Tensor | None = None  # (T, D), other stages
+    sample: bool = True  # last stage: sample a token from the last row (False for a non-final prefill chunk)
+
+    @property
+    def length(self) -> int:
+        """Rows in this request."""
+        x = self.tokens if self.tokens is not None else self.hidden
+        return 0 if x is None else x.shape[0]
+
+
+@dataclass
+class StepResult:
+    """What a stage produced for one sequence: hidden states for the next stage, or a sampled token."""
+
+    session_id: str
+    start: int
+    hidden: torch.Tensor | None = None  # (T, D) when this is not the last stage
+    token: int | None = None  # sampled id when this is the last stage and the request asked for it
+
+
+@dataclass
+class Session:
+    """A sequence this node holds: its cache and, on the last stage, its sampler."""
+
+    cache: KVCache
+    sampler: Sampler | None
+    created: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class ShardExecutor:
+    """Runs a stage for many sessions; validates every step before touching any cache."""
+
+    def __init__(self, stage: Stage, max_sessions: int = 64, max_len: int | None = None) -> None:
+        self.stage = stage
+        self.max_sessions = max_sessions
+        self.max_len = max_len or stage.config.max_position_embeddings
+        self.sessions: dict[str, Session] = {}
+        self.compute_s = 0.0  # time spent in stage forward (for per-stage timing)
+        self.steps = 0
+
+    @property
+    def spec(self):
+        """The layer range this executor runs."""
+        return self.stage.spec
+
+    def open_session(self, session_id: str, sampling: SamplingParams | None = None, replace: bool = True) -> None:
+        """Create (or with replace, recreate) the cache of a session."""
+        if session_id in self.sessions and not replace:
+            raise SessionError(f"session {session_id!r} already exists on this node")
+        if session_id not in self.sessions and len(self.sessions) >= self.max_sessions:
+            raise OverflowError(
+                f"this node holds {self.max_sessions} sessions already; end some or raise --max-sessions"
+            )
+        sampler = Sampler(sampling or SamplingParams()) if self.stage.spec.is_last else None
+        self.sessions[session_id] = Session(self.stage.new_cache(self.max_len), sampler)
+
+    def close_session(self, session_id: str) -> bool:
+        """Free a session's cache; returns False when the node did not hold it."""
+        session = self.sessions.pop(session_id, None)
+        if session is None:
+            return False
+        session.cache.free()
+        return True
+
+    def kv_bytes(self) -> int:
+        """Bytes held by all KV caches on this node."""
+        return sum(s.cache.nbytes() for s in self.sessions.values())
+
+    def validate(self, req: StepRequest) -> Session:
+        """Check a request against this stage and its session; raise StepError/SessionError saying what is wrong."""
+        session = self.sessions.get(req.session_id)
+        if session is None:
+            raise SessionError(f"unknown session {req.session_id!r}: open it first (or it was ended / the node restarted)")
+        spec, cfg = self.stage.spec, self.stage.config
+        if spec.is_first:
+            if req.tokens is None or req.tokens.dim() != 1:
+                raise StepError(f"stage {spec} takes token ids of shape (T,), got {_describe(req.tokens if req.tokens is not None else req.hidden)}")
+            if req.tokens.numel() and (int(req.tokens.min()) < 0 or int(req.tokens.max()) >= cfg.vocab_size):
+                raise StepError(f"token ids must be in [0, {cfg.vocab_size}); got {int(req.tokens.min())}..{int(req.tokens.max())}")
+        else:
+            h = req.hidden
+            if h is None or h.dim() != 2 or h.shape[1] != cfg.hidden_size:
+                raise StepError(f"stage {spec} takes hidden states of shape (T, {cfg.hidden_size}), got {_describe(h if h is not None else req.tokens)}")
+            if not h.is_floating_point():
+                raise StepError(f"hidden states must be floating point, got {h.dtype}")
+        if req.length == 0:
+            raise StepError("a step needs at least one row")
+        if req.start < 0 or req.start > session.cache.offset:
+            raise StepError(
+                f"session {req.session_id!r}: step starts at position {req.start} but the node holds "
+                f"{session.cache.offset} positions (replay from 0 after a restart)"
+            )
+        if req.start + req.length > self.max_len:
+            raise StepError(f"session {req.session_id!r}: {req.start + req.length} positions exceed the context length {self.max_len}")
+        return session
+
+    def step(self, requests: list[StepRequest]) -> list[StepResult]:
+        """Run one batched forward over the requests (each a different session)."""
+        sessions = [self.validate(r) for r in requests]
+        if len({r.session_id for r in requests}) != len(requests):
+            raise StepError("a batch holds two steps of the same session")
+        segments = [Segment(s.cache, r.start, r.length) for r, s in zip(requests, sessions)]
+        if self.stage.spec.is_first:
+            inputs = torch.cat([r.tokens for r in requests]).long()
+        else:
+            inputs = torch.cat([r.hidden for r in requests])
+        t0 = time.perf_counter()
+        out = self.stage(inputs, segments)
+        self.compute_s += time.perf_counter() - t0
+        self.steps += 1
+        now = time.monotonic()
+        results, row = [], 0
+        for i, (req, session) in enumerate(zip(requests, sessions)):
+            session.last_used = now
+            res = StepResult(req.session_id, req.start)
+            if self.stage.spec.is_last:
+                if req.sample:
+                    res.token = session.sampler(out[i])
+            else:
+                res.hidden = out[row : row + req.length]
+            row += req.length
+            results.append(res)
+        return results
+
+
+def _describe(t: torch.Tensor | None) -> str:
+    return "nothing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+
+
+class LocalPipeline:
+    """Executors chained in one process: the same step path the nodes run, without the network."""
+
+    def __init__(self, executors: list[ShardExecutor]) -> None:
+        self.executors = executors
+
+    def open(self, session_id: str, sampling: SamplingParams) -> None:
+        """Open the session on every stage."""
+        for ex in self.executors:
+            ex.open_session(session_id, sampling)
+
+    def close(self, session_id: str) -> None:
+        """Free the session on every stage."""
+        for ex in self.executors:
+            ex.close_session(session_id)
+
+    def step(self, session_id: str, start: int, tokens: list[int], sample: bool = True) -> int | None:
+        """Feed tokens at `start` through all stages; the sampled next token (None if not sampled)."""
+        req = StepRequest(session_id, start, tokens=torch.tensor(tokens, dtype=torch.long), sample=sample)
+        for ex in self.executors:
+            (res,) = ex.step([req])
+            req = StepRequest(session_id, start, hidden=res.hidden, sample=sample)
+        return res.token

@@ -1,0 +1,143 @@
+"""Build a `Stage` from a checkpoint: on the meta device first, then only the shard's own tensors.
+
+The stage is constructed with empty (meta) parameters; each linear layer, the embedding and the head are then
+replaced by a module made straight from its `WeightSource` in the node's format (`f32`, `bf16`, `int8`,
+`int4`), so a node never reads the tensors of other stages and a low-bit shard never exists in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, GGUFCheckpoint, HFCheckpoint
+from .config import ShardSpec
+from .model import Rotary, Stage
+
+QUANT_FORMATS = ("f32", "bf16", "int8", "int4")
+_COMPUTE_DTYPE = {"f32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
+
+
+def default_quant(ckpt: GGUFCheckpoint | HFCheckpoint) -> str:
+    """The format a checkpoint runs in without --quant: a GGUF keeps its low-bit type, safetensors its dtype."""
+    if isinstance(ckpt, HFCheckpoint):
+        return "f32" if ckpt.stored_dtype == torch.float32 else "bf16"
+    qtype = ckpt.weight("model.layers.0.mlp.down_proj.weight").ggml_type.name
+    if qtype in ("F32",):
+        return "f32"
+    if qtype in ("F16", "BF16"):
+        return "bf16"
+    if qtype == "Q8_0":
+        return "int8"
+    return "int4"  # Q4_0, Q4_1 and the K-quants
+
+
+def load_stage(
+    ckpt: GGUFCheckpoint | HFCheckpoint,
+    spec: ShardSpec,
+    quant: str | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> Stage:
+    """Make the stage for `spec` holding only its own tensors, in format `quant` (default: the checkpoint's).
+
+    `on_tensor(name, bytes)` is called after each tensor is materialized (progress bars, load reporting).
+    """
+    quant = quant or default_quant(ckpt)
+    if quant not in QUANT_FORMATS:
+        raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANT_FORMATS)}")
+    config = ckpt.config
+    dtype = _COMPUTE_DTYPE[quant]
+    with torch.device("meta"):
+        stage = Stage(config, spec, dtype=dtype)
+    stage.rotary = Rotary(config)  # real tables, not meta
+    stage.quant = quant
+    have = set(ckpt.names())
+
+    def source(name: str):
+        if name not in have:
+            raise CheckpointError(f"{ckpt.path}: tensor {name!r} is missing; the checkpoint is incomplete")
+        return ckpt.weight(name)
+
+    def bias(name: str) -> torch.Tensor | None:
+        return source(name).dense() if name in have else None
+
+    for mod_name, module in list(stage.named_modules()):
+        key = "lm_head" if mod_name == "lm_head" else f"model.{mod_name}"
+        if isinstance(module, nn.Linear):
+            if mod_name == "lm_head":
+                src = source("lm_head.weight" if "lm_head.weight" in have else "model.embed_tokens.weight")
+                new = _make_head(src, quant)
+            else:
+                new = _make_linear(source(f"{key}.weight"), bias(f"{key}.bias"), quant)
+            _replace(stage, mod_name, new)
+        elif isinstance(module, nn.Embedding):
+            _replace(stage, mod_name, _make_embedding(source(f"{key}.weight"), quant))
+        elif mod_name.endswith("layernorm") or mod_name == "norm":
+            module.weight = nn.Parameter(source(f"{key}.weight").dense(), requires_grad=False)
+        else:
+            continue
+        if on_tensor is not None:
+            on_tensor(mod_name, _module_bytes(getattr_path(stage, mod_name)))
+    leftover = [n for n, p in list(stage.named_parameters()) + list(stage.named_buffers()) if p.is_meta]
+    if leftover:
+        raise CheckpointError(f"{ckpt.path}: no weights were loaded for {', '.join(leftover[:5])}")
+    return stage.eval()
+
+
+def getattr_path(root: nn.Module, path: str) -> nn.Module:
+    """`root.a.b.c` for path 'a.b.c'."""
+    for part in path.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(getattr_path(root, parent) if parent else root, leaf, new)
+
+
+def _module_bytes(module: nn.Module) -> int:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def stage_weight_bytes(stage: nn.Module) -> int:
+    """Bytes of weights a stage holds (parameters and buffers; rotary tables excluded)."""
+    return _module_bytes(stage) - _module_bytes(stage.rotary)
+
+
+def _dense_linear(src, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    out_f, in_f = src.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(src.dense().to(dtype), requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    return lin
+
+
+def _make_linear(src, bias: torch.Tensor | None, quant: str) -> nn.Module:
+    if quant in ("f32", "bf16"):
+        return _dense_linear(src, bias, _COMPUTE_DTYPE[quant])
+    from . import quant as q
+
+    return q.make_linear(src, bias, quant)
+
+
+def _make_head(src, quant: str) -> nn.Module:
+    if quant in ("f32", "bf16"):
+        return _dense_linear(src, None, _COMPUTE_DTYPE[quant])
+    from . import quant as q
+
+    return q.make_head(src, quant)
+
+
+def _make_embedding(src, quant: str) -> nn.Module:
+    if quant in ("f32", "bf16"):
+        emb = nn.Embedding(*src.shape, device="meta")
+        emb.weight = nn.Parameter(src.dense().to(_COMPUTE_DTYPE[quant]), requires_grad=False)
+        return emb
+    from . import quant as q
+
+    return q.make_embedding(src, quant)

@@ -1,0 +1,63 @@
+"""Next-token sampling: greedy, temperature, top-k, top-p, with a per-sequence seeded generator.
+
+The last stage samples, so sampling parameters travel with the session. The same seed gives the same
+tokens: each sequence owns a `torch.Generator` seeded once, advanced one draw per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to choose the next token."""
+
+    temperature: float = 0.0  # 0 means greedy (argmax)
+    top_k: int = 0  # keep the k most likely tokens; 0 keeps all
+    top_p: float = 1.0  # keep the smallest set whose probability reaches p
+    seed: int | None = None  # same seed, same output; None draws a random seed
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling is argmax."""
+        return self.temperature == 0.0
+
+
+class Sampler:
+    """Draws tokens for one sequence; holds that sequence's random generator."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator = torch.Generator()
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits: (V,) float -> the chosen token id."""
+        p = self.params
+        if p.greedy:
+            return int(torch.argmax(logits))
+        logits = logits.float() / p.temperature
+        if p.top_k:
+            kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+            # drop a token when the ones before it already reach top_p (always keep the best one)
+            drop = cum - torch.softmax(sorted_logits, -1) >= p.top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
+        probs = torch.softmax(logits, -1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

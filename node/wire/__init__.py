@@ -1,0 +1,7 @@
+"""The generated protobuf/gRPC modules of proto/edgeshard/v1/edgeshard.proto (see scripts/gen_proto.py).
+
+`edgeshard_pb2` and `edgeshard_pb2_grpc` are generated and committed; never edit them by hand, run
+`python scripts/gen_proto.py` after changing the proto.
+"""
+
+PROTOCOL_VERSION = 1  # the wire protocol a node speaks; bump only for incompatible changes
