@@ -97,8 +97,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     """Token ids of the prompt, through the chat template when `chat`."""
     if chat:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
+        return tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
     return tokenizer.encode(prompt)
 
 
@@ -126,7 +125,8 @@ async def _run_local(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     ckpt = open_checkpoint(path)
     stage = load_stage(ckpt, ShardSpec.full(ckpt.config.num_hidden_layers), quant=args.quant)
-    tokenizer = Tokenizer.from_checkpoint(path)
+    # one GGUF reader for weights and tokenizer: opening it parses the whole vocabulary (seconds)
+    tokenizer = Tokenizer.from_gguf(ckpt.reader) if hasattr(ckpt, "reader") else Tokenizer.from_checkpoint(path)
     load_s = time.perf_counter() - t0
     pipeline = AsyncLocal(LocalPipeline([ShardExecutor(stage)]))
     plan = [{"node": "local", "address": None, "start_layer": 0, "end_layer": ckpt.config.num_hidden_layers, "quant": stage.quant}]
@@ -154,9 +154,9 @@ async def stream_generation(args, pipeline, tokenizer, plan: list[dict], extra: 
         raise UserError(str(e)) from e
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
     seq = Sequence(ids, sampling, args.max_tokens, frozenset(tokenizer.stop_token_ids))
-    stream = tokenizer.stream_decoder()
+    stream = tokenizer.decode_stream()
     async for token in generate(pipeline, seq):
-        piece = stream.add(token)
+        piece = stream.step(token)
         if piece:
             sys.stdout.write(piece)
             sys.stdout.flush()
