@@ -22,8 +22,16 @@ class UserError(Exception):
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a .gguf file, a Hugging Face model directory, or a name from `models list`")
-    p.add_argument("--quant", choices=("int4", "int8", "bf16", "f32"), help="weight format of the shards (default: the checkpoint's own)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a .gguf file, a Hugging Face model directory, or a name from `models list`",
+    )
+    p.add_argument(
+        "--quant",
+        choices=("int4", "int8", "bf16", "f32"),
+        help="weight format of the shards (default: the checkpoint's own)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -36,7 +44,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="edgeshard", description="Run one LLM across a cluster of cheap devices.")
+    parser = argparse.ArgumentParser(
+        prog="edgeshard", description="Run one LLM across a cluster of cheap devices."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     models = sub.add_parser("models", help="the packaged models")
@@ -57,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--local", action="store_true", help="run every layer in this process")
     where.add_argument("--peers", help="comma-separated node addresses host:port, in pipeline order")
     where.add_argument("--discover", action="store_true", help="find nodes with mDNS")
-    run.add_argument("--threads", type=int, default=None, help="torch threads for --local (default: all cores)")
+    run.add_argument(
+        "--threads", type=int, default=None, help="torch threads for --local (default: all cores)"
+    )
     run.add_argument("--json", action="store_true", help="print a JSON summary on the last line")
     run.set_defaults(func=cmd_run)
 
@@ -89,7 +101,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
     table = Table("name", "description", "pulled", "path")
     for r in rows:
-        table.add_row(r["name"], r.get("description", ""), "yes" if r.get("pulled") else "no", str(r.get("path") or ""))
+        table.add_row(
+            r["name"], r.get("description", ""), "yes" if r.get("pulled") else "no", str(r.get("path") or "")
+        )
     Console().print(table)
     return 0
 
@@ -126,10 +140,20 @@ async def _run_local(args: argparse.Namespace) -> int:
     ckpt = open_checkpoint(path)
     stage = load_stage(ckpt, ShardSpec.full(ckpt.config.num_hidden_layers), quant=args.quant)
     # one GGUF reader for weights and tokenizer: opening it parses the whole vocabulary (seconds)
-    tokenizer = Tokenizer.from_gguf(ckpt.reader) if hasattr(ckpt, "reader") else Tokenizer.from_checkpoint(path)
+    tokenizer = (
+        Tokenizer.from_gguf(ckpt.reader) if hasattr(ckpt, "reader") else Tokenizer.from_checkpoint(path)
+    )
     load_s = time.perf_counter() - t0
     pipeline = AsyncLocal(LocalPipeline([ShardExecutor(stage)]))
-    plan = [{"node": "local", "address": None, "start_layer": 0, "end_layer": ckpt.config.num_hidden_layers, "quant": stage.quant}]
+    plan = [
+        {
+            "node": "local",
+            "address": None,
+            "start_layer": 0,
+            "end_layer": ckpt.config.num_hidden_layers,
+            "quant": stage.quant,
+        }
+    ]
     return await stream_generation(args, pipeline, tokenizer, plan, extra={"load_s": round(load_s, 3)})
 
 
@@ -149,7 +173,9 @@ async def stream_generation(args, pipeline, tokenizer, plan: list[dict], extra: 
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     try:
-        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        sampling = SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+        )
     except ValueError as e:
         raise UserError(str(e)) from e
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
@@ -204,7 +230,10 @@ def _is_user_facing(e: Exception) -> bool:
     from edgeshard.node.config import UnsupportedModelError
 
     names = {"ModelPullError", "ModelNotFoundError", "ClusterError", "NodeUnavailableError", "PlanError"}
-    return isinstance(e, (CheckpointError, UnsupportedModelError, FileNotFoundError)) or type(e).__name__ in names
+    return (
+        isinstance(e, (CheckpointError, UnsupportedModelError, FileNotFoundError))
+        or type(e).__name__ in names
+    )
 
 
 def _register_plugins() -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .config import ModelConfig, UnsupportedModelError
+from .gguf_file import GGUFFile, GGUFFormatError
 
 # GGUF tensor types this reader dequantizes (others are refused with a clear error).
 SUPPORTED_GGML_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
@@ -128,20 +129,20 @@ class GGUFCheckpoint:
     """A GGUF file: config from its metadata, tensors mapped to HF names, read lazily."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        import gguf
-
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such GGUF file")
         try:
-            self.reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # the gguf package raises assorted errors for bad files
+            self.reader = GGUFFile(self.path)
+        except (GGUFFormatError, OSError, ValueError) as e:
             raise CheckpointError(
                 f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated or "
                 "corrupt: download it again (for the demo model: edgeshard models pull smollm2-135m)"
             ) from e
         self._check_extent()
-        self.metadata = {k: _field_value(f) for k, f in self.reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+        self.metadata = {
+            k: _field_value(f) for k, f in self.reader.fields.items() if not k.startswith("tokenizer.ggml.")
+        }
         self.config = self._config()
         self._tensors: dict[str, Any] = {}
         for t in self.reader.tensors:
@@ -165,14 +166,24 @@ class GGUFCheckpoint:
     def _config(self) -> ModelConfig:
         arch = self.metadata.get("general.architecture")
         if arch not in ("llama", "mistral", "qwen2"):
-            raise UnsupportedModelError(f"{self.path}: GGUF architecture {arch!r} is not supported (llama, mistral, qwen2)")
+            raise UnsupportedModelError(
+                f"{self.path}: GGUF architecture {arch!r} is not supported (llama, mistral, qwen2)"
+            )
         names = {t.name for t in self.reader.tensors}
         heads = int(self._meta("attention.head_count"))
         hidden = int(self._meta("embedding_length"))
         tokens = self.reader.fields.get("tokenizer.ggml.tokens")
-        vocab = self._meta("vocab_size") or (len(tokens.data) if tokens is not None else None)
-        eos = _field_value(self.reader.fields["tokenizer.ggml.eos_token_id"]) if "tokenizer.ggml.eos_token_id" in self.reader.fields else None
-        bos = _field_value(self.reader.fields["tokenizer.ggml.bos_token_id"]) if "tokenizer.ggml.bos_token_id" in self.reader.fields else None
+        vocab = self._meta("vocab_size") or (len(tokens.contents()) if tokens is not None else None)
+        eos = (
+            _field_value(self.reader.fields["tokenizer.ggml.eos_token_id"])
+            if "tokenizer.ggml.eos_token_id" in self.reader.fields
+            else None
+        )
+        bos = (
+            _field_value(self.reader.fields["tokenizer.ggml.bos_token_id"])
+            if "tokenizer.ggml.bos_token_id" in self.reader.fields
+            else None
+        )
         return ModelConfig(
             arch=arch,
             vocab_size=int(vocab),
@@ -197,8 +208,6 @@ class GGUFCheckpoint:
 
     def weight(self, name: str) -> GGUFWeight:
         """The tensor `name` (HF naming), not yet read."""
-        import gguf
-
         t = self._tensors.get(name)
         if t is None:
             raise CheckpointError(f"{self.path}: no tensor {name!r} in this GGUF file")
@@ -212,15 +221,11 @@ class GGUFCheckpoint:
         if c.arch in ("llama", "mistral") and re.search(r"self_attn\.[qk]_proj\.(weight|bias)$", name):
             heads = c.num_attention_heads if ".q_proj." in name else c.num_key_value_heads
             rows = _unpermute_rows(heads, shape[0])
-        del gguf
         return GGUFWeight(name, shape, t.tensor_type, t, rows)
 
 
 def _field_value(field: Any) -> Any:
-    try:
-        return field.contents()
-    except Exception:  # very old gguf versions lack contents(); such fields are not needed
-        return None
+    return field.contents()
 
 
 # ------------------------------------------------------------------------------------ safetensors
@@ -258,7 +263,9 @@ class HFCheckpoint:
         self.path = Path(path)
         cfg_file = self.path / "config.json"
         if not cfg_file.is_file():
-            raise CheckpointError(f"{self.path}: no config.json; a model directory needs config.json and *.safetensors")
+            raise CheckpointError(
+                f"{self.path}: no config.json; a model directory needs config.json and *.safetensors"
+            )
         try:
             self.hf_config = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
@@ -270,7 +277,9 @@ class HFCheckpoint:
         else:
             files = sorted(self.path.glob("*.safetensors"))
         if not files:
-            raise CheckpointError(f"{self.path}: no *.safetensors files (only safetensors checkpoints are read)")
+            raise CheckpointError(
+                f"{self.path}: no *.safetensors files (only safetensors checkpoints are read)"
+            )
         self._weights: dict[str, SafetensorsWeight] = {}
         for file in files:
             try:
@@ -279,7 +288,9 @@ class HFCheckpoint:
                         shape = tuple(f.get_slice(name).get_shape())
                         self._weights[name] = SafetensorsWeight(name, shape, file)
             except Exception as e:  # safetensors raises SafetensorError for truncated headers/data
-                raise CheckpointError(f"{file}: cannot read safetensors ({e}); the file may be truncated") from e
+                raise CheckpointError(
+                    f"{file}: cannot read safetensors ({e}); the file may be truncated"
+                ) from e
         self.stored_dtype = _dtype_of(self.hf_config.get("torch_dtype", "float32"))
 
     def names(self) -> list[str]:
@@ -295,7 +306,9 @@ class HFCheckpoint:
 
 
 def _dtype_of(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        name, torch.float32
+    )
 
 
 def open_checkpoint(path: str | os.PathLike) -> GGUFCheckpoint | HFCheckpoint:
@@ -306,7 +319,9 @@ def open_checkpoint(path: str | os.PathLike) -> GGUFCheckpoint | HFCheckpoint:
     if p.suffix == ".gguf" or (p.is_file() and p.read_bytes()[:4] == b"GGUF"):
         return GGUFCheckpoint(p)
     if not p.exists():
-        raise CheckpointError(f"{p}: no such file or directory (give a .gguf file or a Hugging Face model directory)")
+        raise CheckpointError(
+            f"{p}: no such file or directory (give a .gguf file or a Hugging Face model directory)"
+        )
     raise CheckpointError(f"{p}: not a GGUF file or a model directory")
 
 

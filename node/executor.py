@@ -80,7 +80,9 @@ class ShardExecutor:
         """The layer range this executor runs."""
         return self.stage.spec
 
-    def open_session(self, session_id: str, sampling: SamplingParams | None = None, replace: bool = True) -> None:
+    def open_session(
+        self, session_id: str, sampling: SamplingParams | None = None, replace: bool = True
+    ) -> None:
         """Create (or with replace, recreate) the cache of a session."""
         if session_id in self.sessions and not replace:
             raise SessionError(f"session {session_id!r} already exists on this node")
@@ -107,17 +109,25 @@ class ShardExecutor:
         """Check a request against this stage and its session; raise StepError/SessionError saying what is wrong."""
         session = self.sessions.get(req.session_id)
         if session is None:
-            raise SessionError(f"unknown session {req.session_id!r}: open it first (or it was ended / the node restarted)")
+            raise SessionError(
+                f"unknown session {req.session_id!r}: open it first (or it was ended / the node restarted)"
+            )
         spec, cfg = self.stage.spec, self.stage.config
         if spec.is_first:
             if req.tokens is None or req.tokens.dim() != 1:
-                raise StepError(f"stage {spec} takes token ids of shape (T,), got {_describe(req.tokens if req.tokens is not None else req.hidden)}")
+                raise StepError(
+                    f"stage {spec} takes token ids of shape (T,), got {_describe(req.tokens if req.tokens is not None else req.hidden)}"
+                )
             if req.tokens.numel() and (int(req.tokens.min()) < 0 or int(req.tokens.max()) >= cfg.vocab_size):
-                raise StepError(f"token ids must be in [0, {cfg.vocab_size}); got {int(req.tokens.min())}..{int(req.tokens.max())}")
+                raise StepError(
+                    f"token ids must be in [0, {cfg.vocab_size}); got {int(req.tokens.min())}..{int(req.tokens.max())}"
+                )
         else:
             h = req.hidden
             if h is None or h.dim() != 2 or h.shape[1] != cfg.hidden_size:
-                raise StepError(f"stage {spec} takes hidden states of shape (T, {cfg.hidden_size}), got {_describe(h if h is not None else req.tokens)}")
+                raise StepError(
+                    f"stage {spec} takes hidden states of shape (T, {cfg.hidden_size}), got {_describe(h if h is not None else req.tokens)}"
+                )
             if not h.is_floating_point():
                 raise StepError(f"hidden states must be floating point, got {h.dtype}")
         if req.length == 0:
@@ -128,7 +138,9 @@ class ShardExecutor:
                 f"{session.cache.offset} positions (replay from 0 after a restart)"
             )
         if req.start + req.length > self.max_len:
-            raise StepError(f"session {req.session_id!r}: {req.start + req.length} positions exceed the context length {self.max_len}")
+            raise StepError(
+                f"session {req.session_id!r}: {req.start + req.length} positions exceed the context length {self.max_len}"
+            )
         return session
 
     def step(self, requests: list[StepRequest]) -> list[StepResult]:

@@ -17,7 +17,12 @@ from .config import ShardSpec
 from .model import Rotary, Stage
 
 QUANT_FORMATS = ("f32", "bf16", "int8", "int4")
-_COMPUTE_DTYPE = {"f32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
+_COMPUTE_DTYPE = {
+    "f32": torch.float32,
+    "bf16": torch.bfloat16,
+    "int8": torch.bfloat16,
+    "int4": torch.bfloat16,
+}
 
 
 def default_quant(ckpt: GGUFCheckpoint | HFCheckpoint) -> str:

@@ -181,9 +181,13 @@ class Stage(nn.Module):
         super().__init__()
         self.config, self.spec, self.dtype = config, spec, dtype
         if spec.num_layers != config.num_hidden_layers:
-            raise ValueError(f"shard of a {spec.num_layers}-layer model, but the model has {config.num_hidden_layers}")
+            raise ValueError(
+                f"shard of a {spec.num_layers}-layer model, but the model has {config.num_hidden_layers}"
+            )
         if spec.is_first:
-            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+            # _weight skips the random init (on the meta device that init alone imports torch._dynamo: seconds)
+            V, D = config.vocab_size, config.hidden_size
+            self.embed_tokens = nn.Embedding(V, D, _weight=torch.empty(V, D))
         self.layers = nn.ModuleDict({str(i): Block(config, i) for i in spec.layers})
         if spec.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -194,11 +198,17 @@ class Stage(nn.Module):
         """An empty KV cache for one sequence on this stage."""
         c = self.config
         return KVCache(
-            len(self.layers), c.num_key_value_heads, c.head_dim, self.dtype, max_len or c.max_position_embeddings
+            len(self.layers),
+            c.num_key_value_heads,
+            c.head_dim,
+            self.dtype,
+            max_len or c.max_position_embeddings,
         )
 
     @torch.inference_mode()
-    def forward(self, inputs: torch.Tensor, segments: list[Segment], all_logits: bool = False) -> torch.Tensor:
+    def forward(
+        self, inputs: torch.Tensor, segments: list[Segment], all_logits: bool = False
+    ) -> torch.Tensor:
         """Run the stage on a packed batch; the last stage returns logits of each segment's last row
         (S, V), or of every row (N, V) with all_logits."""
         if self.spec.is_first:

@@ -234,11 +234,11 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, path_or_reader: Any) -> Tokenizer:
-        """Build the tokenizer from a GGUF file's metadata (a path or an open `gguf.GGUFReader`)."""
+        """Build the tokenizer from a GGUF file's metadata (a path, an open `GGUFFile` or `gguf.GGUFReader`)."""
         if isinstance(path_or_reader, (str, Path)):
-            from gguf import GGUFReader
+            from .gguf_file import GGUFFile
 
-            path_or_reader = GGUFReader(path_or_reader)
+            path_or_reader = GGUFFile(path_or_reader)
         meta = lambda key, default=None: _gguf_field(path_or_reader, key, default)  # noqa: E731
         model, arch = meta("tokenizer.ggml.model"), meta("general.architecture")
         tokens: list[str] = meta("tokenizer.ggml.tokens") or []

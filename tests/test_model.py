@@ -18,7 +18,38 @@ torch.set_num_threads(1)
 # Token ids of a few varied prompts (the tokenizer has its own tests; fixed ids keep these independent).
 PROMPTS = [
     [1, 504, 3458, 282, 4649, 314, 8411, 30],
-    [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3717, 7018, 2, 198, 1, 4093, 198, 1780, 314, 260, 3458, 282, 4649, 47, 2, 198, 1, 520, 9531, 198],
+    [
+        1,
+        9690,
+        198,
+        2683,
+        359,
+        253,
+        5356,
+        5646,
+        11173,
+        3365,
+        3717,
+        7018,
+        2,
+        198,
+        1,
+        4093,
+        198,
+        1780,
+        314,
+        260,
+        3458,
+        282,
+        4649,
+        47,
+        2,
+        198,
+        1,
+        520,
+        9531,
+        198,
+    ],
     [32, 3, 17, 42, 48000, 999, 12, 12, 12, 7, 100, 2000, 30000, 5],
 ]
 
@@ -52,7 +83,12 @@ def hf_reference(smollm2_path):
 
 def test_gguf_config(gguf_ckpt):
     c = gguf_ckpt.config
-    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (30, 576, 9, 3)
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (
+        30,
+        576,
+        9,
+        3,
+    )
     assert c.tie_word_embeddings and c.vocab_size == 49152 and c.rope_theta == 100000.0
 
 
@@ -92,7 +128,9 @@ def test_greedy_tokens_match_transformers(full_f32, hf_reference):
 def test_split_matches_unsplit(gguf_ckpt, full_f32, n_stages):
     stages = [load_stage(gguf_ckpt, spec, quant="f32") for spec in even_split(30, n_stages)]
     for ids in PROMPTS[:2]:
-        torch.testing.assert_close(full_logits(stages, ids), full_logits([full_f32], ids), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(
+            full_logits(stages, ids), full_logits([full_f32], ids), rtol=1e-5, atol=1e-4
+        )
 
 
 def test_incremental_decode_matches_full_forward(full_f32):
@@ -119,7 +157,11 @@ def test_shard_holds_only_its_layers(gguf_ckpt, full_f32):
     assert set(first.layers) == {str(i) for i in range(10)}
     assert not hasattr(first, "lm_head") and not hasattr(first, "norm")
     c = gguf_ckpt.config
-    per_layer = 4 * (c.hidden_size * (2 * c.hidden_size + 2 * c.num_key_value_heads * c.head_dim) + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size)
+    per_layer = 4 * (
+        c.hidden_size * (2 * c.hidden_size + 2 * c.num_key_value_heads * c.head_dim)
+        + 3 * c.hidden_size * c.intermediate_size
+        + 2 * c.hidden_size
+    )
     expected = 10 * per_layer + 4 * c.vocab_size * c.hidden_size
     assert stage_weight_bytes(first) == expected
     assert stage_weight_bytes(first) < 0.6 * stage_weight_bytes(full_f32)
@@ -142,8 +184,15 @@ def test_truncated_gguf_is_a_clear_error(smollm2_path, tmp_path):
 def _tiny(kind: str, tmp_path, **extra):
     transformers = pytest.importorskip("transformers")
     common = dict(
-        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
     )
     common.update(extra)
     if kind == "llama":
@@ -162,10 +211,14 @@ def _tiny(kind: str, tmp_path, **extra):
     return model
 
 
-@pytest.mark.parametrize("kind,extra", [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("qwen2", {}), ("mistral", {})])
+@pytest.mark.parametrize(
+    "kind,extra", [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("qwen2", {}), ("mistral", {})]
+)
 def test_tiny_safetensors_match_transformers(tmp_path, kind, extra):
     model = _tiny(kind, tmp_path, **extra)
-    assert (tmp_path / "model.safetensors.index.json").exists() or len(list(tmp_path.glob("*.safetensors"))) == 1
+    assert (tmp_path / "model.safetensors.index.json").exists() or len(
+        list(tmp_path.glob("*.safetensors"))
+    ) == 1
     ckpt = open_checkpoint(tmp_path)
     ids = [5, 17, 250, 3, 99, 42, 42, 7]
     with torch.no_grad():
