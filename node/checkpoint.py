@@ -228,6 +228,30 @@ def _field_value(field: Any) -> Any:
     return field.contents()
 
 
+@dataclass
+class StackedWeight:
+    """Several weights with the same input width stacked by rows (fused projections), read on demand."""
+
+    name: str
+    parts: list[Any]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(p.shape[0] for p in self.parts), self.parts[0].shape[1])
+
+    @property
+    def ggml_type(self) -> Any:
+        # one low-bit type for all parts keeps the blocks exact; mixed types (llama.cpp's _M mixes) go dense
+        types = {p.ggml_type for p in self.parts}
+        return types.pop() if len(types) == 1 else None
+
+    def raw(self) -> np.ndarray:
+        return np.concatenate([p.raw() for p in self.parts])
+
+    def dense(self) -> torch.Tensor:
+        return torch.cat([p.dense() for p in self.parts])
+
+
 # ------------------------------------------------------------------------------------ safetensors
 
 

@@ -12,11 +12,16 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, GGUFCheckpoint, HFCheckpoint
+from .checkpoint import CheckpointError, GGUFCheckpoint, HFCheckpoint, StackedWeight
 from .config import ShardSpec
 from .model import Rotary, Stage
 
 QUANT_FORMATS = ("f32", "bf16", "int8", "int4")
+# Fused stage modules -> the checkpoint modules whose rows they stack, in order.
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
 _COMPUTE_DTYPE = {
     "f32": torch.float32,
     "bf16": torch.bfloat16,
@@ -61,11 +66,22 @@ def load_stage(
     have = set(ckpt.names())
 
     def source(name: str):
+        for fused, parts in FUSED.items():  # a fused module reads the checkpoint tensors it stacks
+            prefix, dot, suffix = name.partition(f".{fused}.")
+            if dot:
+                return StackedWeight(name, [source(f"{prefix}.{part}.{suffix}") for part in parts])
         if name not in have:
             raise CheckpointError(f"{ckpt.path}: tensor {name!r} is missing; the checkpoint is incomplete")
         return ckpt.weight(name)
 
     def bias(name: str) -> torch.Tensor | None:
+        for fused, parts in FUSED.items():
+            prefix, dot, suffix = name.partition(f".{fused}.")
+            if dot:
+                names = [f"{prefix}.{part}.{suffix}" for part in parts]
+                return (
+                    torch.cat([source(n).dense() for n in names]) if all(n in have for n in names) else None
+                )
         return source(name).dense() if name in have else None
 
     for mod_name, module in list(stage.named_modules()):
