@@ -1,0 +1,130 @@
+"""Micro-benchmark of the linear-layer kernels a node can run, on the shapes of the demo model.
+
+Prints a table of milliseconds per call (median over repeats, 1 thread) and writes the same figures to
+benchmarks/results/kernels.json. Used to choose the kernels behind `node/quant.py`:
+
+    python benchmarks/kernels.py            # SmolLM2-135M shapes + 2048x2048, batch 1 and 8
+    python benchmarks/kernels.py --quick    # fewer repeats (CI smoke)
+
+Kernels (weights random; only speed is measured here, accuracy lives in tests/test_quant.py):
+  fp32          F.linear, float32 activations and weights
+  bf16          F.linear, bfloat16 activations and weights
+  int8pack      torch._weight_int8pack_mm: int8 weights, one bf16 scale per output channel, bf16 activations
+  fbgemm_int8   torch.ops.quantized.linear_dynamic: int8 per-channel weights, activations quantized to
+                uint8 per call (fp32 in/out); x86-only (ARM boards get qnnpack instead)
+  int4pack      torch._weight_int4pack_mm_for_cpu: 4-bit weights, group 32 bf16 scale+zero, bf16 activations
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# (name, in_features, out_features): the linear layers of SmolLM2-135M plus a square reference layer.
+SHAPES: list[tuple[str, int, int]] = [
+    ("q/o 576->576", 576, 576),
+    ("k/v 576->192", 576, 192),
+    ("gate/up 576->1536", 576, 1536),
+    ("down 1536->576", 1536, 576),
+    ("head 576->49152", 576, 49152),
+    ("ref 2048->2048", 2048, 2048),
+]
+BATCHES = (1, 8)
+KERNELS = ("fp32", "bf16", "int8pack", "fbgemm_int8", "int4pack")
+GROUP = 32
+
+
+def _time_ms(fn: Callable[[], object], min_time_s: float, repeats: int) -> float:
+    """Median milliseconds per call of `fn`, each repeat running enough calls to last ~min_time_s."""
+    fn()  # warm-up: first calls pay for allocation and kernel selection
+    t0 = time.perf_counter()
+    fn()
+    one = max(time.perf_counter() - t0, 1e-6)
+    calls = max(1, int(min_time_s / one))
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - t0) / calls * 1e3)
+    return statistics.median(samples)
+
+
+def _make_kernels(in_f: int, out_f: int, batch: int) -> dict[str, Callable[[], object]]:
+    """One closure per kernel computing y = x @ W.T for a random W (out_f, in_f) and x (batch, in_f)."""
+    w = torch.randn(out_f, in_f) * 0.02
+    x32 = torch.randn(batch, in_f)
+    x16 = x32.to(torch.bfloat16)
+    w16 = w.to(torch.bfloat16)
+
+    # int8 per output channel, symmetric
+    s8 = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # (out,)
+    q8 = torch.round(w / s8[:, None]).clamp(-127, 127).to(torch.int8)  # (out, in)
+    s8_16 = s8.to(torch.bfloat16)
+    qw = torch.quantize_per_channel(w, s8, torch.zeros(out_f, dtype=torch.long), 0, torch.qint8)
+    packed_fbgemm = torch.ops.quantized.linear_prepack(qw, None)
+
+    # int4 group-wise asymmetric (like GGUF Q4_1): value = (q - 8) * scale + zero
+    g = w.reshape(out_f, in_f // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)  # (out, in/G)
+    scale = ((hi - lo) / 15).clamp_min(1e-12)
+    q4 = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).reshape(out_f, in_f).to(torch.int32)
+    packed4 = torch._convert_weight_to_int4pack_for_cpu(q4, 1)
+    sz = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+
+    return {
+        "fp32": lambda: F.linear(x32, w),
+        "bf16": lambda: F.linear(x16, w16),
+        "int8pack": lambda: torch._weight_int8pack_mm(x16, q8, s8_16),
+        "fbgemm_int8": lambda: torch.ops.quantized.linear_dynamic(x32, packed_fbgemm),
+        "int4pack": lambda: torch._weight_int4pack_mm_for_cpu(x16, packed4, GROUP, sz),
+    }
+
+
+def main() -> None:
+    """Run the benchmark, print the table and write the JSON results."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer and shorter repeats")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-core figures)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    min_time_s, repeats = (0.02, 3) if args.quick else (0.1, 5)
+
+    rows = []
+    header = f"{'shape':<20}{'batch':>6}" + "".join(f"{k:>13}" for k in KERNELS)
+    print(f"ms per call, {args.threads} thread(s), torch {torch.__version__}, {platform.machine()}")
+    print(header)
+    print("-" * len(header))
+    for name, in_f, out_f in SHAPES:
+        for batch in BATCHES:
+            kernels = _make_kernels(in_f, out_f, batch)
+            ms = {k: _time_ms(fn, min_time_s, repeats) for k, fn in kernels.items()}
+            rows.append({"shape": name, "in": in_f, "out": out_f, "batch": batch, "ms": ms})
+            print(f"{name:<20}{batch:>6}" + "".join(f"{ms[k]:>13.4f}" for k in KERNELS))
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "threads": args.threads,
+        "group_size": GROUP,
+        "quantized_engine": torch.backends.quantized.engine,
+    }
+    args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
