@@ -164,7 +164,7 @@ class ShardExecutor:
             res = StepResult(req.session_id, req.start)
             if self.stage.spec.is_last:
                 if req.sample:
-                    res.token = session.sampler(out[i])
+                    res.token = session.sampler(out[i], req.start + req.length)
             else:
                 res.hidden = out[row : row + req.length]
             row += req.length

@@ -1,7 +1,9 @@
 """Next-token sampling: greedy, temperature, top-k, top-p, with a per-sequence seeded generator.
 
 The last stage samples, so sampling parameters travel with the session. The same seed gives the same
-tokens: each sequence owns a `torch.Generator` seeded once, advanced one draw per token.
+tokens: each draw is seeded from (seed, position), so the token at a position does not depend on how many
+draws came before. A sequence replayed onto a fresh node after a failure therefore samples exactly what the
+uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -40,14 +42,19 @@ class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self.generator = torch.Generator()
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
-        self.generator.manual_seed(seed)
+        self.seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        self.generator.manual_seed(self.seed)
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits: (V,) float -> the chosen token id."""
+    def __call__(self, logits: torch.Tensor, position: int | None = None) -> int:
+        """logits: (V,) float -> the chosen token id for the token at `position` of the sequence.
+
+        With a position, the draw depends only on (seed, position); without, draws follow one another.
+        """
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))
+        if position is not None:
+            self.generator.manual_seed((self.seed * 1_000_003 + position) % 2**63)
         logits = logits.float() / p.temperature
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
