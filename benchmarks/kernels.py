@@ -5,6 +5,9 @@ benchmarks/results/kernels.json. Used to choose the kernels behind `node/quant.p
 
     python benchmarks/kernels.py            # SmolLM2-135M shapes + 2048x2048, batch 1 and 8
     python benchmarks/kernels.py --quick    # fewer repeats (CI smoke)
+    python benchmarks/kernels.py --crossover  # Int4Linear/Int8Linear: low-bit kernel vs dequantize + bf16
+                                              # matmul by row count (sets dense_min_rows);
+                                              # writes benchmarks/results/crossover.json
 
 Kernels (weights random; only speed is measured here, accuracy lives in tests/test_quant.py):
   fp32          F.linear, float32 activations and weights
@@ -18,6 +21,7 @@ Kernels (weights random; only speed is measured here, accuracy lives in tests/te
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -42,19 +46,21 @@ KERNELS = ("fp32", "bf16", "int8pack", "fbgemm_int8", "int4pack")
 GROUP = 32
 
 
-def _time_ms(fn: Callable[[], object], min_time_s: float, repeats: int) -> float:
+def _time_ms(
+    fn: Callable[[], object], min_time_s: float, repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
     """Median milliseconds per call of `fn`, each repeat running enough calls to last ~min_time_s."""
     fn()  # warm-up: first calls pay for allocation and kernel selection
-    t0 = time.perf_counter()
+    t0 = clock()
     fn()
-    one = max(time.perf_counter() - t0, 1e-6)
+    one = max(clock() - t0, 1e-6)
     calls = max(1, int(min_time_s / one))
     samples = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(calls):
             fn()
-        samples.append((time.perf_counter() - t0) / calls * 1e3)
+        samples.append((clock() - t0) / calls * 1e3)
     return statistics.median(samples)
 
 
@@ -89,17 +95,57 @@ def _make_kernels(in_f: int, out_f: int, batch: int) -> dict[str, Callable[[], o
     }
 
 
+CROSSOVER_ROWS = (1, 4, 8, 16, 24, 32, 48, 64, 128, 512)
+
+
+def crossover(min_time_s: float, repeats: int, out: Path) -> None:
+    """Time Int4Linear/Int8Linear forward through the kernel and through the dense path, by rows.
+
+    Process CPU time, not wall time: on a shared machine it leaves out the time other processes hold the
+    core (the run is single-threaded, so CPU time is the work done).
+    """
+    from edgeshard.node import quant
+
+    print(f"ms per forward (CPU time), {torch.get_num_threads()} thread(s): kernel / dequantize+bf16 matmul")
+    print(f"{'shape':<20}{'fmt':>6}" + "".join(f"{r:>14}" for r in CROSSOVER_ROWS))
+    rows = []
+    for name, in_f, out_f in SHAPES[:4]:
+        w = torch.randn(out_f, in_f) * 0.02
+        for fmt, layer in (
+            ("int4", quant.Int4Linear.from_float(w)),
+            ("int8", quant.Int8Linear.from_float(w)),
+        ):
+            cells, line = {}, ""
+            for r in CROSSOVER_ROWS:
+                x = torch.randn(r, in_f, dtype=torch.bfloat16)
+                ms = {}
+                for path, threshold in (("kernel", 1 << 30), ("dense", 0)):
+                    type(layer).dense_min_rows = threshold  # read by forward at call time
+                    ms[path] = _time_ms(functools.partial(layer, x), min_time_s, repeats, time.process_time)
+                cells[r] = ms
+                line += f"{ms['kernel']:>7.3f}/{ms['dense']:<6.3f}"
+            rows.append({"shape": name, "format": fmt, "ms_by_rows": cells})
+            print(f"{name:<20}{fmt:>6}" + line)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"threads": torch.get_num_threads(), "results": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     """Run the benchmark, print the table and write the JSON results."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer and shorter repeats")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-core figures)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
+    ap.add_argument("--crossover", action="store_true", help="kernel vs dense path of the quantized layers")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     min_time_s, repeats = (0.02, 3) if args.quick else (0.1, 5)
+    if args.crossover:
+        crossover(min_time_s, repeats, args.out.with_name("crossover.json"))
+        return
 
     rows = []
     header = f"{'shape':<20}{'batch':>6}" + "".join(f"{k:>13}" for k in KERNELS)

@@ -1,0 +1,1 @@
+from .sdk import AsyncClient, Client, LocalCluster  # noqa: F401  (the SDK; see sdk.py)

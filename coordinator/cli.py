@@ -212,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.command != "node":  # the node decides its own mode (and refuses to run without one)
+            from edgeshard.node.security import configure_from_args
+
+            configure_from_args(args)  # --cluster-key-file / --insecure of commands that talk to nodes
         return args.func(args) or 0
     except UserError as e:
         print(f"edgeshard: error: {e}", file=sys.stderr)
@@ -230,9 +234,10 @@ def _is_user_facing(e: Exception) -> bool:
     from edgeshard.node.config import UnsupportedModelError
 
     names = {"ModelPullError", "ModelNotFoundError", "ClusterError", "NodeUnavailableError", "PlanError"}
+    names.add("ClusterKeyError")  # no, or a malformed, cluster key: the message says how to make one
     return (
         isinstance(e, (CheckpointError, UnsupportedModelError, FileNotFoundError))
-        or type(e).__name__ in names
+        or any(cls.__name__ in names for cls in type(e).__mro__)  # subclasses too (RemoteStepError)
     )
 
 
@@ -240,7 +245,12 @@ def _register_plugins() -> None:
     """Import the modules that add subcommands (kept lazy-light: they import heavy things inside commands)."""
     import importlib
 
-    for mod in ("edgeshard.coordinator.commands",):
+    for mod in (
+        "edgeshard.coordinator.commands",
+        "edgeshard.coordinator.serve_cli",
+        "edgeshard.coordinator.discovery_cli",
+        "edgeshard.coordinator.secret_cli",  # last: it adds the key flags to the commands above
+    ):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -249,4 +259,8 @@ def _register_plugins() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m edgeshard.coordinator.cli` runs this file as __main__; plugins register into the importable
+    # module (`from . import cli`), so dispatch through that one or their subcommands would be missing.
+    from edgeshard.coordinator.cli import main as _main
+
+    sys.exit(_main())

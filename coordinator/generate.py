@@ -84,8 +84,9 @@ async def generate(pipeline: Pipeline, seq: Sequence) -> AsyncIterator[int]:
     """
     if not seq.prompt:
         raise ValueError("the prompt is empty: give at least one token")
-    await pipeline.open(seq.session_id, seq.sampling)
     try:
+        # inside the try: a request cancelled while opening still closes whatever stages opened it
+        await pipeline.open(seq.session_id, seq.sampling)
         token = None
         for start in range(0, len(seq.prompt), PREFILL_CHUNK):
             chunk = seq.prompt[start : start + PREFILL_CHUNK]

@@ -3,6 +3,8 @@
 The stage is constructed with empty (meta) parameters; each linear layer, the embedding and the head are then
 replaced by a module made straight from its `WeightSource` in the node's format (`f32`, `bf16`, `int8`,
 `int4`), so a node never reads the tensors of other stages and a low-bit shard never exists in fp32.
+The embedding and head of an `int4` stage are `int8` (`quant.end_quant` says why); `shard_metadata` records
+the format of every kind of module.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from .checkpoint import CheckpointError, GGUFCheckpoint, HFCheckpoint, StackedWeight
 from .config import ShardSpec
 from .model import Rotary, Stage
+from .quant import end_quant, module_weight_bytes, weight_format
 
 QUANT_FORMATS = ("f32", "bf16", "int8", "int4")
 # Fused stage modules -> the checkpoint modules whose rows they stack, in order.
@@ -89,12 +92,12 @@ def load_stage(
         if isinstance(module, nn.Linear):
             if mod_name == "lm_head":
                 src = source("lm_head.weight" if "lm_head.weight" in have else "model.embed_tokens.weight")
-                new = _make_head(src, quant)
+                new = _make_head(src, end_quant(quant))
             else:
                 new = _make_linear(source(f"{key}.weight"), bias(f"{key}.bias"), quant)
             _replace(stage, mod_name, new)
         elif isinstance(module, nn.Embedding):
-            _replace(stage, mod_name, _make_embedding(source(f"{key}.weight"), quant))
+            _replace(stage, mod_name, _make_embedding(source(f"{key}.weight"), end_quant(quant)))
         elif mod_name.endswith("layernorm") or mod_name == "norm":
             module.weight = nn.Parameter(source(f"{key}.weight").dense(), requires_grad=False)
         else:
@@ -129,6 +132,46 @@ def stage_weight_bytes(stage: nn.Module) -> int:
     return _module_bytes(stage) - _module_bytes(stage.rotary)
 
 
+def shard_metadata(stage: Stage) -> dict:
+    """What a loaded stage holds, JSON-ready (for GetInfo and the planner): its layers, format and bytes.
+
+    `modules` has one entry per kind of module and storage format: kind is "embedding", "linear" (the
+    layers' projections), "norm" or "head"; format/bits/scale/group_size as `quant.weight_format` gives them;
+    `count` modules holding `bytes` in all. For example an int4 SmolLM2 last stage:
+        {"start_layer": 20, "end_layer": 30, "num_layers": 30, "quant": "int4", "compute_dtype": "bfloat16",
+         "weight_bytes": ..., "modules": [
+            {"kind": "linear", "format": "int4", "bits": 4, "scale": "group", "group_size": 32, "count": 40, ...},
+            {"kind": "norm", "format": "f32", "bits": 32, "scale": "none", "group_size": 0, "count": 21, ...},
+            {"kind": "head", "format": "int8", "bits": 8, "scale": "row", "group_size": 0, "count": 1, ...}]}
+    """
+    groups: dict[tuple, dict] = {}
+    for name, module in stage.named_modules():
+        if name == "embed_tokens":
+            kind = "embedding"
+        elif name == "lm_head":
+            kind = "head"
+        elif name == "norm" or name.endswith("layernorm"):
+            kind = "norm"
+        elif name.endswith("_proj"):
+            kind = "linear"
+        else:
+            continue  # containers (blocks, attention, mlp) and the rotary tables hold no weights of their own
+        fmt = weight_format(module)
+        entry = groups.setdefault((kind, *fmt.values()), {"kind": kind, **fmt, "count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += module_weight_bytes(module)
+    spec = stage.spec
+    return {
+        "start_layer": spec.start_layer,
+        "end_layer": spec.end_layer,
+        "num_layers": spec.num_layers,
+        "quant": stage.quant,
+        "compute_dtype": str(stage.dtype).removeprefix("torch."),
+        "weight_bytes": stage_weight_bytes(stage),
+        "modules": list(groups.values()),
+    }
+
+
 def _dense_linear(src, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
     out_f, in_f = src.shape
     lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
@@ -161,4 +204,5 @@ def _make_embedding(src, quant: str) -> nn.Module:
         return emb
     from . import quant as q
 
-    return q.make_embedding(src, quant)
+    # rows come out in float32, the dtype of the residual stream (model.Block): Q8_0 rows are exact there
+    return q.make_embedding(src, quant, out_dtype=torch.float32)

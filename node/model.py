@@ -34,37 +34,47 @@ class Segment:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in fp32 as the reference implementation does."""
+    """Root-mean-square norm, computed in fp32 as the reference implementation does; returns `out_dtype`."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, out_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.eps = eps
+        self.out_dtype = out_dtype  # the stage's compute dtype: what the linear layers after the norm take
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * h).to(x.dtype)
+        # one op instead of five (pow, mean, rsqrt, two muls): at batch 1 each costs microseconds and a
+        # decode step runs 61 norms; the same fp32 arithmetic (bit-identical results in our tests)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight, self.eps).to(self.out_dtype)
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding tables (cos, sin), extended on demand; HF `rotate_half` convention."""
+    """Rotary position embedding tables, extended on demand; HF `rotate_half` convention.
+
+    `sin` is stored with its first half negated, so that rotate_half(x) * sin == x.roll(hd/2) * signed_sin:
+    one roll instead of two slices, a negation and a cat per call (bit-identical products).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.inv_freq = _inv_freq(config)  # (hd/2,)
         self.cos = torch.empty(0)
-        self.sin = torch.empty(0)
+        self.signed_sin = torch.empty(0)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for each position: (N, hd)."""
-        need = int(positions.max()) + 1
+    def tables(self, segments: list[Segment], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin for the rows of a packed batch: (N, 1, hd) each, broadcast over heads."""
+        need = max(s.start + s.length for s in segments)
         if self.cos.shape[0] < need or self.cos.dtype != dtype:
             n = max(need, 2 * self.cos.shape[0], 256)
             freqs = torch.outer(torch.arange(n, dtype=torch.float32), self.inv_freq)  # (n, hd/2)
             emb = torch.cat((freqs, freqs), dim=-1)  # (n, hd)
-            self.cos, self.sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        return self.cos[positions], self.sin[positions]
+            sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+            self.cos, self.signed_sin = emb.cos().to(dtype)[:, None], sin.to(dtype)[:, None]  # (n, 1, hd)
+        if len(segments) == 1:  # the common case (one decode step, one prefill chunk): views, no gather
+            rows = slice(segments[0].start, segments[0].start + segments[0].length)
+            return self.cos[rows], self.signed_sin[rows]
+        positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments])  # (N,)
+        return self.cos[positions], self.signed_sin[positions]
 
 
 def _inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -84,11 +94,10 @@ def _inv_freq(config: ModelConfig) -> torch.Tensor:
     return inv
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (N, heads, hd); cos/sin: (N, hd)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin. x: (N, heads, hd); cos/signed_sin: (N, 1, hd) from `Rotary.tables`."""
+    # roll by hd/2 swaps the halves: (x1, x2) -> (x2, x1); the sign of rotate_half lives in signed_sin
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
 class Attention(nn.Module):
@@ -102,19 +111,17 @@ class Attention(nn.Module):
         d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
         # q, k and v projections fused into one matmul (the checkpoint's q_proj/k_proj/v_proj rows, stacked):
         # at batch 1 a CPU decode step is dominated by per-call overhead, so three calls become one.
-        self.qkv_split = [self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd]
-        self.qkv_proj = nn.Linear(d, sum(self.qkv_split), bias=bias)
+        self.qkv_proj = nn.Linear(d, (self.n_heads + 2 * self.n_kv_heads) * hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=False)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], layer: int
     ) -> torch.Tensor:
         N, _ = x.shape  # (N, D)
-        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
-        q = q.view(N, self.n_heads, self.head_dim)  # (N, H, hd)
-        k = k.view(N, self.n_kv_heads, self.head_dim)  # (N, Hkv, hd)
-        v = v.view(N, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, Hkv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(x).view(N, H + 2 * Hkv, self.head_dim)  # (N, H+2Hkv, hd): q, k, v heads
+        qk = apply_rotary(qkv[:, : H + Hkv], cos, sin)  # q and k rotated together: one set of ops, not two
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]  # (N, H, hd), (N, Hkv, hd), (N, Hkv, hd)
         outs, row = [], 0
         for seg in segments:
             rows = slice(row, row + seg.length)
@@ -148,28 +155,38 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d, f = config.hidden_size, config.intermediate_size
+        self.f = f
         self.gate_up_proj = nn.Linear(d, 2 * f, bias=False)  # rows: gate_proj then up_proj
         self.down_proj = nn.Linear(f, d, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (N, F) each
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)  # (N, 2F)
+        # two slices rather than .chunk(2): chunk goes through split and narrow, ~3x the per-call cost
+        return self.down_proj(F.silu(gate_up[:, : self.f]) * gate_up[:, self.f :])  # (N, F) -> (N, D)
 
 
 class Block(nn.Module):
-    """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual."""
+    """One decoder layer: pre-norm attention and pre-norm MLP, each with a residual.
 
-    def __init__(self, config: ModelConfig, index: int) -> None:
+    The residual stream `x` is float32 whatever the compute dtype (as in llama.cpp): the norms hand the
+    layers `dtype` inputs and the layers' outputs are added back in float32. A bf16 residual rounds the large
+    activations of early positions (SmolLM2: logit norms 2-3x the others') to a coarse grid at every layer;
+    keeping it in float32 halves the distance of the bf16/int8/int4 logits to the float32 model's, for two
+    element-wise ops per layer that ran anyway (the norms' casts and the residual adds).
+    """
+
+    def __init__(self, config: ModelConfig, index: int, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.index = index  # global layer index
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: list[Segment], local: int
     ) -> torch.Tensor:
+        """x: (N, D) float32 residual stream -> (N, D) float32."""
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, segments, local)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -193,9 +210,9 @@ class Stage(nn.Module):
             # _weight skips the random init (on the meta device that init alone imports torch._dynamo: seconds)
             V, D = config.vocab_size, config.hidden_size
             self.embed_tokens = nn.Embedding(V, D, _weight=torch.empty(V, D))
-        self.layers = nn.ModuleDict({str(i): Block(config, i) for i in spec.layers})
+        self.layers = nn.ModuleDict({str(i): Block(config, i, dtype) for i in spec.layers})
         if spec.is_last:
-            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config)
 
@@ -215,20 +232,19 @@ class Stage(nn.Module):
         self, inputs: torch.Tensor, segments: list[Segment], all_logits: bool = False
     ) -> torch.Tensor:
         """Run the stage on a packed batch; the last stage returns logits of each segment's last row
-        (S, V), or of every row (N, V) with all_logits."""
+        (S, V), or of every row (N, V) with all_logits; other stages return hidden states (N, D) in the
+        compute dtype (what travels to the next stage)."""
         if self.spec.is_first:
-            x = self.embed_tokens(inputs).to(self.dtype)  # (N,) -> (N, D)
+            x = self.embed_tokens(inputs).float()  # (N,) -> (N, D) float32 residual stream (see Block)
         else:
-            x = inputs.to(self.dtype)  # (N, D)
-        positions = torch.cat([torch.arange(s.start, s.start + s.length) for s in segments])  # (N,)
-        cos, sin = self.rotary.tables(positions, self.dtype)  # (N, hd)
+            x = inputs.float()  # (N, D)
+        cos, sin = self.rotary.tables(segments, self.dtype)  # (N, 1, hd)
         for local, block in enumerate(self.layers.values()):
             x = block(x, cos, sin, segments, local)
         for seg in segments:
             seg.cache.advance(seg.start, seg.length)
         if not self.spec.is_last:
-            return x
-        if not all_logits:
-            last_rows = torch.tensor([s.length for s in segments]).cumsum(0) - 1  # (S,)
-            x = x[last_rows]
+            return x.to(self.dtype)  # half the bytes on the wire for bf16 stages; one rounding per stage
+        if not all_logits:  # each segment's last row: (S, D); a slice, not a gather, for a single segment
+            x = x[-1:] if len(segments) == 1 else x[torch.tensor([s.length for s in segments]).cumsum(0) - 1]
         return self.lm_head(self.norm(x)).float()  # (S or N, V)

@@ -27,12 +27,21 @@ Q8_0 used as a *linear* layer is re-quantized to per-row int8 because `_weight_i
 per output row (tests/test_quant.py bounds that loss); as an *embedding* it is kept bit-exact (per-group
 scales cost nothing when only the gathered rows are dequantized).
 
+Many rows (prefill, batched decode) take another route. The low-bit kernels do their dequantization inside
+the inner loop, once per row block of the input, so their cost grows linearly with rows (576->1536 at 512
+rows: int4pack ~14 ms, a bf16 matmul of the same shape ~1 ms). From `dense_min_rows` rows on, `forward`
+dequantizes the weight to bf16 once per call, in row chunks of ~4M weights so the transient stays small
+(the layer never keeps a second, full-precision copy), and runs one bf16 matmul per chunk. Int4 codes are
+read straight out of the kernel's packed layout; that layout is CPU-specific, so it is probed once at start
+(`_int4pack_layout`), and a CPU whose layout is not recognised keeps the kernel for every row count.
+
 Packed int4 weights are in the layout of the CPU they were packed on (64-row blocks on AVX-512, 32 on
 AVX2, 16 on NEON): pack on the node that runs them, never ship or cache packed tensors across machines.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Protocol, runtime_checkable
 
@@ -105,6 +114,20 @@ def compute_dtype(quant: str) -> torch.dtype:
     return torch.float32 if quant == "f32" else torch.bfloat16
 
 
+def end_quant(quant: str) -> str:
+    """The format of the token embedding and output head of a stage whose layers run in `quant`.
+
+    int4 layers get int8 ends. The head is the most rounding-sensitive matrix of a model and, tied or not,
+    a large one (SmolLM2-135M: 49152 x 576, 21% of the weights). Measured on SmolLM2 with Q4_1 layers
+    (tests/data/perplexity.txt): a 4-bit head costs +6.8% perplexity, an int8 head nothing measurable; a
+    4-bit embedding moves the logits by 18% (relative L2) against 3% with int8 ends. llama.cpp's 4-bit mixes
+    keep the output head at 6-8 bits for the same reason. An int4 last stage still holds ~0.2x its fp32
+    bytes. Every other format runs the ends in its own format.
+    """
+    _check_quant(quant)
+    return "int8" if quant == "int4" else quant
+
+
 def default_quant(ggml_type: QT | None, stored_dtype: torch.dtype = torch.float32) -> str:
     """The format a weight runs as when the user gives no --quant.
 
@@ -154,6 +177,26 @@ def module_weight_bytes(module: nn.Module) -> int:
     return total
 
 
+def weight_format(module: nn.Module) -> dict[str, str | int]:
+    """How a module stores its weight: {"format", "bits", "scale", "group_size"}, JSON-ready.
+
+    format: one of QUANT_FORMATS; scale: "group" (one scale, and for int4 a zero, per `group_size` weights
+    of a row), "row" (one scale per output row) or "none" (weights stored as they are, group_size 0).
+    Works on this module's layers and embeddings and on any module with a float `weight` (norms).
+    """
+    if isinstance(module, (Int4Linear, Int4Embedding)):
+        return {"format": "int4", "bits": 4, "scale": "group", "group_size": module.group_size}
+    if isinstance(module, Int8Embedding):
+        return {"format": "int8", "bits": 8, "scale": "group", "group_size": module.group_size}
+    if isinstance(module, Int8Linear):
+        return {"format": "int8", "bits": 8, "scale": "row", "group_size": 0}
+    dtype = module.weight.dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{type(module).__name__} holds {dtype} weights, which are none of {QUANT_FORMATS}")
+    fmt = "f32" if dtype == torch.float32 else "bf16"
+    return {"format": fmt, "bits": torch.finfo(dtype).bits, "scale": "none", "group_size": 0}
+
+
 def _bad_input(module: nn.Module, x: torch.Tensor, in_features: int, dtype: torch.dtype) -> ValueError:
     return ValueError(
         f"{type(module).__name__}: expected input (..., {in_features}) of dtype {dtype}, got shape "
@@ -199,6 +242,9 @@ class Int4Linear(_FixedFormat):
     """
 
     bits = 4
+    # From this many input rows on, forward dequantizes and runs a bf16 matmul (module docstring). Crossover
+    # of `python benchmarks/kernels.py --crossover` on SmolLM2's shapes, 1 thread (AVX-512): 48-96 rows.
+    dense_min_rows = 64
 
     def __init__(
         self,
@@ -224,6 +270,9 @@ class Int4Linear(_FixedFormat):
         self.out_features = out_features
         self.group_size = group_size
         self._padded = out_padded != out_features  # rows added for the kernel's 16-row granularity
+        layout = _int4pack_layout()
+        # reading codes out of the packed layout needs whole row blocks; otherwise the kernel does all rows
+        self._layout = layout if layout is not None and out_padded % layout[0] == 0 else None
         self.register_buffer("weight_packed", weight_packed)
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())
         self.register_buffer("bias", _bias_buffer(bias, out_features, torch.bfloat16))
@@ -241,15 +290,25 @@ class Int4Linear(_FixedFormat):
         if x.dtype != torch.bfloat16 or x.shape[-1] != self.in_features:
             raise _bad_input(self, x, self.in_features, torch.bfloat16)
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        # the kernel wants a contiguous (M, in) bf16 A; y is (M, out_padded) bf16
-        y = torch._weight_int4pack_mm_for_cpu(
-            x2.contiguous(), buf["weight_packed"], self.group_size, buf["scales_and_zeros"]
-        )
+        # many rows (prefill): dequantize once and run a bf16 matmul, see the module docstring
+        if x2.shape[0] >= self.dense_min_rows and self._layout is not None:
+            y = _chunked_matmul(x2, buf["weight_packed"].shape[0], self._dequantized_chunk)
+        else:  # the kernel wants a contiguous (M, in) bf16 A; y is (M, out_padded) bf16
+            y = torch._weight_int4pack_mm_for_cpu(
+                x2.contiguous(), buf["weight_packed"], self.group_size, buf["scales_and_zeros"]
+            )
         if self._padded:
             y = y[:, : self.out_features]
         if (bias := buf["bias"]) is not None:
             y = y + bias
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _dequantized_chunk(self, r0: int, r1: int) -> torch.Tensor:
+        """W[r0:r1].T as bf16 (in, r1 - r0), read out of the packed codes (r0, r1 on row-block boundaries)."""
+        block, stack_dim = self._layout
+        return _unpack_int4pack(
+            self.weight_packed[r0:r1], self.scales_and_zeros[:, r0:r1], block, stack_dim, self.group_size
+        )
 
     @classmethod
     def from_codes(
@@ -335,6 +394,9 @@ class Int8Linear(_FixedFormat):
     """
 
     bits = 8
+    # See Int4Linear.dense_min_rows; int8 converts to bf16 in one cheap pass, so it crosses over earlier
+    # (16-32 rows measured).
+    dense_min_rows = 24
 
     def __init__(
         self,
@@ -364,7 +426,11 @@ class Int8Linear(_FixedFormat):
             raise _bad_input(self, x, self.in_features, torch.bfloat16)
         buf = self._buffers  # see Int4Linear.forward: direct dict access keeps per-call overhead down
         x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        y = torch._weight_int8pack_mm(x2.contiguous(), buf["weight"], buf["scales"])  # (M, out) bf16
+        if x2.shape[0] >= self.dense_min_rows:  # many rows (prefill): see Int4Linear.forward
+            # int8 codes are exact in bf16; the per-row scale is applied to the (M, out) result
+            y = _chunked_matmul(x2, self.out_features, lambda r0, r1: buf["weight"][r0:r1].T) * buf["scales"]
+        else:
+            y = torch._weight_int8pack_mm(x2.contiguous(), buf["weight"], buf["scales"])  # (M, out) bf16
         if (bias := buf["bias"]) is not None:
             y = y + bias
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
@@ -417,6 +483,68 @@ class DenseLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}, "
             f"bias={self.bias is not None}"
         )
+
+
+def _chunked_matmul(
+    x: torch.Tensor, out_features: int, weight_t: Callable[[int, int], torch.Tensor]
+) -> torch.Tensor:
+    """x (M, in) bf16 @ W.T -> (M, out) bf16, W.T taken chunk by chunk: weight_t(r0, r1) is W[r0:r1].T (in, r).
+
+    Chunks of ~4M weights bound the bf16 transient (8 MB) also for a 128k-row head; a SmolLM2 layer is one
+    chunk. `weight_t` may return int8 (converted here, exactly) or bf16.
+    """
+    step = _chunk_rows(x.shape[1])
+    ys = [
+        x @ weight_t(r0, min(r0 + step, out_features)).to(torch.bfloat16)
+        for r0 in range(0, out_features, step)
+    ]
+    return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+
+
+def _unpack_int4pack(
+    packed: torch.Tensor, scales_and_zeros: torch.Tensor, block: int, stack_dim: int, group_size: int
+) -> torch.Tensor:
+    """Dequantize int4pack rows to W.T, bf16 (in, rows): (q - 8) * scale + zero, without the kernel.
+
+    packed: uint8 (rows, in/2) in the CPU layout `_int4pack_layout` found: rows in blocks of `block`, each
+    block stored k-major as (in, block/2) bytes; byte j holds rows (j, j + block/2) ("halves", stack_dim 2)
+    or (2j, 2j+1) ("pairs", stack_dim 3) of its block in its low and high nibble.
+    scales_and_zeros: bf16 (in/group, rows, 2).
+    """
+    rows, k = packed.shape[0], packed.shape[1] * 2
+    groups = k // group_size
+    p = packed.view(rows // block, k, block // 2).transpose(0, 1).contiguous()  # (in, nblocks, block/2)
+    q = torch.stack([p & 0x0F, p >> 4], dim=stack_dim).view(groups, group_size, rows)  # codes, rows in order
+    scale = scales_and_zeros[..., 0].contiguous().unsqueeze(1)  # (groups, 1, rows)
+    # (q - 8) * scale + zero == q * scale + (zero - 8 * scale): one fused op over the weights, in bf16
+    # (two bf16 roundings per weight, ~2^-8 relative: the activations are bf16 anyway)
+    zero = (scales_and_zeros[..., 1] - 8 * scales_and_zeros[..., 0]).unsqueeze(1)
+    return torch.addcmul(zero, q, scale).view(k, rows)  # uint8 q promotes to bf16
+
+
+@functools.cache
+def _int4pack_layout() -> tuple[int, int] | None:
+    """(block, stack_dim) of `_convert_weight_to_int4pack_for_cpu` on this CPU, or None if not recognised.
+
+    The pack op picks its layout from the CPU it runs on (64-row blocks on AVX-512, 32 on AVX2, pairs of rows
+    elsewhere), so instead of hard-coding one we pack random codes and keep the candidate that reads them
+    back exactly. A layout matching none of them leaves every int4 layer on the kernel (slower prefill,
+    same results).
+    """
+    rows, k = 128, 64  # whole blocks for every candidate
+    q = torch.randint(0, 16, (rows, k), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 1)
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (rows, k // 2):
+        return None
+    sz = torch.zeros(k // GROUP_SIZE, rows, 2, dtype=torch.bfloat16)
+    sz[..., 0], sz[..., 1] = 1.0, 8.0  # scale 1, zero 8: the dequantized weight is the code itself
+    for block in (64, 32, 16):
+        for stack_dim in (2, 3):
+            if torch.equal(
+                _unpack_int4pack(packed, sz, block, stack_dim, GROUP_SIZE).T, q.to(torch.bfloat16)
+            ):
+                return block, stack_dim
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -747,17 +875,18 @@ def make_head(src: WeightSource, quant: str) -> nn.Module:
     return make_linear(src, None, quant)
 
 
-def make_embedding(src: WeightSource, quant: str) -> nn.Module:
-    """Build the token embedding (vocab, hidden) for `quant`; its output dtype is `compute_dtype(quant)`.
+def make_embedding(src: WeightSource, quant: str, out_dtype: torch.dtype | None = None) -> nn.Module:
+    """Build the token embedding (vocab, hidden) for `quant`, returning rows in `out_dtype` (default
+    `compute_dtype(quant)`; the dense f32/bf16 tables return their own dtype).
 
     int8 keeps int8 codes with a scale per 32 (bit-exact for Q8_0 files), int4 keeps 4-bit codes with a
     scale and min per 32 (bit-exact for Q4_0/Q4_1/Q4_K); only the gathered rows are dequantized.
     """
     _check_quant(quant)
     vocab, dim = _check_source(src)
-    out_dtype = compute_dtype(quant)
+    out_dtype = out_dtype or compute_dtype(quant)
     if quant in ("f32", "bf16"):
-        (weight,) = _collect(((w.to(out_dtype),) for w in _dense_chunks(src)), vocab, src.name)
+        (weight,) = _collect(((w.to(compute_dtype(quant)),) for w in _dense_chunks(src)), vocab, src.name)
         return DenseEmbedding(weight)
     if dim % GROUP_SIZE:
         raise ValueError(f"{src.name}: {quant} embedding needs dim divisible by {GROUP_SIZE}; use 'bf16'")

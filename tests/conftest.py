@@ -27,3 +27,16 @@ def node_cluster(smollm2_path):
 
     with LocalCluster(3, model_dir=Path(smollm2_path).parent, threads=1, name="test-node") as cluster:
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def api_server(smollm2_path):
+    """The OpenAI-compatible HTTP API on 127.0.0.1 (free port) over the demo model in this process (one torch
+    thread, one worker thread); `.url` and `.served.engine`. Shared by the HTTP API and SDK tests."""
+    from edgeshard.coordinator.http_server import BackgroundServer
+    from edgeshard.coordinator.serving import local_engine
+
+    server = BackgroundServer(lambda: local_engine(str(smollm2_path), threads=1, max_running=4, max_queued=4))
+    server.start()
+    yield server
+    server.stop()

@@ -323,3 +323,39 @@ def test_dtype_casts_leave_formats_alone() -> None:
     stage.half()
     assert layer.scales_and_zeros.dtype == torch.bfloat16 and emb.scales.dtype == torch.float32
     assert layer(torch.randn(1, 64).bfloat16()).shape == (1, 32)
+
+
+# --- many rows: dequantize once and run a bf16 matmul (prefill) --------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("out_f", [192, 200])  # 200 rows pad to 208: not whole int4pack blocks
+def test_dense_path_matches_kernel(fmt: str, out_f: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above dense_min_rows the layers dequantize and matmul in bf16: same result to bf16 precision."""
+    torch.manual_seed(0)
+    w, b = torch.randn(out_f, 576) * 0.05, torch.randn(out_f)
+    layer = make_linear(FloatSrc(w), b, fmt)
+    x = torch.randn(layer.dense_min_rows + 3, 576).bfloat16()
+    dense = layer(x)
+    monkeypatch.setattr(type(layer), "dense_min_rows", 1 << 30)  # every row count through the kernel
+    kernel = layer(x)
+    assert dense.shape == kernel.shape == (x.shape[0], out_f) and dense.dtype == torch.bfloat16
+    # the kernel rounds once (bf16 output); the dense path also rounds the weights (and int4 its zero) to bf16
+    assert rel(dense, kernel) < 6e-3
+    monkeypatch.setattr(type(layer), "dense_min_rows", 1)
+    monkeypatch.setattr(quant, "_CHUNK_ELEMS", 64 * 576)  # chunks of 64 rows: several matmuls, one result
+    assert rel(layer(x), kernel) < 6e-3
+
+
+def test_int4pack_layout_is_read_exactly() -> None:
+    """The probed int4pack layout reads codes back exactly, so the dense path sees the kernel's weights."""
+    layout = quant._int4pack_layout()
+    if layout is None:
+        pytest.skip("this CPU packs int4 in a layout the dense path does not read (it keeps the kernel)")
+    torch.manual_seed(0)
+    layer = Int4Linear.from_float(torch.randn(320, 128))
+    assert layer._layout == layout
+    via_kernel = layer.dequantize()  # (out, in) read back through the kernel with an identity matrix
+    unpacked = layer._dequantized_chunk(0, 320).T.float()
+    # both are (q - 8) * scale + zero; unpacking folds -8 * scale into the zero (bf16): half a bf16 ulp apart
+    assert (unpacked - via_kernel).abs().max() <= bf16_ulp(via_kernel).max()

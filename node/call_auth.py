@@ -1,0 +1,162 @@
+"""Per-call membership tokens: every gRPC call carries an HMAC that only holders of the cluster key can make.
+
+    authorization: ES1-HMAC <unix ms>.<nonce>.<mac>      mac = HMAC-SHA256(auth key, method, time, nonce)
+
+TLS (node/security.py) already encrypts the call and proves the *node* is a member; the token proves the
+*caller* is one. TLS alone cannot: the cluster's server certificate is public (any client receives it in the
+handshake), so a stranger can pin it and complete a handshake. Such a caller reaches the node's interceptor
+with no token or a wrong one, and is answered UNAUTHENTICATED before any handler or message parser runs; the
+node logs the refusal with the caller's address (rate limited, so a flood cannot fill the disk).
+
+The token binds the method (a token for Health cannot open a Forward stream), is fresh (clocks within
+`WINDOW_S`) and single-use (a nonce cache over the window), so a token seen anywhere cannot be replayed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import secrets
+import time
+from collections import OrderedDict
+
+import grpc
+
+log = logging.getLogger("edgeshard.node.auth")
+
+HEADER = "authorization"
+SCHEME = "ES1-HMAC"
+WINDOW_S = 300.0  # a token older or newer than this is refused (members' clocks must agree this well: NTP)
+MAX_NONCES = 200_000  # valid tokens remembered for the window; only members can add to it
+LOG_EVERY_S = 60.0  # one log line per peer and reason per this many seconds
+BUSY = "too many calls in the replay window; retry in a moment"  # answered RESOURCE_EXHAUSTED
+
+
+def _mac(key: bytes, method: str, ms: int, nonce: str) -> str:
+    msg = f"edgeshard-call-v1\n{method}\n{ms}\n{nonce}".encode()
+    return base64.urlsafe_b64encode(hmac.new(key, msg, hashlib.sha256).digest()).decode().rstrip("=")
+
+
+def make_token(key: bytes, method: str, now: float | None = None) -> str:
+    """The `authorization` value for a call of `method` (`/edgeshard.v1.Node/Forward`)."""
+    ms = int((time.time() if now is None else now) * 1000)
+    nonce = secrets.token_urlsafe(12)
+    return f"{SCHEME} {ms}.{nonce}.{_mac(key, method, ms, nonce)}"
+
+
+class TokenVerifier:
+    """Checks tokens for one cluster key: MAC, freshness, single use."""
+
+    def __init__(self, key: bytes, window_s: float = WINDOW_S, max_nonces: int = MAX_NONCES) -> None:
+        self.key = key
+        self.window_s = window_s
+        self.max_nonces = max_nonces
+        self.seen: OrderedDict[str, float] = OrderedDict()  # nonce -> when it expires (insertion order)
+
+    def check(self, method: str, token: str | None, now: float | None = None) -> str | None:
+        """None when `token` admits a call of `method`, else why not (said to the caller and logged).
+
+        Only members can get past the MAC check, so what comes after it (the nonce cache) grows with
+        members' calls alone."""
+        if not token:
+            return "no cluster credentials"
+        scheme, _, rest = token.partition(" ")
+        parts = rest.split(".")
+        if scheme != SCHEME or len(parts) != 3 or not parts[0].isdigit() or len(parts[0]) > 16:
+            return "malformed cluster credentials"
+        ms, nonce, mac = int(parts[0]), parts[1], parts[2]
+        if len(nonce) > 64 or not hmac.compare_digest(
+            mac.encode(), _mac(self.key, method, ms, nonce).encode()
+        ):
+            return "wrong cluster key"
+        now = time.time() if now is None else now
+        skew = ms / 1000 - now
+        if abs(skew) > self.window_s:
+            return f"clock skew of {skew:+.0f} s (more than {self.window_s:.0f}); synchronise clocks (NTP)"
+        self._expire(now)
+        if nonce in self.seen:
+            return "replayed cluster credentials"
+        if len(self.seen) >= self.max_nonces:
+            return BUSY
+        self.seen[nonce] = now + 2 * self.window_s  # past that, the timestamp check refuses it anyway
+        return None
+
+    def _expire(self, now: float) -> None:
+        while self.seen:
+            nonce, expires = next(iter(self.seen.items()))
+            if expires > now:
+                return
+            self.seen.popitem(last=False)
+
+
+class RateLimitedLog:
+    """Logs a refusal once per (peer host, reason) and `every` seconds; bounded memory."""
+
+    def __init__(self, every: float = LOG_EVERY_S, max_keys: int = 4096) -> None:
+        self.every, self.max_keys = every, max_keys
+        self.last: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self.suppressed = 0
+
+    def warn(self, peer: str, reason: str, message: str, *args: object) -> None:
+        """Log `message % args` unless this peer host logged this reason less than `every` seconds ago."""
+        key = (peer.rsplit(":", 1)[0], reason)
+        now = time.monotonic()
+        if now - self.last.get(key, -1e18) < self.every:
+            self.suppressed += 1
+            return
+        self.last[key] = now
+        self.last.move_to_end(key)
+        while len(self.last) > self.max_keys:
+            self.last.popitem(last=False)
+        log.warning(message, *args)
+
+
+class TokenPlugin(grpc.AuthMetadataPlugin):
+    """Client side: puts a fresh token on every call of a channel (gRPC calls it per call, in a thread)."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+
+    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
+        service = context.service_url.rsplit("/", 1)[-1]  # https://<authority>/edgeshard.v1.Node
+        callback(((HEADER, make_token(self.key, f"/{service}/{context.method_name}")),), None)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Server side: refuses calls without a valid token with UNAUTHENTICATED, before any handler runs."""
+
+    def __init__(self, key: bytes, node: str = "", window_s: float = WINDOW_S) -> None:
+        self.verifier = TokenVerifier(key, window_s)
+        self.node = node
+        self.logger = RateLimitedLog()
+        self.refused = 0  # calls refused since start
+
+    async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
+        metadata = handler_call_details.invocation_metadata or ()
+        token = next((v for k, v in metadata if k == HEADER), None)
+        method = handler_call_details.method or ""
+        why = self.verifier.check(method, token if isinstance(token, str) else None)
+        if why is None:
+            return await continuation(handler_call_details)
+        self.refused += 1
+        return _refusal(self, method, why)
+
+
+def _refusal(interceptor: AuthInterceptor, method: str, why: str) -> grpc.RpcMethodHandler:
+    """A handler that logs the caller and aborts UNAUTHENTICATED. Its request is left as raw bytes (no
+    deserializer): nothing a stranger sent is parsed."""
+    message = (
+        f"node {interceptor.node or '?'} refused {method or 'the call'}: {why}. Only members of this "
+        "cluster may call it: give the caller the cluster's key (--cluster-key-file / EDGESHARD_CLUSTER_KEY)"
+    )
+
+    async def refuse(request, context: grpc.aio.ServicerContext) -> None:
+        peer = context.peer() or "unknown peer"
+        interceptor.logger.warn(peer, why, "UNAUTHENTICATED %s from %s: %s", method or "?", peer, why)
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if why == BUSY else grpc.StatusCode.UNAUTHENTICATED
+        await context.abort(code, message)
+
+    # the same kind for every method (the caller's stub does not care which handler kind refuses it)
+    return grpc.stream_stream_rpc_method_handler(refuse)

@@ -1,0 +1,133 @@
+"""The node's long-lived stream to the next node of the ring, and the gRPC options every hop uses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+
+from .security import Security, channel, connection_problem
+from .wire import edgeshard_pb2 as pb
+from .wire import edgeshard_pb2_grpc as pb_grpc
+from .wire_tensors import MAX_MESSAGE_BYTES, WireError
+
+log = logging.getLogger("edgeshard.node")
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Hops are long-lived: keepalive notices a dead peer on an idle ring instead of at the next token.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class NextHop:
+    """One long-lived Forward stream to the next node, reopened once when it breaks.
+
+    `send` only queues: a writer task writes the queue in order, so the node goes back to its own input
+    while gRPC completes the write (the completion needs a wake-up of the event loop; awaiting it inline
+    would delay the next message by that much). A message that cannot be written even after reconnecting
+    goes to `on_failure`; error replies the next node sends back go to `on_reply` (the ring relays both
+    upstream).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        on_reply: Callable[[pb.ForwardReply], None],
+        on_failure: Callable[[pb.ForwardMessage, WireError], None],
+        metadata=(),
+        security: Security | None = None,
+    ) -> None:
+        self.address = address
+        self.security = security  # cluster key or INSECURE (node/security.py); None: the process's mode
+        self.on_reply = on_reply
+        self.on_failure = on_failure
+        self.metadata = tuple(metadata)  # room for auth (a later issue): sent on every stream
+        self.channel: grpc.aio.Channel | None = None
+        self.call = None
+        self.reader: asyncio.Task | None = None
+        self.queue: asyncio.Queue[pb.ForwardMessage] = asyncio.Queue()
+        self.writer: asyncio.Task | None = None
+
+    def send(self, msg: pb.ForwardMessage) -> None:
+        """Queue `msg` for the next node (FIFO, never blocks)."""
+        if self.writer is None:
+            self.writer = asyncio.create_task(self._write_loop())
+        self.queue.put_nowait(msg)
+
+    async def _write_loop(self) -> None:
+        while True:
+            msg = await self.queue.get()
+            try:
+                await self._write(msg)
+            except WireError as e:
+                self.on_failure(msg, e)
+
+    async def _open(self) -> None:
+        if self.channel is None:
+            self.channel = channel(self.address, self.security)  # TLS + call tokens unless --insecure
+        stub = pb_grpc.NodeStub(self.channel)
+        # fail fast (no wait_for_ready): a dead next node must become an UNAVAILABLE reply, not a hang
+        self.call = stub.Forward(metadata=self.metadata)
+        self.reader = asyncio.create_task(self._read(self.call))
+
+    async def _read(self, call) -> None:
+        try:
+            async for reply in call:
+                self.on_reply(reply)
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            pass  # the stream broke or closed; the next write reopens it
+
+    async def _write(self, msg: pb.ForwardMessage) -> None:
+        """Write `msg`; reopen the stream and retry once if it broke; WireError(UNAVAILABLE) if that fails."""
+        why = None
+        for attempt in (1, 2):
+            if self.call is None or self.call.done():
+                await self._reset()
+                await self._open()
+            try:
+                await self.call.write(msg)
+                return
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
+                log.warning(
+                    "stream to next hop %s broke (%s); %s",
+                    self.address,
+                    e,
+                    "reconnecting" if attempt == 1 else "giving up",
+                )
+                self.call = None
+                why = connection_problem(e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e))
+        raise WireError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the next node {self.address} is unreachable"
+            + (f" ({why})" if why else "; restart it or load a new plan"),
+        )
+
+    async def _reset(self) -> None:
+        if self.reader is not None:
+            self.reader.cancel()
+            self.reader = None
+        if self.call is not None:
+            self.call.cancel()
+            self.call = None
+
+    async def close(self) -> None:
+        """Stop writing, close the stream and the channel (queued messages are dropped)."""
+        if self.writer is not None:
+            self.writer.cancel()
+            self.writer = None
+        await self._reset()
+        if self.channel is not None:
+            await self.channel.close()
+            self.channel = None
+
+
+def now_us() -> int:
+    """Wall-clock microseconds, the unit of `sent_at_us` stamps."""
+    return time.time_ns() // 1000

@@ -1,0 +1,324 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_BF16: _ClassVar[DType]
+    DTYPE_F16: _ClassVar[DType]
+    DTYPE_F32: _ClassVar[DType]
+
+class ResultKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESULT_UNSPECIFIED: _ClassVar[ResultKind]
+    RESULT_READY: _ClassVar[ResultKind]
+    RESULT_OPENED: _ClassVar[ResultKind]
+    RESULT_TOKEN: _ClassVar[ResultKind]
+    RESULT_ERROR: _ClassVar[ResultKind]
+    RESULT_ENDED: _ClassVar[ResultKind]
+DTYPE_UNSPECIFIED: DType
+DTYPE_BF16: DType
+DTYPE_F16: DType
+DTYPE_F32: DType
+RESULT_UNSPECIFIED: ResultKind
+RESULT_READY: ResultKind
+RESULT_OPENED: ResultKind
+RESULT_TOKEN: ResultKind
+RESULT_ERROR: ResultKind
+RESULT_ENDED: ResultKind
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message", "node")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    node: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
+
+class GetInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Capabilities(_message.Message):
+    __slots__ = ("cores", "memory_total", "memory_free", "arch", "torch_threads", "platform", "quant_formats", "benchmark", "memory_limit")
+    CORES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FREE_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    TORCH_THREADS_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
+    QUANT_FORMATS_FIELD_NUMBER: _ClassVar[int]
+    BENCHMARK_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    cores: int
+    memory_total: int
+    memory_free: int
+    arch: str
+    torch_threads: int
+    platform: str
+    quant_formats: _containers.RepeatedScalarFieldContainer[str]
+    benchmark: Benchmark
+    memory_limit: int
+    def __init__(self, cores: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., arch: _Optional[str] = ..., torch_threads: _Optional[int] = ..., platform: _Optional[str] = ..., quant_formats: _Optional[_Iterable[str]] = ..., benchmark: _Optional[_Union[Benchmark, _Mapping]] = ..., memory_limit: _Optional[int] = ...) -> None: ...
+
+class Benchmark(_message.Message):
+    __slots__ = ("mem_gbps", "int4_gbps", "int8_gbps", "bf16_gbps", "f32_gbps", "layer_overhead_ms", "step_overhead_ms", "bench_ms")
+    MEM_GBPS_FIELD_NUMBER: _ClassVar[int]
+    INT4_GBPS_FIELD_NUMBER: _ClassVar[int]
+    INT8_GBPS_FIELD_NUMBER: _ClassVar[int]
+    BF16_GBPS_FIELD_NUMBER: _ClassVar[int]
+    F32_GBPS_FIELD_NUMBER: _ClassVar[int]
+    LAYER_OVERHEAD_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_OVERHEAD_MS_FIELD_NUMBER: _ClassVar[int]
+    BENCH_MS_FIELD_NUMBER: _ClassVar[int]
+    mem_gbps: float
+    int4_gbps: float
+    int8_gbps: float
+    bf16_gbps: float
+    f32_gbps: float
+    layer_overhead_ms: float
+    step_overhead_ms: float
+    bench_ms: float
+    def __init__(self, mem_gbps: _Optional[float] = ..., int4_gbps: _Optional[float] = ..., int8_gbps: _Optional[float] = ..., bf16_gbps: _Optional[float] = ..., f32_gbps: _Optional[float] = ..., layer_overhead_ms: _Optional[float] = ..., step_overhead_ms: _Optional[float] = ..., bench_ms: _Optional[float] = ...) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("model", "start_layer", "end_layer", "num_layers", "quant", "plan_id", "weight_bytes", "next_hop", "load_s", "wire_dtype", "hidden_size", "vocab_size")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    QUANT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
+    LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    start_layer: int
+    end_layer: int
+    num_layers: int
+    quant: str
+    plan_id: int
+    weight_bytes: int
+    next_hop: str
+    load_s: float
+    wire_dtype: DType
+    hidden_size: int
+    vocab_size: int
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_hop: _Optional[str] = ..., load_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+
+class NodeStats(_message.Message):
+    __slots__ = ("steps", "messages", "compute_ms", "network_ms", "errors", "sessions", "kv_bytes")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    NETWORK_MS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    steps: int
+    messages: int
+    compute_ms: float
+    network_ms: float
+    errors: int
+    sessions: int
+    kv_bytes: int
+    def __init__(self, steps: _Optional[int] = ..., messages: _Optional[int] = ..., compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., errors: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+
+class NodeInfo(_message.Message):
+    __slots__ = ("node_id", "name", "protocol_version", "capabilities", "loaded", "shard", "max_sessions", "stats", "address", "cluster", "clock_unix_s", "version")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    name: str
+    protocol_version: int
+    capabilities: Capabilities
+    loaded: bool
+    shard: ShardInfo
+    max_sessions: int
+    stats: NodeStats
+    address: str
+    cluster: str
+    clock_unix_s: float
+    version: str
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., loaded: _Optional[bool] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., max_sessions: _Optional[int] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., address: _Optional[str] = ..., cluster: _Optional[str] = ..., clock_unix_s: _Optional[float] = ..., version: _Optional[str] = ...) -> None: ...
+
+class LoadShardRequest(_message.Message):
+    __slots__ = ("model", "start_layer", "end_layer", "quant", "plan_id", "next_hop", "num_layers")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    QUANT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    start_layer: int
+    end_layer: int
+    quant: str
+    plan_id: int
+    next_hop: str
+    num_layers: int
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., next_hop: _Optional[str] = ..., num_layers: _Optional[int] = ...) -> None: ...
+
+class LoadProgress(_message.Message):
+    __slots__ = ("stage", "tensors_done", "tensors_total", "bytes_done", "done", "shard")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_DONE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    done: bool
+    shard: ShardInfo
+    def __init__(self, stage: _Optional[str] = ..., tensors_done: _Optional[int] = ..., tensors_total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., done: _Optional[bool] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class OpenSession(_message.Message):
+    __slots__ = ("sampling", "reply_to", "max_len")
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TO_FIELD_NUMBER: _ClassVar[int]
+    MAX_LEN_FIELD_NUMBER: _ClassVar[int]
+    sampling: SamplingParams
+    reply_to: str
+    max_len: int
+    def __init__(self, sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., reply_to: _Optional[str] = ..., max_len: _Optional[int] = ...) -> None: ...
+
+class EndSession(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ForwardMessage(_message.Message):
+    __slots__ = ("plan_id", "session_id", "start", "sample", "tokens", "hidden", "open", "end", "error", "sent_at_us")
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_US_FIELD_NUMBER: _ClassVar[int]
+    plan_id: int
+    session_id: str
+    start: int
+    sample: bool
+    tokens: TokenIds
+    hidden: Tensor
+    open: OpenSession
+    end: EndSession
+    error: Error
+    sent_at_us: int
+    def __init__(self, plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sample: _Optional[bool] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., end: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ...) -> None: ...
+
+class ForwardReply(_message.Message):
+    __slots__ = ("plan_id", "session_id", "start", "error")
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    plan_id: int
+    session_id: str
+    start: int
+    error: Error
+    def __init__(self, plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class ResultsRequest(_message.Message):
+    __slots__ = ("subscriber", "plan_id")
+    SUBSCRIBER_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    subscriber: str
+    plan_id: int
+    def __init__(self, subscriber: _Optional[str] = ..., plan_id: _Optional[int] = ...) -> None: ...
+
+class Result(_message.Message):
+    __slots__ = ("kind", "plan_id", "session_id", "start", "sampled", "token", "error", "sent_at_us")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_US_FIELD_NUMBER: _ClassVar[int]
+    kind: ResultKind
+    plan_id: int
+    session_id: str
+    start: int
+    sampled: bool
+    token: int
+    error: Error
+    sent_at_us: int
+    def __init__(self, kind: _Optional[_Union[ResultKind, str]] = ..., plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sampled: _Optional[bool] = ..., token: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ...) -> None: ...
+
+class HealthRequest(_message.Message):
+    __slots__ = ("reply_bytes", "payload")
+    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    reply_bytes: int
+    payload: bytes
+    def __init__(self, reply_bytes: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class HealthReply(_message.Message):
+    __slots__ = ("ok", "loaded", "plan_id", "payload")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    loaded: bool
+    plan_id: int
+    payload: bytes
+    def __init__(self, ok: _Optional[bool] = ..., loaded: _Optional[bool] = ..., plan_id: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,64 @@
+"""node/cost.py predicts the bytes node/quant.py and node/loader.py really allocate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgeshard.node.config import ModelConfig, ShardSpec
+from edgeshard.node.cost import QUANTS, ModelCost, linear_bytes
+from edgeshard.node.quant import make_linear, module_weight_bytes
+
+
+class FloatSrc:
+    """A float weight as a WeightSource (what a safetensors checkpoint hands the loader)."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.name, self.shape, self.ggml_type, self._w = "w", tuple(w.shape), None, w
+
+    def raw(self):
+        raise AssertionError("not a GGUF weight")
+
+    def dense(self) -> torch.Tensor:
+        return self._w
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize(("out_f", "in_f", "bias"), [(64, 64, False), (40, 96, True), (200, 32, False)])
+def test_linear_bytes_match_the_modules(quant, out_f, in_f, bias):
+    w = torch.randn(out_f, in_f) * 0.02
+    b = torch.randn(out_f) if bias else None
+    module = make_linear(FloatSrc(w), b, quant)
+    assert linear_bytes(out_f, in_f, quant, bias) == module_weight_bytes(module)
+
+
+def test_model_cost_of_a_config():
+    cfg = ModelConfig(
+        vocab_size=1000,
+        hidden_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+    )
+    cost = ModelCost.of(cfg, "int8")
+    assert cost.weight_bytes(0, 6) == 6 * cost.layer_bytes + cost.embed_bytes + cost.head_bytes
+    assert cost.weight_bytes(2, 4) == 2 * cost.layer_bytes
+    assert cost.kv_bytes_per_token == 2 * 2 * 32 * 2  # K and V, 2 kv heads of 32, bf16
+    assert cost.kv_bytes(3, 100) == 3 * 256 * cost.kv_bytes_per_token  # the cache grows in steps of 256
+    assert ModelCost.of(cfg, "f32").kv_bytes_per_token == 2 * cost.kv_bytes_per_token
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["int4", "int8", "bf16"])
+def test_shard_bytes_match_the_loader(smollm2_path, quant):
+    from edgeshard.node.checkpoint import open_checkpoint
+    from edgeshard.node.loader import load_stage, stage_weight_bytes
+
+    torch.set_num_threads(1)
+    ckpt = open_checkpoint(smollm2_path)
+    cost = ModelCost.of(ckpt.config, quant)
+    n = ckpt.config.num_hidden_layers
+    for start, end in [(0, 1), (10, 12), (n - 1, n)]:
+        stage = load_stage(ckpt, ShardSpec(start, end, n), quant=quant)
+        assert cost.weight_bytes(start, end) == stage_weight_bytes(stage), (quant, start, end)
