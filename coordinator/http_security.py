@@ -80,7 +80,7 @@ def api_key_dependency(api_key: str):
     from fastapi import Depends, Request
 
     expected = api_key.encode()
-    refusals = RateLimitedLog()
+    refusals = RateLimitedLog(logger=log)
 
     async def require_api_key(request: Request) -> None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edgeshard.node.config import ShardSpec, even_split
+from edgeshard.node.security import Security
 from edgeshard.node.wire import edgeshard_pb2 as pb
 
 from .remote import RemotePipeline
@@ -75,17 +76,19 @@ async def deploy(
     console: Console | None = None,
     metadata: Sequence[tuple[str, str]] = (),
     specs: Sequence[ShardSpec] | None = None,
+    security: Security | None = None,
 ) -> Deployment:
     """Connect to `addresses` (pipeline order), split `num_layers` evenly, and load the shards on all nodes.
 
     `model_ref` is what each node opens: a name relative to its --model-dir, or a registry name. `specs`
-    (one per address, e.g. `Plan.specs()` of the planner) replaces the even split.
+    (one per address, e.g. `Plan.specs()` of the planner) replaces the even split. `security`: the cluster
+    key or INSECURE for the channels (None: this process's, see node/security.py).
     """
     if len(addresses) > num_layers:
         raise ClusterError(
             f"{len(addresses)} nodes but the model has only {num_layers} layers; use fewer nodes"
         )
-    clients, infos = await connect(addresses, metadata)
+    clients, infos = await connect(addresses, metadata, security)
     try:
         specs = list(specs) if specs is not None else even_split(num_layers, len(clients))
         if len(specs) != len(clients):

@@ -164,10 +164,11 @@ def _short(details: str | None) -> str:
 
 
 async def connect(
-    addresses: Sequence[str], metadata: Sequence[tuple[str, str]] = ()
+    addresses: Sequence[str], metadata: Sequence[tuple[str, str]] = (), security: Security | None = None
 ) -> tuple[list[GrpcStageClient], list[pb.NodeInfo]]:
-    """Clients for `addresses` and their GetInfo, all at once; NodeUnavailableError for the first unreachable."""
-    clients = [GrpcStageClient(a, metadata) for a in addresses]
+    """Clients for `addresses` and their GetInfo, all at once; NodeUnavailableError for the first unreachable.
+    `security`: the cluster key or INSECURE (None: this process's, node/security.py)."""
+    clients = [GrpcStageClient(a, metadata, security) for a in addresses]
     results = await asyncio.gather(*(c.info() for c in clients), return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:

@@ -94,8 +94,10 @@ class TokenVerifier:
 class RateLimitedLog:
     """Logs a refusal once per (peer host, reason) and `every` seconds; bounded memory."""
 
-    def __init__(self, every: float = LOG_EVERY_S, max_keys: int = 4096) -> None:
-        self.every, self.max_keys = every, max_keys
+    def __init__(
+        self, every: float = LOG_EVERY_S, max_keys: int = 4096, logger: logging.Logger = log
+    ) -> None:
+        self.every, self.max_keys, self.log = every, max_keys, logger
         self.last: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.suppressed = 0
 
@@ -110,7 +112,7 @@ class RateLimitedLog:
         self.last.move_to_end(key)
         while len(self.last) > self.max_keys:
             self.last.popitem(last=False)
-        log.warning(message, *args)
+        self.log.warning(message, *args)
 
 
 class TokenPlugin(grpc.AuthMetadataPlugin):

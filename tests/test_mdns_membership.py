@@ -1,0 +1,121 @@
+"""mDNS adverts need a membership proof: impostors on 127.0.0.1 (no proof, another key, altered, replayed) are
+ignored before anything dials them; a member's advert is accepted; a correctly signed advert is dialled (the
+control that shows the listener would have noticed). mDNS runs on 127.0.0.1 only, under a fresh cluster name."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+from zeroconf.asyncio import AsyncServiceInfo
+
+from edgeshard.coordinator.cluster import LocalCluster
+from edgeshard.coordinator.discovery import ZeroconfDiscovery
+from edgeshard.node.advert_proof import sign_txt
+from edgeshard.node.advertise import SERVICE_TYPE, Advert, make_zeroconf
+from edgeshard.node.cluster_key import ClusterKey
+
+pytestmark = pytest.mark.slow
+
+
+class AdvertisedNode(LocalCluster):
+    """One node process announcing itself on mDNS, 127.0.0.1 only, in `cluster`."""
+
+    def __init__(self, cluster: str, key: ClusterKey) -> None:
+        super().__init__(1, threads=1, name=f"mem-{cluster[-4:]}-", security=key)
+        self.cluster = cluster
+
+    def command(self, i: int) -> list[str]:
+        cmd = [a for a in super().command(i) if a != "--no-advertise"]
+        return cmd + ["--mdns-interface", "127.0.0.1", "--cluster", self.cluster, "--no-benchmark"]
+
+
+class Listener:
+    """A TCP port on 127.0.0.1 that counts the connections made to it (and answers nothing)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _info(label: str, props: dict[str, str], port: int) -> AsyncServiceInfo:
+    return AsyncServiceInfo(
+        SERVICE_TYPE,
+        f"{label}.{SERVICE_TYPE}",
+        port=port,
+        properties=props,
+        addresses=[socket.inet_aton("127.0.0.1")],
+        server=f"{label}.local.",
+    )
+
+
+def test_impostor_adverts_are_ignored_before_dialling(caplog):
+    key, other = ClusterKey.generate(), ClusterKey.generate()
+    cluster = f"sec-{uuid.uuid4().hex[:10]}"
+    trap, control = Listener(), Listener()
+    tag = uuid.uuid4().hex[:6]
+    txt = Advert(
+        node_id=uuid.uuid4().hex, name="impostor", port=trap.port, protocol=1, cluster=cluster
+    ).to_txt()
+    impostors = {
+        f"noproof-{tag}": txt,
+        f"otherkey-{tag}": sign_txt(txt, trap.port, other),
+        f"altered-{tag}": {**sign_txt(txt, trap.port, key), "mem_total": str(1 << 40)},
+        f"replayed-{tag}": sign_txt(txt, trap.port, key, now=time.time() - 3600),
+    }
+    caplog.set_level(logging.WARNING, logger="edgeshard.coordinator")
+
+    async def scenario(node: AdvertisedNode):
+        azc = make_zeroconf(["127.0.0.1"])
+        infos = [_info(label, props, trap.port) for label, props in impostors.items()]
+        infos.append(_info(f"signed-{tag}", sign_txt(txt, control.port, key), control.port))
+        try:
+            await asyncio.gather(*[await azc.async_register_service(i) for i in infos])
+            discovery = ZeroconfDiscovery(["127.0.0.1"], cluster, watch_interval=0, security=key)
+            try:
+                members = await discovery.browse(6.0)
+                return members, dict(discovery.strangers)
+            finally:
+                await discovery.close()
+        finally:
+            await azc.async_unregister_all_services()
+            await azc.async_close()
+
+    try:
+        with AdvertisedNode(cluster, key) as node:
+            members, strangers = asyncio.run(scenario(node))
+    finally:
+        trap.close()
+        control.close()
+    by_address = {m.address: m for m in members}
+    assert by_address[node.addresses[0]].ok, members  # the member's advert is accepted and confirmed
+    assert f"127.0.0.1:{control.port}" in by_address and control.accepted >= 1  # signed: dialled
+    assert trap.accepted == 0, "an impostor's advert was dialled"
+    assert sorted(n.split(".")[0] for n in strangers) == sorted(impostors)
+    reasons = {n.split(".")[0]: why for n, why in strangers.items()}
+    assert "no membership proof" in reasons[f"noproof-{tag}"]
+    assert "another cluster key" in reasons[f"otherkey-{tag}"]
+    assert "forged or altered" in reasons[f"altered-{tag}"]
+    assert "s old" in reasons[f"replayed-{tag}"]
+    logged = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    for label in impostors:  # logged once per stranger
+        assert sum(label in line for line in logged) == 1, logged
