@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from edgeshard.node.security import ClusterKey, Security, for_local_nodes
@@ -47,11 +48,13 @@ class LocalCluster:
         max_sessions: int = 64,
         log_dir: Path | None = None,
         security: Security | None = None,
+        node_args: Sequence[str] = (),
     ) -> None:
         if n < 1:
             raise ClusterError(f"a cluster needs at least 1 node, got {n}")
         self.n, self.model_dir, self.threads, self.name = n, model_dir, threads, name
         self.max_sessions = max_sessions
+        self.node_args = list(node_args)  # more `edgeshard node` flags for every node (--memory-limit 300M)
         self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="edgeshard-cluster-")
         self.log_dir = Path(log_dir or self._tmp.name)
         # the cluster key of these nodes: the one configured, else an ephemeral one (node/security.py)
@@ -85,7 +88,7 @@ class LocalCluster:
         if self.model_dir is not None:
             cmd += ["--model-dir", str(self.model_dir)]
         cmd += self.security_args()
-        return cmd
+        return cmd + self.node_args
 
     def security_args(self) -> list[str]:
         """`--cluster-key-file F` (or `--insecure`): how these nodes, and commands run against them, get in."""
@@ -96,17 +99,7 @@ class LocalCluster:
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid()), "OMP_NUM_THREADS": str(self.threads)}
         try:
             for i in range(self.n):
-                log = (self.log_dir / f"{self.name}{i + 1}.log").open("wb")
-                self.procs.append(
-                    subprocess.Popen(
-                        self.command(i),
-                        stdout=subprocess.PIPE,
-                        stderr=log,
-                        stdin=subprocess.DEVNULL,
-                        env=env,
-                    )
-                )
-                log.close()
+                self.procs.append(self._spawn(i, self.command(i), env, "wb"))
             self.addresses = [
                 f"127.0.0.1:{self._wait_ready(i, time.monotonic() + timeout)}" for i in range(self.n)
             ]
@@ -114,6 +107,29 @@ class LocalCluster:
             self.stop()
             raise
         return self.addresses
+
+    def _spawn(self, i: int, cmd: list[str], env: dict, mode: str) -> subprocess.Popen:
+        with (self.log_dir / f"{self.name}{i + 1}.log").open(mode) as log:
+            return subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env
+            )
+
+    def restart(self, i: int, timeout: float = START_TIMEOUT_S) -> str:
+        """Start node i again at its old address once it is gone (killed, crashed): a board that rebooted.
+
+        It comes back with fresh state (no shard, no sessions) and the same port; its log goes on in the same
+        file. Returns its address.
+        """
+        if self.procs[i].poll() is None:
+            raise ClusterError(f"local node {self.name}{i + 1} is still running; stop or kill it first")
+        with contextlib.suppress(OSError):
+            self.procs[i].stdout.close()
+        cmd = self.command(i)
+        cmd[cmd.index("--port") + 1] = self.addresses[i].rsplit(":", 1)[1]
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid()), "OMP_NUM_THREADS": str(self.threads)}
+        self.procs[i] = self._spawn(i, cmd, env, "ab")
+        self._wait_ready(i, time.monotonic() + timeout)
+        return self.addresses[i]
 
     def _wait_ready(self, i: int, deadline: float) -> int:
         proc = self.procs[i]

@@ -8,14 +8,14 @@
 `submit` does everything that can refuse a request before any work starts (model name, tokenizing, context
 length, admission), so the HTTP layer can still answer with a status code. Each admitted request runs as its
 own task that owns one `Sequence` and drives `generate()` on the shared pipeline; several tasks interleave on
-the pipeline, and a pipeline that batches (continuous batching, a later issue) batches their concurrent
-`step` calls without any change here. The consumer reads events from a queue; when it goes away (client
+the pipeline, and the nodes batch their concurrent steps (continuous batching, node/batching.py). The consumer reads events from a queue; when it goes away (client
 disconnect, cancellation) the task is cancelled once, and `generate()`'s finally closes the session on every
 stage. A plain asyncio task is used on purpose: anyio cancel scopes (Starlette's) re-cancel every await, which
 would cut that close short.
 
-Admission: at most `max_running` sequences on the pipeline, `max_queued` more waiting; beyond that
-`ClusterBusyError` (HTTP 429).
+Admission (coordinator/admission.py): at most `max_running` sequences on the pipeline, and with
+`kv_capacity` (KV positions the nodes' budgets hold) at most that many positions reserved (prompt +
+max_tokens each); `max_queued` more wait in arrival order; beyond that `ClusterBusyError` (HTTP 429).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 
 from edgeshard.node.sampling import SamplingParams
 
+from .admission import Admission
 from .errors import (
     BadRequestError,
     ClusterBusyError,
@@ -36,7 +37,7 @@ from .errors import (
     ModelNotFoundError,
     ServerUnavailableError,
 )
-from .generate import Pipeline, generate
+from .generate import PREFILL_CHUNK, Pipeline, generate
 from .generate import Sequence as TokenSequence
 from .text import StopMatcher, render_prompt
 
@@ -54,6 +55,7 @@ class GenerationRequest:
     top_k: int = 0
     seed: int | None = None
     stop: Sequence[str] = ()  # strings that end the text (not included in it)
+    ignore_eos: bool = False  # generate max_tokens tokens: the model's end tokens do not stop it (benchmarks)
 
 
 @dataclass
@@ -155,29 +157,58 @@ class Engine:
         max_queued: int = 32,
         info: Callable[[], Awaitable[dict]] | None = None,
         unavailable_reason: str = "no plan can run: the cluster has no pipeline",
+        kv_capacity: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         if max_running < 1 or max_queued < 0:
             raise ValueError(f"max_running must be >= 1 and max_queued >= 0, got {max_running}, {max_queued}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.pipeline = pipeline
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.aliases = frozenset({model_name, *aliases})
         self.context_length = context_length
-        self.max_running, self.max_queued = max_running, max_queued
+        self.admission = Admission(max_running, kv_capacity)  # running slots and KV positions
+        self.max_queued = max_queued
+        self.prefill_chunk = prefill_chunk  # prompt tokens per step (see generate.PREFILL_CHUNK)
         self.info = info  # plan, nodes and per-stage timings, from whoever built the pipeline
         self.unavailable_reason = unavailable_reason
         self.created = int(time.time())
-        self.running = 0  # sequences on the pipeline now
-        self.waiting = 0  # admitted, waiting for a running slot
         self.requests = 0  # admitted since start
         self.tokens = 0  # generated since start
-        self._slots: asyncio.Semaphore | None = None  # made lazily, inside the serving event loop
         self._tasks: set[asyncio.Task] = set()
 
-    def attach(self, pipeline: Pipeline, info: Callable[[], Awaitable[dict]] | None = None) -> None:
-        """Serve over `pipeline` from now on (a plan became runnable). Requests already running keep theirs:
-        the seam where replanning and recovery swap pipelines."""
+    @property
+    def max_running(self) -> int:
+        """Sequences generating at once at most (admission reads it on every submit)."""
+        return self.admission.max_running
+
+    @max_running.setter
+    def max_running(self, value: int) -> None:
+        self.admission.max_running = value
+
+    @property
+    def running(self) -> int:
+        """Sequences on the pipeline now."""
+        return self.admission.running
+
+    @property
+    def waiting(self) -> int:
+        """Admitted, waiting for a running slot or KV memory."""
+        return self.admission.waiting
+
+    def attach(
+        self,
+        pipeline: Pipeline,
+        info: Callable[[], Awaitable[dict]] | None = None,
+        kv_capacity: int | None = None,
+    ) -> None:
+        """Serve over `pipeline` from now on (a plan became runnable), whose nodes hold `kv_capacity` KV
+        positions. Requests already running keep theirs: the seam where replanning and recovery swap
+        pipelines."""
         self.pipeline, self.info = pipeline, info
+        self.admission.kv_capacity = kv_capacity
 
     # ---- refusing early -------------------------------------------------------------------------------------
     def check_available(self) -> None:
@@ -208,13 +239,18 @@ class Engine:
         return ids
 
     def token_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
-        """Tokens this request may generate; ContextLengthError when it cannot fit the context."""
-        room = self.context_length - prompt_tokens
+        """Tokens this request may generate; ContextLengthError when it cannot fit the context (or the KV
+        memory of the whole cluster: then no wait would help)."""
+        limit, what = self.context_length, f"this model's maximum context length is {self.context_length}"
+        kv = self.admission.kv_capacity
+        if kv is not None and kv < limit:
+            limit, what = kv, f"the cluster's KV memory (the nodes' --kv-budget) holds {kv}"
+        room = limit - prompt_tokens
         if room < 1 or (max_tokens is not None and max_tokens > room):
             asked = f" and {max_tokens} in the completion" if max_tokens is not None else ""
             raise ContextLengthError(
-                f"this model's maximum context length is {self.context_length} tokens, but the request has "
-                f"{prompt_tokens} tokens in the prompt{asked}; shorten the prompt or lower max_tokens",
+                f"{what} tokens, but the request has {prompt_tokens} tokens in the prompt{asked}; "
+                "shorten the prompt or lower max_tokens",
                 param="messages" if max_tokens is None else "max_tokens",
             )
         return room if max_tokens is None else max_tokens
@@ -232,16 +268,19 @@ class Engine:
             raise BadRequestError(str(e)) from None
         ids = self.prompt_ids(req)
         budget = self.token_budget(len(ids), req.max_tokens)
-        if self.running + self.waiting >= self.max_running + self.max_queued:
+        stop_ids = frozenset() if req.ignore_eos else frozenset(self.tokenizer.stop_token_ids)
+        seq = TokenSequence(ids, sampling, budget, stop_ids)
+        adm = self.admission
+        if not adm.can_start(seq.max_len) and adm.waiting >= self.max_queued:
+            kv = f", {adm.reserved} of {adm.kv_capacity} KV positions reserved" if adm.kv_capacity else ""
             raise ClusterBusyError(
-                f"the cluster is busy: {self.running} requests running and {self.waiting} "
-                "queued; retry in a moment"
+                f"the cluster is busy: {adm.running} requests running{kv} and {adm.waiting} queued "
+                f"(--max-queued {self.max_queued}); retry in a moment"
             )
-        seq = TokenSequence(ids, sampling, budget, frozenset(self.tokenizer.stop_token_ids))
         gen = Generation(seq.session_id, len(ids))
-        self.waiting += 1
         self.requests += 1
-        gen.task = asyncio.get_running_loop().create_task(self._run(gen, seq, StopMatcher(req.stop)))
+        ticket = adm.enter(seq.max_len)  # running now, or queued in arrival order
+        gen.task = asyncio.get_running_loop().create_task(self._run(gen, seq, StopMatcher(req.stop), ticket))
         self._tasks.add(gen.task)
         gen.task.add_done_callback(self._tasks.discard)
         return gen
@@ -250,17 +289,10 @@ class Engine:
         """Submit and collect: the whole text, finish reason and usage."""
         return await self.submit(req).collect()
 
-    async def _run(self, gen: Generation, seq: TokenSequence, stop: StopMatcher) -> None:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_running)
-        waiting = True
+    async def _run(self, gen: Generation, seq: TokenSequence, stop: StopMatcher, ticket) -> None:
         try:
-            async with self._slots:
-                self.waiting, self.running, waiting = self.waiting - 1, self.running + 1, False
-                try:
-                    await self._generate(gen, seq, stop)
-                finally:
-                    self.running -= 1
+            await ticket.granted
+            await self._generate(gen, seq, stop)
         except asyncio.CancelledError:
             raise
         except EdgeshardError as e:
@@ -268,13 +300,13 @@ class Engine:
         except Exception as e:  # the pipeline failed: tell the consumer in our terms
             gen.events.put_nowait(pipeline_error(e))
         finally:
-            if waiting:
-                self.waiting -= 1
+            # after generate() closed the session: the nodes free its cache before a later Open reserves
+            self.admission.leave(ticket)
 
     async def _generate(self, gen: Generation, seq: TokenSequence, stop: StopMatcher) -> None:
         self.check_available()  # it may have broken while this request waited
         decoder = self.tokenizer.decode_stream(skip_special_tokens=True)
-        tokens = generate(self.pipeline, seq)
+        tokens = generate(self.pipeline, seq, self.prefill_chunk)
         try:
             async for token in tokens:
                 self.tokens += 1
@@ -305,6 +337,8 @@ class Engine:
             "queued": self.waiting,
             "max_running": self.max_running,
             "max_queued": self.max_queued,
+            "kv_capacity": self.admission.kv_capacity or 0,  # positions (0: no KV limit)
+            "kv_reserved": self.admission.reserved,
             "requests": self.requests,
             "generated_tokens": self.tokens,
         }

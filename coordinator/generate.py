@@ -8,6 +8,7 @@ can be replayed onto new stages after a failure.
 
 from __future__ import annotations
 
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,13 +18,20 @@ from typing import Protocol
 from edgeshard.node.executor import LocalPipeline
 from edgeshard.node.sampling import SamplingParams
 
-PREFILL_CHUNK = 512  # prompt tokens sent in one step; longer prompts go in several
+# Prompt tokens sent in one step; longer prompts go in several. A node batches at most one chunk with the
+# decode steps of the other sequences (node/batching.py), so the chunk bounds how long a prompt stalls them.
+# Engine(prefill_chunk=...) and `serve --prefill-chunk` set it per server.
+PREFILL_CHUNK = 128
 
 
 class Pipeline(Protocol):
-    """A chain of stages that turns a sequence's next tokens into its next sampled token."""
+    """A chain of stages that turns a sequence's next tokens into its next sampled token.
 
-    async def open(self, session_id: str, sampling: SamplingParams) -> None: ...
+    `open` gets `max_len`, the positions the sequence may reach (prompt + max_tokens; 0: the context length):
+    nodes with a KV budget reserve that much cache for it.
+    """
+
+    async def open(self, session_id: str, sampling: SamplingParams, max_len: int = 0) -> None: ...
 
     async def step(
         self, session_id: str, start: int, tokens: list[int], sample: bool = True
@@ -38,8 +46,8 @@ class AsyncLocalPipeline:
     def __init__(self, local: LocalPipeline) -> None:
         self.local = local
 
-    async def open(self, session_id: str, sampling: SamplingParams) -> None:
-        self.local.open(session_id, sampling)
+    async def open(self, session_id: str, sampling: SamplingParams, max_len: int = 0) -> None:
+        self.local.open(session_id, sampling, max_len)
 
     async def step(self, session_id: str, start: int, tokens: list[int], sample: bool = True) -> int | None:
         return self.local.step(session_id, start, tokens, sample)
@@ -64,6 +72,11 @@ class Sequence:
     finished_at: float | None = None
 
     @property
+    def max_len(self) -> int:
+        """Positions this sequence may reach: its KV cache on every stage."""
+        return len(self.prompt) + self.max_tokens
+
+    @property
     def ttft_s(self) -> float:
         """Seconds from start to the first generated token."""
         return (self.first_token_at or time.perf_counter()) - self.started
@@ -76,20 +89,25 @@ class Sequence:
         return (len(self.generated) - 1) / ((self.finished_at or time.perf_counter()) - self.first_token_at)
 
 
-async def generate(pipeline: Pipeline, seq: Sequence) -> AsyncIterator[int]:
+async def generate(
+    pipeline: Pipeline, seq: Sequence, prefill_chunk: int = PREFILL_CHUNK
+) -> AsyncIterator[int]:
     """Run `seq` to completion on `pipeline`, yielding each generated token id as it is made.
 
-    Stop tokens end the generation and are not yielded. The session is closed on every stage at the end,
-    also when the consumer stops early (cancellation, client disconnect).
+    The prompt goes in chunks of `prefill_chunk` tokens. Stop tokens end the generation and are not yielded.
+    The session is closed on every stage at the end, also when the consumer stops early (cancellation, client
+    disconnect), so its KV caches are freed at once.
     """
     if not seq.prompt:
         raise ValueError("the prompt is empty: give at least one token")
+    if prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
     try:
         # inside the try: a request cancelled while opening still closes whatever stages opened it
-        await pipeline.open(seq.session_id, seq.sampling)
+        await _open(pipeline, seq)
         token = None
-        for start in range(0, len(seq.prompt), PREFILL_CHUNK):
-            chunk = seq.prompt[start : start + PREFILL_CHUNK]
+        for start in range(0, len(seq.prompt), prefill_chunk):
+            chunk = seq.prompt[start : start + prefill_chunk]
             last = start + len(chunk) == len(seq.prompt)
             token = await pipeline.step(seq.session_id, start, chunk, sample=last)
         while True:
@@ -108,3 +126,13 @@ async def generate(pipeline: Pipeline, seq: Sequence) -> AsyncIterator[int]:
     finally:
         seq.finished_at = time.perf_counter()
         await pipeline.close(seq.session_id)
+
+
+async def _open(pipeline: Pipeline, seq: Sequence) -> None:
+    """Open `seq` on `pipeline`, telling it how long the sequence may grow (its KV reservation)."""
+    # Transitional: a pipeline whose `open` predates `max_len` (two arguments) is opened without it, and its
+    # nodes reserve the whole context for the session. Drop this once every Pipeline takes max_len.
+    if "max_len" in inspect.signature(pipeline.open).parameters:
+        await pipeline.open(seq.session_id, seq.sampling, max_len=seq.max_len)
+    else:
+        await pipeline.open(seq.session_id, seq.sampling)

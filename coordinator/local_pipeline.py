@@ -26,8 +26,8 @@ class ThreadedLocalPipeline:
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.worker, fn, *args)
 
-    async def open(self, session_id: str, sampling: SamplingParams) -> None:
-        await self._call(self.local.open, session_id, sampling)
+    async def open(self, session_id: str, sampling: SamplingParams, max_len: int = 0) -> None:
+        await self._call(self.local.open, session_id, sampling, max_len)
 
     async def step(self, session_id: str, start: int, tokens: list[int], sample: bool = True) -> int | None:
         return await self._call(self.local.step, session_id, start, tokens, sample)

@@ -39,6 +39,7 @@ class _Common(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: 1.0, OpenAI's default
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM and llama.cpp servers accept it too
+    ignore_eos: bool = False  # not OpenAI's (vLLM's): end tokens do not stop it (benchmarks)
     seed: int | None = None
     stop: str | list[str] | None = Field(None)
     n: int | None = None
@@ -77,6 +78,7 @@ class _Common(BaseModel):
             top_k=self.top_k or 0,
             seed=self.seed,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            ignore_eos=self.ignore_eos,
             **what,
         )
 

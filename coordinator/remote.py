@@ -85,12 +85,15 @@ class RemotePipeline:
 
     # ------------------------------------------------------------------------------------- Pipeline
 
-    async def open(self, session_id: str, sampling: SamplingParams) -> None:
-        """Open the session on every node; returns once the last node has it."""
+    async def open(self, session_id: str, sampling: SamplingParams, max_len: int = 0) -> None:
+        """Open the session on every node for up to `max_len` positions (0: the context length; nodes with a KV
+        budget reserve that much); returns once the last node has it."""
         msg = pb.ForwardMessage(
             plan_id=self.plan_id,
             session_id=session_id,
-            open=pb.OpenSession(sampling=sampling_to_wire(sampling), reply_to=self.subscriber),
+            open=pb.OpenSession(
+                sampling=sampling_to_wire(sampling), reply_to=self.subscriber, max_len=max_len
+            ),
         )
         await self._send_and_wait(session_id, _OPEN, msg)
 

@@ -165,7 +165,7 @@ async def run_remote(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)  # the coordinator needs the tokenizer (and the layer count) locally
     num_layers = open_checkpoint(path).config.num_hidden_layers
     tokenizer = Tokenizer.from_checkpoint(path)
-    specs, extra = None, {}
+    specs, extra, plan = None, {}, None
     if planned:
         from .placement import plan_for_args
 
@@ -174,16 +174,36 @@ async def run_remote(args: argparse.Namespace) -> int:
         extra = {"predicted_ms_per_token": plan.latency_ms, "predicted_tok_per_s": round(plan.tok_per_s, 2)}
     deployment = await deploy(peers, node_model_ref(args.model), num_layers, args.quant, specs=specs)
     try:
-        pipeline = await deployment.pipeline()
+        from .recovery import resilient
+
+        # a node that dies mid-generation costs a pause, not the run: the layers move to the nodes left
+        # (--peers, or what mDNS finds then), and `recoveries` in --json says what happened
+        candidates = parse_peers(args.peers) if args.peers else _discovered(args) if args.discover else peers
+        pipeline = resilient(deployment, await deployment.pipeline(), path, plan=plan, candidates=candidates)
         try:
             return await stream_generation(
                 args,
                 pipeline,
                 tokenizer,
                 deployment.plan,
-                extra={"load_s": round(max(deployment.load_s), 3), **extra},
+                extra={
+                    "load_s": round(max(deployment.load_s), 3),
+                    **extra,
+                    "recoveries": pipeline.recoveries,  # filled in as they happen
+                },
             )
         finally:
             await pipeline.aclose()
     finally:
         await deployment.close()
+
+
+def _discovered(args: argparse.Namespace):
+    """Candidates for a re-placement with --discover: the usable nodes mDNS finds at that moment."""
+
+    async def candidates() -> list[str]:
+        from .placement import gather_members
+
+        return [m.address for m in await gather_members(args) if m.ok]
+
+    return candidates

@@ -63,6 +63,14 @@ def add_http_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-queued", type=int, default=32, help="requests waiting beyond those; more get HTTP 429"
     )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prompt tokens per step (default 128); smaller chunks stall the other requests' tokens less "
+        "while a long prompt is read",
+    )
     from .http_security import add_http_security_args
 
     add_http_security_args(p)  # --api-key (or $EDGESHARD_API_KEY), --cors-origin
@@ -99,7 +107,13 @@ def _engine_kw(args: argparse.Namespace) -> dict:
     running, queued = getattr(args, "max_running", 8), getattr(args, "max_queued", 32)
     if running < 1 or queued < 0:
         raise cli.UserError(f"--max-running must be >= 1 and --max-queued >= 0, got {running} and {queued}")
-    return {"max_running": running, "max_queued": queued}
+    kw = {"max_running": running, "max_queued": queued}
+    chunk = getattr(args, "prefill_chunk", None)  # None: generate.PREFILL_CHUNK (not imported here: torch)
+    if chunk is not None:
+        if chunk < 1:
+            raise cli.UserError(f"--prefill-chunk must be >= 1, got {chunk}")
+        kw["prefill_chunk"] = chunk
+    return kw
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -132,8 +146,10 @@ async def _serve(args: argparse.Namespace, sock) -> int:
         except ValueError as e:
             raise cli.UserError(str(e)) from None
         plan = await plan_for_args(args, resolve_model(args.model)) if args.layers else None
-        peers = plan.addresses() if plan else peers
-        served = await peers_engine(peers, args.model, args.quant, console=console, plan=plan, **kw)
+        ring = plan.addresses() if plan else peers  # every peer stays a candidate after a failure (spares)
+        served = await peers_engine(
+            ring, args.model, args.quant, console=console, plan=plan, candidates=peers, **kw
+        )
     else:
         console.print(
             f"loading {args.model} in this process (--peers or --discover spread it over nodes)",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .admission import kv_capacity
 from .engine import Engine
 from .local_pipeline import ThreadedLocalPipeline
 
@@ -124,8 +125,17 @@ def node_status(entry: dict, reply: Any) -> dict:
         "steps": s.steps,
         "compute_ms_per_step": round(s.compute_ms / steps, 3),
         "network_ms_per_step": round(s.network_ms / steps, 3),
+        # continuous batching: how full the batches are and how busy the stage is (since its shard loaded)
+        "rows_per_step": round(s.rows / steps, 2),
+        "sequences_per_step": round(s.sequences / steps, 2),
+        "batch_hist": list(s.batch_hist),  # steps of 1, 2, 3-4, 5-8, ... 65+ sequences
+        "utilization": round(s.compute_ms / s.wall_ms, 3) if s.wall_ms else 0.0,
+        "idle_ms": round(s.idle_ms, 1),
+        "queue_ms_per_step": round(s.queue_ms / max(1, s.sequences), 3),
         "sessions": s.sessions,
         "kv_bytes": s.kv_bytes,
+        "kv_reserved": s.kv_reserved,
+        "kv_budget": reply.shard.kv_budget if reply.loaded else 0,
         "errors": s.errors,
     }
 
@@ -142,18 +152,42 @@ def _remote_engine(
     )
 
 
-_BROKEN = "no plan can run: the cluster's pipeline failed (restart serve)"
+_BROKEN = "no plan can run now"
 
 
-def deployment_engine(deployment, pipeline, path: Path, model: str, plan=None, **engine_kw: Any) -> Served:
+def resilient_info(pipe) -> Callable[[], Awaitable[dict]]:
+    """/v1/cluster of a `recovery.ResilientPipeline`: its current deployment, plus liveness and recoveries."""
+
+    async def info() -> dict:
+        out = await deployment_info(pipe.deployment, pipe.plan)()
+        out["recovery"] = pipe.status()
+        return out
+
+    return info
+
+
+def deployment_engine(
+    deployment, pipeline, path: Path, model: str, plan=None, candidates=None, **engine_kw: Any
+) -> Served:
     """An engine over a started RemotePipeline on a `remote_run.Deployment` (nodes with shards loaded).
 
-    `close` closes the pipeline's streams, not the deployment (whoever deployed it closes it).
+    The engine survives nodes dying (coordinator/recovery.py): it re-places the layers over `candidates`
+    (addresses, or a coroutine function returning them; default: the deployment's nodes). `close` closes
+    the pipeline's streams and what recoveries deployed, not the deployment (whoever deployed it closes it).
     """
-    info = deployment_info(deployment, plan)
+    from .recovery import resilient
+
+    pipe = resilient(deployment, pipeline, path, plan=plan, candidates=candidates)
     context = plan.context if plan is not None else None
-    engine = _remote_engine(path, model, pipeline, info, _BROKEN, context, **engine_kw)
-    return Served(engine, pipeline.aclose, deployment.plan)
+    engine_kw.setdefault("kv_capacity", kv_capacity(deployment.shards))  # admission fits the nodes' budgets
+    engine = _remote_engine(path, model, pipe, resilient_info(pipe), _BROKEN, context, **engine_kw)
+    follow_kv_capacity(pipe, engine)
+    return Served(engine, pipe.aclose, deployment.plan)
+
+
+def follow_kv_capacity(pipe, engine: Engine) -> None:
+    """After a recovery the nodes' KV budgets are those of the new plan: admit by them from then on."""
+    pipe.on_new_plan.append(lambda d: setattr(engine.admission, "kv_capacity", kv_capacity(d.shards)))
 
 
 async def _deploy(peers: Sequence[str], model: str, path: Path, quant, console, node_model, specs):
@@ -179,20 +213,26 @@ async def peers_engine(
     console=None,
     node_model: str | None = None,
     plan=None,
+    candidates: Sequence[str] | None = None,
     **engine_kw: Any,
 ) -> Served:
     """Deploy `model` over running nodes at `peers` (pipeline order; split evenly, or as the planner's `plan`
-    says) and serve it. `node_model` is what the nodes open (default: `remote_run.node_model_ref`). `close`
-    frees the streams and channels; the nodes keep their shards."""
+    says) and serve it. `node_model` is what the nodes open (default: `remote_run.node_model_ref`). After a
+    node failure the layers are re-placed over `candidates` (default: `peers`; give every --peers address,
+    also the ones the plan left out, as spares). `close` frees the streams and channels; the nodes keep their
+    shards."""
     from edgeshard.node.models import resolve_model
 
     path = resolve_model(model)  # the coordinator reads the tokenizer and layer count locally
     specs = plan.specs() if plan is not None else None
     deployment, pipeline = await _deploy(peers, model, path, quant, console, node_model, specs)
-    served = deployment_engine(deployment, pipeline, path, model, plan, **engine_kw)
+    served = deployment_engine(
+        deployment, pipeline, path, model, plan, candidates=candidates or peers, **engine_kw
+    )
+    close_pipeline = served.close
 
     async def close() -> None:
-        await pipeline.aclose()
+        await close_pipeline()
         await deployment.close()
 
     served.close = close
@@ -208,8 +248,10 @@ async def discovered_engine(args, console=None, retry_s: float = RETRY_PLAN_S, *
     from edgeshard.node.models import resolve_model
     from edgeshard.node.security import current
 
+    from .discovery import ZeroconfDiscovery
     from .placement import plan_for_args
     from .plan import PlanError
+    from .recovery import resilient
     from .stage_client import ClusterError
 
     current()  # no cluster key: ClusterKeyError now, not silently inside the background planning task
@@ -217,6 +259,11 @@ async def discovered_engine(args, console=None, retry_s: float = RETRY_PLAN_S, *
     reason = "no plan can run yet: looking for nodes"
     engine = _remote_engine(path, args.model, None, None, reason, args.context, **engine_kw)
     held: list = []  # deployment, pipeline once attached
+    # after a failure, the layers are re-placed over the nodes mDNS knows then (joined ones included)
+    discovery = ZeroconfDiscovery(args.mdns_interface, args.cluster)
+
+    async def candidates() -> list[str]:
+        return [m.address for m in discovery.members() if m.ok]
 
     async def plan_until_ready() -> None:
         while True:
@@ -231,9 +278,12 @@ async def discovered_engine(args, console=None, retry_s: float = RETRY_PLAN_S, *
                     console.print(f"[yellow]{engine.unavailable_reason}[/]", soft_wrap=True)
                 await asyncio.sleep(retry_s)
                 continue
-            held[:] = [deployment, pipeline]
+            await discovery.start()
+            pipe = resilient(deployment, pipeline, path, plan=plan, candidates=candidates)
+            held[:] = [deployment, pipe]
             engine.unavailable_reason = _BROKEN
-            engine.attach(pipeline, deployment_info(deployment, plan))
+            engine.attach(pipe, resilient_info(pipe), kv_capacity(deployment.shards))
+            follow_kv_capacity(pipe, engine)
             return
 
     task = asyncio.create_task(plan_until_ready())
@@ -244,5 +294,6 @@ async def discovered_engine(args, console=None, retry_s: float = RETRY_PLAN_S, *
         if held:
             await held[1].aclose()
             await held[0].close()
+        await discovery.close()
 
     return Served(engine, close)

@@ -4,9 +4,12 @@ and every student talks to it with the official openai package, `edgeshard chat`
     python examples/classroom.py --nodes 3                      # on 127.0.0.1 only (try it yourself first)
     python examples/classroom.py --nodes 3 --host 0.0.0.0       # open it to the classroom network
 
-With the students' own machines as nodes instead, each runs `edgeshard node` and the teacher runs
-`edgeshard serve --model smollm2-135m --discover --http 0.0.0.0:8000` (mDNS finds the nodes, the planner
-splits the layers by what each machine can do).
+With the students' own machines as nodes instead, the teacher makes a cluster key
+(`edgeshard secret new --out cluster.key`) and hands the file out; each student runs
+`edgeshard node --cluster-key-file cluster.key` and the teacher runs
+`edgeshard serve --model smollm2-135m --discover --cluster-key-file cluster.key --http 0.0.0.0:8000`
+(mDNS finds the nodes - only those holding the key - and the planner splits the layers by what each machine
+can do). Set EDGESHARD_API_KEY on the server to make the API want a key too (docs/security.md).
 """
 
 from __future__ import annotations

@@ -60,17 +60,27 @@ class Session:
 
     cache: KVCache
     sampler: Sampler | None
+    reserved: int = 0  # bytes of the node's KV budget this session holds (its max_len's worth)
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
 
 
 class ShardExecutor:
-    """Runs a stage for many sessions; validates every step before touching any cache."""
+    """Runs a stage for many sessions; validates every step before touching any cache.
 
-    def __init__(self, stage: Stage, max_sessions: int = 64, max_len: int | None = None) -> None:
+    KV memory: with a `kv_budget` (bytes), a session reserves its whole cache when it opens (bytes per
+    position x its max_len) and is refused with OverflowError when the budget cannot hold it, so a sequence
+    that was admitted never runs out of memory mid-generation; the reservation is returned when it closes.
+    """
+
+    def __init__(
+        self, stage: Stage, max_sessions: int = 64, max_len: int | None = None, kv_budget: int = 0
+    ) -> None:
         self.stage = stage
         self.max_sessions = max_sessions
         self.max_len = max_len or stage.config.max_position_embeddings
+        self.kv_budget = kv_budget  # bytes open sessions may reserve; 0: no limit
+        self.kv_reserved = 0
         self.sessions: dict[str, Session] = {}
         self.compute_s = 0.0  # time spent in stage forward (for per-stage timing)
         self.steps = 0
@@ -80,30 +90,56 @@ class ShardExecutor:
         """The layer range this executor runs."""
         return self.stage.spec
 
+    @property
+    def kv_bytes_per_position(self) -> int:
+        """Bytes one position of one sequence takes in this stage's caches (keys and values, every layer)."""
+        c = self.stage.config
+        itemsize = torch.empty(0, dtype=self.stage.dtype).element_size()
+        return len(self.stage.layers) * 2 * c.num_key_value_heads * c.head_dim * itemsize
+
     def open_session(
-        self, session_id: str, sampling: SamplingParams | None = None, replace: bool = True
+        self,
+        session_id: str,
+        sampling: SamplingParams | None = None,
+        replace: bool = True,
+        max_len: int | None = None,
     ) -> None:
-        """Create (or with replace, recreate) the cache of a session."""
+        """Create (or with replace, recreate) the cache of a session that may reach `max_len` positions
+        (None: the context length); OverflowError when the sessions or the KV budget are full."""
         if session_id in self.sessions and not replace:
             raise SessionError(f"session {session_id!r} already exists on this node")
         if session_id not in self.sessions and len(self.sessions) >= self.max_sessions:
             raise OverflowError(
                 f"this node holds {self.max_sessions} sessions already; end some or raise --max-sessions"
             )
+        max_len = min(max_len or self.max_len, self.max_len)
+        need = max_len * self.kv_bytes_per_position
+        old = self.sessions.get(session_id)
+        held = self.kv_reserved - (old.reserved if old is not None else 0)
+        if self.kv_budget and held + need > self.kv_budget:
+            raise OverflowError(
+                f"KV memory is full: {len(self.sessions)} sessions reserve {_mib(held)} of this node's "
+                f"{_mib(self.kv_budget)} budget and {max_len} more positions need {_mib(need)}; retry when "
+                "some finish, ask for fewer tokens, or raise --kv-budget"
+            )
+        self.close_session(session_id)
         sampler = Sampler(sampling or SamplingParams()) if self.stage.spec.is_last else None
-        self.sessions[session_id] = Session(self.stage.new_cache(self.max_len), sampler)
+        self.sessions[session_id] = Session(self.stage.new_cache(max_len), sampler, need)
+        self.kv_reserved += need
 
     def close_session(self, session_id: str) -> bool:
-        """Free a session's cache; returns False when the node did not hold it."""
+        """Free a session's cache and its reservation; returns False when the node did not hold it."""
         session = self.sessions.pop(session_id, None)
         if session is None:
             return False
         session.cache.free()
+        self.kv_reserved -= session.reserved
         return True
 
     def kv_bytes(self) -> int:
         """Bytes held by all KV caches on this node."""
-        return sum(s.cache.nbytes() for s in self.sessions.values())
+        # a snapshot: GetInfo reads this on the event loop while the compute thread may open sessions
+        return sum(s.cache.nbytes() for s in list(self.sessions.values()))
 
     def validate(self, req: StepRequest) -> Session:
         """Check a request against this stage and its session; raise StepError/SessionError saying what is wrong."""
@@ -137,9 +173,10 @@ class ShardExecutor:
                 f"session {req.session_id!r}: step starts at position {req.start} but the node holds "
                 f"{session.cache.offset} positions (replay from 0 after a restart)"
             )
-        if req.start + req.length > self.max_len:
+        if req.start + req.length > session.cache.max_len:
             raise StepError(
-                f"session {req.session_id!r}: {req.start + req.length} positions exceed the context length {self.max_len}"
+                f"session {req.session_id!r}: {req.start + req.length} positions exceed the "
+                f"{session.cache.max_len} it was opened for (the context length is {self.max_len})"
             )
         return session
 
@@ -172,6 +209,10 @@ class ShardExecutor:
         return results
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
 def _describe(t: torch.Tensor | None) -> str:
     return "nothing" if t is None else f"{tuple(t.shape)} {t.dtype}"
 
@@ -182,10 +223,10 @@ class LocalPipeline:
     def __init__(self, executors: list[ShardExecutor]) -> None:
         self.executors = executors
 
-    def open(self, session_id: str, sampling: SamplingParams) -> None:
-        """Open the session on every stage."""
+    def open(self, session_id: str, sampling: SamplingParams, max_len: int = 0) -> None:
+        """Open the session on every stage (for up to `max_len` positions; 0: the context length)."""
         for ex in self.executors:
-            ex.open_session(session_id, sampling)
+            ex.open_session(session_id, sampling, max_len=max_len or None)
 
     def close(self, session_id: str) -> None:
         """Free the session on every stage."""

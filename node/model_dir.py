@@ -76,7 +76,10 @@ def _check_index(ref: str, directory: Path, root: Path) -> None:
     for name in names:
         if not isinstance(name, str):
             raise _refuse(ref, f"its {index.name} names a file by a {type(name).__name__}")
-        check_relative_ref(name)
+        try:
+            check_relative_ref(name)
+        except WireError:
+            raise _refuse(ref, f"its {index.name} names {name!r}, not a plain relative file name") from None
         if not _inside((directory / name).resolve(), root):
             raise _refuse(ref, f"its {index.name} names {name!r}, outside the model directory")
 

@@ -33,7 +33,9 @@ class NextHop:
     while gRPC completes the write (the completion needs a wake-up of the event loop; awaiting it inline
     would delay the next message by that much). A message that cannot be written even after reconnecting
     goes to `on_failure`; error replies the next node sends back go to `on_reply` (the ring relays both
-    upstream).
+    upstream). When the stream breaks under messages already written (the next node died or went away),
+    those are lost without a word: `on_break` hears of it, so the ring can fail their sessions upstream
+    at once instead of leaving the coordinator to wait for its step deadline.
     """
 
     def __init__(
@@ -43,8 +45,10 @@ class NextHop:
         on_failure: Callable[[pb.ForwardMessage, WireError], None],
         metadata=(),
         security: Security | None = None,
+        on_break: Callable[[WireError], None] | None = None,
     ) -> None:
         self.address = address
+        self.on_break = on_break  # the stream broke with messages possibly in flight (see the docstring)
         self.security = security  # cluster key or INSECURE (node/security.py); None: the process's mode
         self.on_reply = on_reply
         self.on_failure = on_failure
@@ -81,8 +85,21 @@ class NextHop:
         try:
             async for reply in call:
                 self.on_reply(reply)
-        except (grpc.aio.AioRpcError, asyncio.CancelledError):
-            pass  # the stream broke or closed; the next write reopens it
+            why = "it closed the stream"  # a long-lived stream ends only when the next node goes away
+        except asyncio.CancelledError:
+            return  # we closed it ourselves (reset, close)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED:
+                return
+            why = connection_problem(e.details()) or (e.details() or e.code().name).splitlines()[0][:160]
+        # the next write reopens the stream; what was written before the break may be lost with it
+        if self.on_break is not None:
+            self.on_break(
+                WireError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the stream to the next node {self.address} broke ({why}); steps in flight there are lost",
+                )
+            )
 
     async def _write(self, msg: pb.ForwardMessage) -> None:
         """Write `msg`; reopen the stream and retry once if it broke; WireError(UNAVAILABLE) if that fails."""

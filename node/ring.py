@@ -2,14 +2,21 @@
 
 `RingNode` holds the loaded shard (a `ShardExecutor`), the long-lived stream to the next node (`NextHop`), the
 Results subscribers (last node), and the routing of error replies back to whoever sent a session's messages.
-The gRPC servicer (node/server.py) is a thin layer over it. The data path, one message:
+The gRPC servicer (node/server.py) is a thin layer over it. The data path:
 
-    decode + validate (wire_tensors) -> executor.step -> encode -> next_hop.send    (middle node)
-                                                      -> Result to the subscriber  (last node)
+    handle: decode + validate (wire_tensors) -> inbox
+    stage loop: take ALL ready messages (node/batching.py) -> run_batch: one executor.step (node/stage_step.py)
+                -> encode -> next_hop.send (middle node) / Result to the subscriber (last node)
 
-Compute runs inline on the event loop: a decode step of one sequence is strictly serial around the ring, so
-handing it to a thread would only add a wake-up. (Batching the steps that are ready, a later issue, drains
-several messages here before calling `executor.step` once.)
+Continuous batching: while the stage computes, messages keep arriving and queue in the inbox; when it is free
+it takes everything ready (at most one step per session, one prefill chunk, `max_batch_rows` rows) and runs
+one forward, so with many sequences in flight every node computes for all of them at once.
+
+Compute runs in one worker thread (`compute="thread"`, the default) so the event loop keeps reading and
+decoding messages during a forward and the next batch is ready when it ends; `compute="inline"` runs it on
+the event loop instead (no thread hand-off; messages are read between batches). Measured on 2 loopback nodes
+(benchmarks/throughput.py; see docs/pipeline.md): the thread costs nothing measurable at 1 sequence and wins
+at 8. Only the compute thread touches the executor while a shard is installed.
 """
 
 from __future__ import annotations
@@ -17,29 +24,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import grpc
 
+from .batching import STEP_KINDS, Pending, StageTimes, take_batch
 from .config import ShardSpec
-from .executor import SessionError, ShardExecutor, StepError
+from .executor import ShardExecutor
 from .limits import check_forward
 from .next_hop import GRPC_OPTIONS, NextHop, now_us
+from .stage_step import Outcome, run_batch
 from .wire import edgeshard_pb2 as pb
-from .wire_tensors import (
-    TO_WIRE_DTYPE,
-    WireError,
-    error_message,
-    invalid,
-    sampling_from_wire,
-    step_from_wire,
-    tensor_to_wire,
-)
+from .wire_tensors import TO_WIRE_DTYPE, WireError, error_message, invalid, step_from_wire
 
 log = logging.getLogger("edgeshard.node")
 
 LAST = "last"  # LoadShardRequest.next_hop of the node that samples
+MAX_BATCH_ROWS = 256  # rows one batched forward takes at most (--max-batch-rows); a bigger step runs alone
+COMPUTE_MODES = ("thread", "inline")  # where the stage computes (--compute; see the module docstring)
 ReplyFn = Callable[[pb.ForwardReply], None]  # puts an error reply on the sender's stream (never blocks)
 __all__ = [
     "GRPC_OPTIONS",
@@ -84,15 +90,39 @@ class LoadedShard:
             wire_dtype=TO_WIRE_DTYPE[self.executor.stage.dtype],
             hidden_size=cfg.hidden_size,
             vocab_size=cfg.vocab_size,
+            kv_bytes_per_position=self.executor.kv_bytes_per_position,
+            kv_budget=self.executor.kv_budget,
         )
 
 
 class RingNode:
     """The node's state and its message handling, independent of the gRPC servicer around it."""
 
-    def __init__(self, name: str, max_sessions: int = 64) -> None:
+    def __init__(
+        self,
+        name: str,
+        max_sessions: int = 64,
+        *,
+        kv_budget: int = 0,
+        memory_limit: int = 0,
+        max_batch_rows: int = MAX_BATCH_ROWS,
+        compute: str = "thread",
+    ) -> None:
+        if compute not in COMPUTE_MODES:
+            raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
         self.name = name
         self.max_sessions = max_sessions
+        self.kv_budget = kv_budget  # bytes of KV caches sessions may reserve (0: see kv_budget_for)
+        self.memory_limit = memory_limit  # bytes for weights + KV (--memory-limit; 0: no limit)
+        self.max_batch_rows = max_batch_rows
+        # one compute thread: the event loop keeps reading (and decoding) messages while the stage computes
+        self.worker = (
+            ThreadPoolExecutor(1, thread_name_prefix="edgeshard-stage") if compute == "thread" else None
+        )
+        self.inbox: deque[Pending] = deque()  # messages waiting for the stage, in arrival order
+        self.ready = asyncio.Event()  # set when the inbox gets a message
+        self.runner: asyncio.Task | None = None  # the stage loop of the installed shard
+        self.times = StageTimes()
         self.shard: LoadedShard | None = None
         self.loading = False
         self.next_hop: NextHop | None = None
@@ -109,17 +139,35 @@ class RingNode:
         """Serve `shard` from now on (its plan id fences off messages of older plans)."""
         await self.unload()
         self.shard = shard
+        self.times = StageTimes()
+        self.runner = asyncio.create_task(self._run(shard))
         if shard.next_hop != LAST:
-            self.next_hop = NextHop(shard.next_hop, self._relay_reply, self._hop_failed)
+            self.next_hop = NextHop(
+                shard.next_hop, self._relay_reply, self._hop_failed, on_break=self._hop_broke
+            )
 
     async def unload(self) -> None:
         """Drop the shard, its sessions and the stream to the next hop."""
         self.shard = None
+        if self.runner is not None:  # a batch computing now finishes in the thread; its outputs are dropped
+            self.runner.cancel()
+            self.runner = None
+        self.inbox.clear()  # messages of the old plan
         self.route.clear()
         self.upstream.clear()
         if self.next_hop is not None:
             await self.next_hop.close()
             self.next_hop = None
+
+    def kv_budget_for(self, weight_bytes: int) -> int:
+        """The KV budget of a shard with `weight_bytes` of weights: --kv-budget, else what --memory-limit leaves
+        after the weights, else 0 (no limit)."""
+        if self.kv_budget or not self.memory_limit:
+            return self.kv_budget
+        left = self.memory_limit - weight_bytes
+        if left <= 0:
+            log.warning("--memory-limit leaves no room for KV caches after %d bytes of weights", weight_bytes)
+        return max(1, left)  # 1, not 0 (no limit): every session is refused, saying why
 
     def _require_shard(self, msg: pb.ForwardMessage) -> LoadedShard:
         shard = self.shard
@@ -138,92 +186,83 @@ class RingNode:
     # ---------------------------------------------------------------------------------- the data path
 
     async def handle(self, msg: pb.ForwardMessage, reply: ReplyFn) -> None:
-        """Serve one Forward message that arrived on a stream whose error replies go to `reply`."""
+        """Take one Forward message that arrived on a stream whose error replies go to `reply`: refuse it at
+        once if it is not for this ring, else queue it for the stage loop (it runs in the next batch)."""
         self.messages += 1
-        which = msg.WhichOneof("payload")
-        if msg.sent_at_us and which in ("tokens", "hidden"):  # the hop into this node (see the proto)
+        which = msg.WhichOneof("payload") or ""
+        t0 = time.perf_counter()
+        if msg.sent_at_us and which in STEP_KINDS:  # the hop into this node (see the proto)
             self.network_s += max(0, now_us() - msg.sent_at_us) / 1e6
+        shard = self.shard
+        item = Pending(msg, reply, which, arrived=t0)
         if which == "error":  # an upstream failure: carry it on, whatever plan it names
-            self._emit(msg)
-            return
-        try:
-            check_forward(msg)  # ids it would keep (node/limits.py)
-            shard = self._require_shard(msg)
-        except WireError as e:  # not of this ring (stale plan, no shard), or too big: answer the sender only
-            self._refuse(msg, e, reply)
-            return
-        try:
-            if which in ("tokens", "hidden"):
-                out = self._step(shard, msg)
-                self.upstream[msg.session_id] = reply  # errors of the next hops about it go back there
-            elif which == "open":
-                out = self._open(shard, msg)
-                self.upstream[msg.session_id] = reply  # (only sessions this node holds: no unbounded growth)
-            elif which == "end":
-                shard.executor.close_session(msg.session_id)
-                out = msg
-            else:
-                raise invalid("a Forward message needs a payload: tokens, hidden, open, end or error")
-        except WireError as e:
-            self._refuse(msg, e, reply)
-            out = error_message(msg, e.to_proto(self.name))
-        except Exception as e:  # a bug or a torch failure: fail this message, keep serving the others
-            log.exception("step of session %r failed", msg.session_id)
-            err = WireError(
-                grpc.StatusCode.INTERNAL, f"node {self.name} failed the step: {type(e).__name__}: {e}"
-            )
-            self._refuse(msg, err, reply)
-            out = error_message(msg, err.to_proto(self.name))
-        self._emit(out)
-        if which == "end":
+            if shard is None:
+                self._emit(msg)
+                return
+        else:
+            try:
+                check_forward(msg)  # ids it would keep (node/limits.py)
+                shard = self._require_shard(msg)
+            except WireError as e:  # not of this ring (stale plan, no shard), or too big: answer the sender
+                self._refuse(msg, e, reply)
+                return
+            if which in STEP_KINDS:  # decoded on arrival, while the compute thread runs the last batch
+                cfg = shard.executor.stage.config
+                try:
+                    item.req = step_from_wire(msg, shard.spec.is_first, cfg.hidden_size, cfg.vocab_size)
+                except WireError as e:
+                    item.error = e  # answered in the session's order, like any other failure
+                self.network_s += time.perf_counter() - t0
+            elif which not in ("open", "end"):
+                item.error = invalid("a Forward message needs a payload: tokens, hidden, open, end or error")
+        self.inbox.append(item)
+        self.ready.set()
+
+    async def _run(self, shard: LoadedShard) -> None:
+        """The stage loop: wait for work, take ALL that is ready as one batch (node/batching.py), run it in the
+        compute thread, hand the outcomes on; until the shard is unloaded (the task is cancelled)."""
+        loop = asyncio.get_running_loop()
+        times = self.times
+        while True:
+            if not self.inbox:
+                times.idle_since = time.perf_counter()
+                self.ready.clear()
+                await self.ready.wait()
+                times.idle_s += time.perf_counter() - times.idle_since
+                times.idle_since = None
+            if self.worker is None:  # inline: let messages that arrived during the last batch in first
+                await asyncio.sleep(0)
+            controls, steps = take_batch(self.inbox, self.max_batch_rows)
+            if steps:
+                times.record(steps, time.perf_counter())
+            work = partial(run_batch, shard.executor, self.name, controls, steps)
+            try:
+                outcomes, encode_s = await loop.run_in_executor(self.worker, work) if self.worker else work()
+            except Exception as e:  # run_batch answers for every message; this is a bug in it
+                log.exception("a batch failed")
+                err = WireError(grpc.StatusCode.INTERNAL, f"node {self.name} failed a batch: {e}")
+                outcomes = [
+                    Outcome(i, error_message(i.msg, err.to_proto(self.name)), err) for i in controls + steps
+                ]
+                encode_s = 0.0
+            self.network_s += encode_s
+            for outcome in outcomes:
+                self._finish(shard, outcome)
+
+    def _finish(self, shard: LoadedShard, outcome: Outcome) -> None:
+        """Hand one message's outcome on: answer the sender if it failed, then pass the output along the ring."""
+        item, msg = outcome.item, outcome.item.msg
+        if outcome.error is not None:
+            self._refuse(msg, outcome.error, item.reply)
+        elif item.kind in STEP_KINDS or item.kind == "open":
+            # errors of the next hops about it go back there (only sessions this node holds: bounded)
+            self.upstream[msg.session_id] = item.reply
+            if item.kind == "open" and shard.next_hop == LAST:
+                self.route[msg.session_id] = msg.open.reply_to
+        if outcome.out is not None:
+            self._emit(outcome.out)
+        if item.kind == "end":
             self.upstream.pop(msg.session_id, None)
-
-    def _step(self, shard: LoadedShard, msg: pb.ForwardMessage) -> pb.ForwardMessage | pb.Result:
-        ex = shard.executor
-        cfg = ex.stage.config
-        t0 = time.perf_counter()
-        req = step_from_wire(msg, ex.spec.is_first, cfg.hidden_size, cfg.vocab_size)
-        self.network_s += time.perf_counter() - t0
-        try:
-            (res,) = ex.step([req])
-        except (SessionError, StepError) as e:
-            raise invalid(str(e)) from None
-        except MemoryError as e:
-            raise WireError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"node {self.name} ran out of memory: {e}"
-            ) from e
-        if ex.spec.is_last:
-            return pb.Result(
-                kind=pb.RESULT_TOKEN,
-                plan_id=msg.plan_id,
-                session_id=msg.session_id,
-                start=msg.start,
-                sampled=res.token is not None,
-                token=res.token or 0,
-            )
-        t0 = time.perf_counter()
-        out = pb.ForwardMessage(
-            plan_id=msg.plan_id, session_id=msg.session_id, start=msg.start, sample=msg.sample
-        )
-        tensor_to_wire(res.hidden, out.hidden)
-        self.network_s += time.perf_counter() - t0
-        return out
-
-    def _open(self, shard: LoadedShard, msg: pb.ForwardMessage) -> pb.ForwardMessage | pb.Result:
-        if not msg.session_id:
-            raise invalid("OpenSession needs a session_id")
-        sampling = sampling_from_wire(msg.open.sampling)
-        ex = shard.executor
-        if msg.open.max_len and msg.open.max_len > ex.max_len:
-            raise invalid(f"max_len {msg.open.max_len} exceeds this node's context length {ex.max_len}")
-        try:
-            ex.open_session(msg.session_id, sampling)
-        except OverflowError as e:
-            raise WireError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-        if not ex.spec.is_last:
-            return msg
-        self.route[msg.session_id] = msg.open.reply_to
-        return pb.Result(kind=pb.RESULT_OPENED, plan_id=msg.plan_id, session_id=msg.session_id)
 
     def _refuse(self, msg: pb.ForwardMessage, e: WireError, reply: ReplyFn) -> None:
         self.errors += 1
@@ -250,6 +289,13 @@ class RingNode:
         """The next hop could not take `msg`: tell whoever sent that session's messages here."""
         upstream = self.upstream.get(msg.session_id)
         self._refuse(msg, e, upstream if upstream is not None else lambda _reply: None)
+
+    def _hop_broke(self, e: WireError) -> None:
+        """The stream to the next hop broke: steps in flight there are lost. Fail every session routed through
+        here upstream, so their coordinator recovers now rather than at its step deadline."""
+        plan_id = self.shard.plan_id if self.shard else 0
+        for session_id, upstream in list(self.upstream.items()):
+            self._refuse(pb.ForwardMessage(plan_id=plan_id, session_id=session_id), e, upstream)
 
     def _as_result(self, msg: pb.ForwardMessage) -> pb.Result:
         which = msg.WhichOneof("payload")
@@ -305,4 +351,6 @@ class RingNode:
             errors=self.errors,
             sessions=len(ex.sessions) if ex else 0,
             kv_bytes=ex.kv_bytes() if ex else 0,
+            kv_reserved=ex.kv_reserved if ex else 0,
+            **(self.times.to_stats() if ex else {}),
         )

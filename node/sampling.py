@@ -55,7 +55,11 @@ class Sampler:
             return int(torch.argmax(logits))
         if position is not None:
             self.generator.manual_seed((self.seed * 1_000_003 + position) % 2**63)
-        logits = logits.float() / p.temperature
+        logits = logits.float()
+        scaled = logits / p.temperature
+        if not torch.isfinite(scaled).all():  # a tiny temperature overflows to inf and softmax gives NaN;
+            scaled = (logits - logits.max()) / p.temperature  # shifted first: the same distribution, finite
+        logits = scaled
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -28,7 +28,7 @@ from .advertise import package_version, start_advertising
 from .capability import Capability, fill_wire, measure, parse_size, start_remeasuring
 from .identity import claim_identity
 from .limits import SERVER_OPTIONS, check_subscriber
-from .ring import GRPC_OPTIONS, RingNode
+from .ring import COMPUTE_MODES, GRPC_OPTIONS, MAX_BATCH_ROWS, RingNode
 from .security import (
     INSECURE,
     INSECURE_WARNING,
@@ -64,6 +64,9 @@ class NodeOptions:
     model_dir: Path | None = None  # the only directory model files are opened from (None: the model cache)
     state_dir: Path | None = None  # node identity (and, later, keys and the capability benchmark)
     max_sessions: int = 64  # sessions (KV caches) held at once
+    kv_budget: int = 0  # bytes KV caches may reserve (0: what memory_limit leaves, or no limit)
+    max_batch_rows: int = MAX_BATCH_ROWS  # rows one batched forward takes at most
+    compute: str = "thread"  # where the stage computes: "thread" (one worker) or "inline" (the event loop)
     advertise: bool = False  # announce the node on mDNS (node/advertise.py)
     mdns_interfaces: list[str] = field(default_factory=list)  # IPv4 addresses mDNS runs on (empty: all)
     cluster: str = "default"  # cluster name it announces; coordinators of other clusters skip the node
@@ -200,7 +203,14 @@ async def serve(options: NodeOptions, ready_out=sys.stdout) -> None:
         torch.set_num_threads(options.threads)
     security = _security(options)
     identity = claim_identity(options.state_dir)
-    node = RingNode(options.name, max_sessions=options.max_sessions)
+    node = RingNode(
+        options.name,
+        max_sessions=options.max_sessions,
+        kv_budget=options.kv_budget,
+        memory_limit=options.memory_limit,
+        max_batch_rows=options.max_batch_rows,
+        compute=options.compute,
+    )
     server = grpc.aio.server(
         options=GRPC_OPTIONS + SERVER_OPTIONS + [("grpc.so_reuseport", 0)],
         interceptors=server_interceptors(security, options.name),  # the membership check, before handlers
@@ -308,6 +318,28 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
         help="where the node keeps its lasting id (default: ~/.local/state/edgeshard)",
     )
     p.add_argument("--max-sessions", type=int, default=64, help="sessions (KV caches) held at once")
+    p.add_argument(
+        "--kv-budget",
+        default=None,
+        metavar="SIZE",
+        help="memory KV caches may reserve, e.g. 256M; a session reserves its whole cache when it opens and "
+        "more are refused (RESOURCE_EXHAUSTED) (default: what --memory-limit leaves after the weights, "
+        "else no limit)",
+    )
+    p.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=MAX_BATCH_ROWS,
+        metavar="N",
+        help=f"rows (tokens) one batched forward takes at most (default {MAX_BATCH_ROWS})",
+    )
+    p.add_argument(
+        "--compute",
+        choices=COMPUTE_MODES,
+        default="thread",
+        help="run the stage in one worker thread (default: messages keep arriving while it computes) or "
+        "inline on the event loop",
+    )
     p.add_argument("--no-advertise", action="store_true", help="do not announce this node on mDNS")
     p.add_argument(
         "--mdns-interface",
@@ -346,6 +378,8 @@ def options_from_args(args: argparse.Namespace) -> NodeOptions:
     """NodeOptions from parsed `add_node_args` flags."""
     if args.max_sessions < 1:
         raise ValueError(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    if args.max_batch_rows < 1:
+        raise ValueError(f"--max-batch-rows must be at least 1, got {args.max_batch_rows}")
     if args.model_dir is not None and not args.model_dir.expanduser().is_dir():
         raise FileNotFoundError(f"--model-dir {args.model_dir} is not a directory; create it or point at one")
     opts = NodeOptions(
@@ -355,6 +389,9 @@ def options_from_args(args: argparse.Namespace) -> NodeOptions:
         model_dir=args.model_dir,
         state_dir=args.state_dir,
         max_sessions=args.max_sessions,
+        kv_budget=parse_size(args.kv_budget) if args.kv_budget else 0,
+        max_batch_rows=args.max_batch_rows,
+        compute=args.compute,
         advertise=not args.no_advertise,
         mdns_interfaces=list(args.mdns_interface),
         cluster=args.cluster,

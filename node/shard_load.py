@@ -3,6 +3,10 @@
 Loading reads and converts tensors for seconds, so it runs in a worker thread; progress comes back to the
 event loop through a queue and is streamed to the coordinator. The node keeps answering GetInfo and Health
 meanwhile, and refuses Forward messages with FAILED_PRECONDITION until the shard is installed.
+
+Asked for the shard it already holds (same model, layers and format) under a new plan id, as failure
+recovery does for the nodes that survive, a node keeps its weights and installs them afresh: new plan id,
+new next hop, no sessions. The new epoch fences off the old plan's messages exactly as a reload would.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import grpc
 from .checkpoint import CheckpointError, open_checkpoint
 from .config import ShardSpec, UnsupportedModelError
 from .executor import ShardExecutor
-from .loader import QUANT_FORMATS, load_stage, stage_weight_bytes
+from .loader import QUANT_FORMATS, default_quant, load_stage, stage_weight_bytes
 from .model_dir import resolve_in_model_dir
 from .ring import LAST, LoadedShard, RingNode
 from .wire import edgeshard_pb2 as pb
@@ -51,6 +55,28 @@ async def load_shard(
     check_request(req)
     yield pb.LoadProgress(stage="resolving")
     t0 = time.perf_counter()
+    held = node.shard
+    if held is not None and await _holds(held, req, model_dir):
+        shard = LoadedShard(
+            executor=ShardExecutor(
+                held.executor.stage,
+                max_sessions=node.max_sessions,
+                max_len=max_len,
+                kv_budget=node.kv_budget_for(held.weight_bytes),
+            ),
+            model=req.model,
+            quant=held.quant,
+            plan_id=req.plan_id,
+            next_hop=req.next_hop,
+            weight_bytes=held.weight_bytes,
+            load_s=time.perf_counter() - t0,
+        )
+        await node.install(shard)  # ends the old plan's sessions and stream, as a reload would
+        total = tensors_in_stage(held.spec)
+        yield pb.LoadProgress(
+            stage="ready", tensors_done=total, tensors_total=total, done=True, shard=shard.info()
+        )
+        return
     await node.unload()  # old sessions belong to the old plan; free their memory before loading
     node.loading = True
     try:
@@ -99,13 +125,19 @@ async def load_shard(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"not enough memory for {spec} of {req.model!r}; give this node fewer layers",
             ) from e
+        weight_bytes = stage_weight_bytes(stage)
         shard = LoadedShard(
-            executor=ShardExecutor(stage, max_sessions=node.max_sessions, max_len=max_len),
+            executor=ShardExecutor(
+                stage,
+                max_sessions=node.max_sessions,
+                max_len=max_len,
+                kv_budget=node.kv_budget_for(weight_bytes),
+            ),
             model=req.model,
             quant=stage.quant,
             plan_id=req.plan_id,
             next_hop=req.next_hop,
-            weight_bytes=stage_weight_bytes(stage),
+            weight_bytes=weight_bytes,
             load_s=time.perf_counter() - t0,
         )
         await node.install(shard)
@@ -119,3 +151,19 @@ async def load_shard(
         done=True,
         shard=shard.info(),
     )
+
+
+async def _holds(held: LoadedShard, req: pb.LoadShardRequest, model_dir: Path) -> bool:
+    """`held` is the shard `req` asks for: same model reference, layer range and format (and last-ness)."""
+    spec = held.spec
+    if (req.model, req.start_layer, req.end_layer) != (held.model, spec.start_layer, spec.end_layer):
+        return False
+    if (req.num_layers and req.num_layers != spec.num_layers) or spec.is_last != (req.next_hop == LAST):
+        return False
+    if req.quant:
+        return req.quant == held.quant
+    try:  # "" is the checkpoint's own format: look it up (the header only, a fraction of a second)
+        path = await asyncio.to_thread(resolve_in_model_dir, req.model, model_dir)
+        return default_quant(await asyncio.to_thread(open_checkpoint, path)) == held.quant
+    except (WireError, CheckpointError, UnsupportedModelError, OSError):
+        return False  # the normal path reports what is wrong

@@ -87,7 +87,11 @@ def tensor_from_wire(msg: pb.Tensor, hidden_size: int, max_rows: int = MAX_STEP_
             f"tensor data is {len(msg.data)} bytes but shape {shape} of {pb.DType.Name(msg.dtype)} needs {want}"
         )
     # bytearray: a writable copy (torch refuses to alias immutable bytes without a warning; the copy is tiny)
-    return torch.frombuffer(bytearray(msg.data), dtype=dtype).view(rows, hidden_size)
+    hidden = torch.frombuffer(bytearray(msg.data), dtype=dtype).view(rows, hidden_size)
+    # NaN/inf would poison the session's KV cache and make the last node's sampler fail; a stage never sends them
+    if not bool(torch.isfinite(hidden).all()):
+        raise invalid("hidden states contain NaN or infinity; the sending node's stage is broken")
+    return hidden
 
 
 def tokens_from_wire(msg: pb.TokenIds, vocab_size: int, max_rows: int = MAX_STEP_ROWS) -> torch.Tensor:

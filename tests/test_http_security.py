@@ -26,7 +26,7 @@ CHAT = [{"role": "user", "content": "Name a color."}]
 def keyed_server(smollm2_path):
     security = HttpSecurity(api_key=KEY, cors_origins=(ALLOWED,), max_body_bytes=256 << 10)
     server = BackgroundServer(
-        lambda: local_engine(str(smollm2_path), threads=1, max_running=2, max_queued=2),
+        lambda: local_engine("smollm2-135m", threads=1, max_running=2, max_queued=2),
         http_security=security,
     )
     server.start()
@@ -124,7 +124,26 @@ def _bodies(kind: str):
     near_valid = st.fixed_dictionaries(required, optional=_field).filter(
         lambda b: isinstance(b.get("max_tokens"), int) and not isinstance(b.get("max_tokens"), bool)
     )
-    return near_valid | _json | st.binary(max_size=64)
+    valid = st.fixed_dictionaries(
+        {"max_tokens": st.integers(1, 3)},
+        optional={
+            "temperature": st.floats(0, 2),
+            "top_p": st.floats(0.05, 1),
+            "stream": st.booleans(),
+            "seed": st.integers(0, 2**31),
+            "stop": st.text(max_size=3),
+        },
+    ).map(
+        lambda b: {
+            **b,
+            **(
+                {"messages": [{"role": "user", "content": "Hi there"}]}
+                if kind == "chat"
+                else {"prompt": "Once upon a time"}
+            ),
+        }
+    )
+    return valid | near_valid | _json | st.binary(max_size=64)
 
 
 FUZZ = {"tried": 0, "statuses": {}}

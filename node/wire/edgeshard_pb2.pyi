@@ -100,7 +100,7 @@ class Benchmark(_message.Message):
     def __init__(self, mem_gbps: _Optional[float] = ..., int4_gbps: _Optional[float] = ..., int8_gbps: _Optional[float] = ..., bf16_gbps: _Optional[float] = ..., f32_gbps: _Optional[float] = ..., layer_overhead_ms: _Optional[float] = ..., step_overhead_ms: _Optional[float] = ..., bench_ms: _Optional[float] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "num_layers", "quant", "plan_id", "weight_bytes", "next_hop", "load_s", "wire_dtype", "hidden_size", "vocab_size")
+    __slots__ = ("model", "start_layer", "end_layer", "num_layers", "quant", "plan_id", "weight_bytes", "next_hop", "load_s", "wire_dtype", "hidden_size", "vocab_size", "kv_bytes_per_position", "kv_budget")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,8 @@ class ShardInfo(_message.Message):
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_POSITION_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_layer: int
     end_layer: int
@@ -125,10 +127,12 @@ class ShardInfo(_message.Message):
     wire_dtype: DType
     hidden_size: int
     vocab_size: int
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_hop: _Optional[str] = ..., load_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ...) -> None: ...
+    kv_bytes_per_position: int
+    kv_budget: int
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_hop: _Optional[str] = ..., load_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_bytes_per_position: _Optional[int] = ..., kv_budget: _Optional[int] = ...) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("steps", "messages", "compute_ms", "network_ms", "errors", "sessions", "kv_bytes")
+    __slots__ = ("steps", "messages", "compute_ms", "network_ms", "errors", "sessions", "kv_bytes", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences", "batch_hist", "kv_reserved")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +140,13 @@ class NodeStats(_message.Message):
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WALL_MS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_HIST_FIELD_NUMBER: _ClassVar[int]
+    KV_RESERVED_FIELD_NUMBER: _ClassVar[int]
     steps: int
     messages: int
     compute_ms: float
@@ -143,7 +154,14 @@ class NodeStats(_message.Message):
     errors: int
     sessions: int
     kv_bytes: int
-    def __init__(self, steps: _Optional[int] = ..., messages: _Optional[int] = ..., compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., errors: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
+    wall_ms: float
+    idle_ms: float
+    queue_ms: float
+    rows: int
+    sequences: int
+    batch_hist: _containers.RepeatedScalarFieldContainer[int]
+    kv_reserved: int
+    def __init__(self, steps: _Optional[int] = ..., messages: _Optional[int] = ..., compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., errors: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., wall_ms: _Optional[float] = ..., idle_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., rows: _Optional[int] = ..., sequences: _Optional[int] = ..., batch_hist: _Optional[_Iterable[int]] = ..., kv_reserved: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "name", "protocol_version", "capabilities", "loaded", "shard", "max_sessions", "stats", "address", "cluster", "clock_unix_s", "version")

@@ -1,0 +1,221 @@
+"""Throughput benchmark: aggregate tok/s of concurrent requests on 2 loopback nodes (continuous batching).
+
+    python benchmarks/throughput.py                     # 1, 2, 4, 8 and 16 concurrent requests, 64 tokens each
+    python benchmarks/throughput.py --compare-compute   # also: the nodes' compute thread against inline compute
+    python benchmarks/throughput.py --quick             # CI smoke: 1 and 4 requests, 16 tokens, 1 run
+
+Requests take the serving path, as `edgeshard serve --peers` runs them (serving.deployment_engine): Engine
+(admission) -> generate() -> the ring driver (RemotePipeline) -> the nodes, each with one torch thread. Every
+request has its own prompt and generates `--tokens` tokens (ignore_eos, greedy). Per concurrency level,
+median over `--runs` (levels interleaved, so load from other work on the machine hits them alike):
+
+* tok/s: generated tokens of all requests / wall time from the first submit to the last token;
+* per node, from its GetInfo counters over the run: utilization = compute / wall (the stage's forward),
+  idle share, and sequences per step (how many sequences one batched forward served).
+
+Target: tok/s at 8 concurrent requests >= 4x tok/s at 1. Writes benchmarks/results/throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from edgeshard.coordinator.cluster import LocalCluster
+from edgeshard.coordinator.engine import GenerationRequest
+from edgeshard.coordinator.remote_run import deploy
+from edgeshard.coordinator.serving import deployment_engine
+from edgeshard.node.models import resolve_model
+
+RESULTS = Path(__file__).resolve().parent / "results" / "throughput.json"
+TOPICS = [
+    "the sea", "a lighthouse", "a robot", "the moon", "a forest", "a library", "a storm", "a cat",
+    "a train", "a mountain", "a garden", "a clock", "a river", "a city", "a desert", "a violin",
+]  # fmt: skip
+TARGET_RATIO = 4.0  # tok/s at 8 concurrent requests over tok/s at 1
+STAT_FIELDS = ("steps", "compute_ms", "network_ms", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences")
+
+
+class Ring:
+    """A deployed 2-node ring and the serving engine over it."""
+
+    def __init__(self, name: str, cluster: LocalCluster, deployment, served) -> None:
+        self.name, self.cluster, self.deployment, self.served = name, cluster, deployment, served
+
+    async def stats(self) -> list[dict]:
+        """Each node's counters now."""
+        infos = await asyncio.gather(*(c.info() for c in self.deployment.clients))
+        return [{f: getattr(i.stats, f) for f in STAT_FIELDS} for i in infos]
+
+    async def run(self, n: int, tokens: int) -> dict:
+        """`n` concurrent requests of `tokens` tokens: aggregate tok/s and the nodes' counters over the run."""
+        engine = self.served.engine
+        before = await self.stats()
+        t0 = time.perf_counter()
+        gens = [
+            engine.submit(
+                GenerationRequest(
+                    messages=[{"role": "user", "content": f"Write a story about {TOPICS[i % len(TOPICS)]}."}],
+                    max_tokens=tokens,
+                    temperature=0.0,
+                    ignore_eos=True,
+                )
+            )
+            for i in range(n)
+        ]
+        done = await asyncio.gather(*(g.collect() for g in gens))
+        wall = time.perf_counter() - t0
+        after = await self.stats()
+        generated = sum(c.usage.completion_tokens for c in done)
+        nodes = []
+        for b, a in zip(before, after, strict=True):
+            d = {f: a[f] - b[f] for f in STAT_FIELDS}
+            nodes.append(
+                {
+                    "utilization": d["compute_ms"] / d["wall_ms"] if d["wall_ms"] else 0.0,
+                    "idle": d["idle_ms"] / d["wall_ms"] if d["wall_ms"] else 0.0,
+                    "sequences_per_step": d["sequences"] / max(1, d["steps"]),
+                    "rows_per_step": d["rows"] / max(1, d["steps"]),
+                    "compute_ms_per_step": d["compute_ms"] / max(1, d["steps"]),
+                    "queue_ms_per_sequence": d["queue_ms"] / max(1, d["sequences"]),
+                }
+            )
+        return {"tok_s": generated / wall, "wall_s": wall, "tokens": generated, "nodes": nodes}
+
+
+async def open_ring(name: str, cluster: LocalCluster, path: Path, quant: str | None) -> Ring:
+    """Load the model over the cluster's nodes and build the engine `serve` would."""
+    deployment = await deploy(cluster.addresses, path.name, 30, quant)
+    pipeline = await deployment.pipeline()
+    served = deployment_engine(deployment, pipeline, path, "smollm2-135m", max_running=64, max_queued=64)
+    return Ring(name, cluster, deployment, served)
+
+
+async def measure(rings: list[Ring], levels: list[int], tokens: int, runs: int) -> dict[str, dict]:
+    """Median over `runs` of every (ring, level), interleaved."""
+    for ring in rings:  # warm-up: caches, kernels, streams
+        await ring.run(max(levels), 4)
+    samples: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(runs):
+        for n in levels:
+            for ring in rings:
+                samples.setdefault((ring.name, n), []).append(await ring.run(n, tokens))
+    out: dict[str, dict] = {}
+    for (name, n), rs in samples.items():
+        best = sorted(rs, key=lambda r: r["tok_s"])[len(rs) // 2]  # the median run, with its node counters
+        out.setdefault(name, {})[str(n)] = {
+            "tok_s": round(best["tok_s"], 2),
+            "tok_s_runs": [round(r["tok_s"], 2) for r in rs],
+            "wall_s": round(best["wall_s"], 3),
+            "nodes": [{k: round(v, 3) for k, v in node.items()} for node in best["nodes"]],
+        }
+    return out
+
+
+def table(results: dict[str, dict], title: str) -> Table:
+    """The results as a rich table: one row per (mode, concurrency)."""
+    t = Table(title=title)
+    for col in (
+        "compute",
+        "concurrent",
+        "tok/s",
+        "x vs 1",
+        "util n1",
+        "util n2",
+        "seq/step n1",
+        "seq/step n2",
+    ):
+        t.add_column(col, justify="right")
+    for mode, levels in results.items():
+        base = levels.get("1", {}).get("tok_s")
+        for n, r in levels.items():
+            nodes = r["nodes"]
+            t.add_row(
+                mode,
+                n,
+                f"{r['tok_s']:.1f}",
+                f"{r['tok_s'] / base:.2f}" if base else "-",
+                *(f"{node['utilization']:.0%}" for node in nodes[:2]),
+                *(f"{node['sequences_per_step']:.2f}" for node in nodes[:2]),
+            )
+    return t
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    path = resolve_model("smollm2-135m")
+    modes = ["thread", "inline"] if args.compare_compute else [args.compute]
+    clusters, rings = [], []
+    try:
+        for mode in modes:
+            cluster = LocalCluster(
+                2, model_dir=path.parent, threads=1, name=mode, node_args=["--compute", mode]
+            )
+            cluster.start()
+            clusters.append(cluster)
+            rings.append(await open_ring(mode, cluster, path, args.quant))
+        return await measure(rings, args.levels, args.tokens, args.runs)
+    finally:
+        for ring in rings:
+            await ring.served.close()
+            await ring.deployment.close()
+        for cluster in clusters:
+            cluster.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--levels", default="1,2,4,8,16", help="concurrent requests to measure, comma-separated")
+    p.add_argument("--tokens", type=int, default=64, help="tokens each request generates")
+    p.add_argument("--runs", type=int, default=3, help="runs per level (the median is reported)")
+    p.add_argument("--quant", default=None, help="shard format (default: the checkpoint's, int4)")
+    p.add_argument("--compute", default="thread", choices=("thread", "inline"), help="the nodes' --compute")
+    p.add_argument("--compare-compute", action="store_true", help="measure both --compute modes")
+    p.add_argument("--quick", action="store_true", help="CI smoke: levels 1,4, 16 tokens, 1 run")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.levels, args.tokens, args.runs = "1,4", 16, 1
+    args.levels = [int(x) for x in args.levels.split(",")]
+    torch.set_num_threads(1)
+    results = asyncio.run(main_async(args))
+    console = Console()
+    console.print(
+        table(results, f"smollm2-135m on 2 loopback nodes, 1 thread each, {args.tokens} tokens/request")
+    )
+    report = {
+        "model": "smollm2-135m",
+        "quant": args.quant or "default",
+        "nodes": 2,
+        "threads_per_node": 1,
+        "tokens_per_request": args.tokens,
+        "runs": args.runs,
+        "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "results": results,
+    }
+    default = results.get(args.compute) or next(iter(results.values()))
+    if "1" in default and "8" in default:
+        ratio = default["8"]["tok_s"] / default["1"]["tok_s"]
+        report["target"] = {
+            "ratio_8_vs_1": round(ratio, 2),
+            "at_least": TARGET_RATIO,
+            "met": ratio >= TARGET_RATIO,
+        }
+        console.print(f"8 vs 1 concurrent: {ratio:.2f}x (target {TARGET_RATIO:.0f}x)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,473 @@
+"""`ResilientPipeline`: the `Pipeline` protocol over a ring of nodes that survives nodes dying mid-generation.
+
+    pipe = ResilientPipeline(deployment, await deployment.pipeline(), replanner, model_ref="smollm2-135m")
+    async for token in generate(pipe, seq): ...   # a node dies: a pause and one log line, the same tokens
+
+On top of `RemotePipeline` (coordinator/remote.py) it keeps, per session, the sampling parameters (an
+unseeded sampler gets its seed here, so a replay draws what the first run drew) and every token fed
+(`SessionHistory`), and runs every call under a deadline:
+
+- failure: a call's error, or its deadline passing, makes it probe the plan's nodes (coordinator/liveness.py).
+  A node that is down or restarted is a failure at once, a silent one after `hang_s`; broken streams are
+  failures too. An error a node gave for the request itself (bad input, sessions full) is the caller's.
+- recovery, once per failed plan however many sessions notice: re-place (coordinator/replan.py), load with a
+  new plan id (the epoch that fences off the old plan's messages; survivors keep their weights), replay every
+  session (open, then its history as prefill), and let the failed calls retry. Calls arriving meanwhile wait
+  (at most `wait_s`).
+- capacity: when the nodes left cannot hold the model, the calls fail with `CapacityError` (what is left,
+  what is missing, what to add) and `broken` says so (the engine answers 503); the placement is retried every
+  `retry_s` and serving resumes once enough nodes are back.
+
+Every recovery is a `RecoveryEvent`, logged as one line and kept in `events` (`recoveries`: as dicts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+import grpc
+from rich.console import Console
+
+from edgeshard.node.sampling import SamplingParams
+
+from .generate import PREFILL_CHUNK
+from .liveness import NodeFailure, Probe, diagnose
+from .recovery_log import RecoveryEvent, RecoveryPolicy, SessionHistory
+from .replan import CapacityError, Replanner
+from .stage_client import ClusterError
+
+log = logging.getLogger("edgeshard.coordinator")
+
+# node errors about the request itself (a retry elsewhere would fail alike); anything else rebuilds the ring
+_REQUEST_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+_EPOCH_SIGNS = ("stale plan id", "unknown session")  # a node of our plan was restarted or reloaded
+
+
+class ResilientPipeline:
+    """Runs sessions on a deployed ring and rebuilds the ring when nodes fail (see the module docstring)."""
+
+    def __init__(
+        self,
+        deployment,
+        pipeline,
+        replanner: Replanner,
+        *,
+        model_ref: str,
+        quant: str | None = None,
+        plan=None,
+        policy: RecoveryPolicy | None = None,
+    ) -> None:
+        self.deployment = deployment  # remote_run.Deployment of the current plan
+        self.pipeline = pipeline  # its started RemotePipeline
+        self.plan = plan  # the planner's Plan of it (None: the initial --peers split)
+        self.replanner, self.model_ref, self.quant = replanner, model_ref, quant
+        self.num_layers = replanner.cost.num_layers
+        self.policy = policy or RecoveryPolicy()
+        self.sessions: dict[str, SessionHistory] = {}
+        self.events: list[RecoveryEvent] = []
+        self.recoveries: list[
+            dict
+        ] = []  # the events as dicts, appended as they end (run --json holds this list)
+        self.nodes: dict[str, dict] = {}  # address -> last probe {state, detail, at}
+        self.state = "serving"  # serving, recovering, down
+        self.broken: ClusterError | None = None  # set while down (Engine.check_available reads it)
+        self._ready = asyncio.Event()
+        self._ready.set()
+        self._lock = asyncio.Lock()
+        self._failed = asyncio.Event()  # set when the current plan is given up: its calls stop waiting
+        self._owned: list = []  # deployments made here (closed by aclose)
+        self._tasks: set[asyncio.Task] = set()
+        self._recovery: asyncio.Task | None = None
+        # called with the new deployment after each recovery (the engine's KV admission follows the nodes)
+        self.on_new_plan: list[Callable[[object], None]] = []
+        self._retry: asyncio.Task | None = None
+
+    @property
+    def epoch(self) -> int:
+        """The plan id every message carries now."""
+        return self.deployment.plan_id
+
+    # ------------------------------------------------------------------------------------------ Pipeline
+
+    async def open(self, session_id: str, sampling: SamplingParams, max_len: int = 0) -> None:
+        """Open the session on every node for up to `max_len` positions (waiting out a recovery)."""
+        if not sampling.greedy and sampling.seed is None:  # fix the seed: a replay must draw the same tokens
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(62))
+        session = self.sessions[session_id] = SessionHistory(session_id, sampling, max_len)
+        await self._call(session, None, 0)  # opening is replaying an empty history
+
+    async def step(self, session_id: str, start: int, tokens: list[int], sample: bool = True) -> int | None:
+        """Feed `tokens` at `start`; the sampled next token (None for sample=False). Survives node failures."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise ClusterError(f"session {session_id!r} is not open here; open it first")
+        session.feed(start, tokens)
+        try:
+            token = await self._call(
+                session, lambda pipe: pipe.step(session_id, start, tokens, sample), len(tokens)
+            )
+        finally:
+            session.pending = None
+        if token is not None:
+            session.predicted = (start + len(tokens), token)
+        return token
+
+    async def close(self, session_id: str) -> None:
+        """End the session on every node (nothing to do on nodes that failed or were reloaded)."""
+        session = self.sessions.pop(session_id, None)
+        if session is not None and session.epoch == self.epoch and self._ready.is_set() and not self.broken:
+            with contextlib.suppress(ClusterError):
+                await self.pipeline.close(session_id)
+
+    async def aclose(self) -> None:
+        """Stop retrying, close the pipeline and the deployments made here (the first is its owner's)."""
+        for task in (self._retry, self._recovery):
+            if task is not None:
+                task.cancel()
+        self._retire(self.pipeline)
+        for deployment in self._owned:
+            self._tasks.add(asyncio.ensure_future(deployment.close()))
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def status(self) -> dict:
+        """State, node liveness and every recovery so far (`/v1/cluster`)."""
+        return {
+            "state": self.state,
+            "plan_id": self.epoch,
+            "error": str(self.broken) if self.broken else None,
+            "nodes": self.nodes,
+            "recoveries": self.recoveries,
+            "policy": dataclasses.asdict(self.policy),
+        }
+
+    # ------------------------------------------------------------------------------------------ calls
+
+    async def _call(self, session: SessionHistory, make: Callable | None, rows: int):
+        """`make(pipeline)` for `session` on the current plan, rebuilding the ring and retrying on failures."""
+        for _ in range(self.policy.attempts + 1):
+            pipe, epoch = await self._current()
+            try:
+                if session.epoch != epoch:  # not open on this plan yet (or missed the replay)
+                    await self._replay(session, pipe, epoch)
+                return None if make is None else await self._guard(pipe, make(pipe), rows)
+            except NodeFailure as failure:
+                await self._recover(epoch, failure)
+        raise ClusterError(
+            f"session {session.session_id}: the ring failed {self.policy.attempts + 1} times in a row; "
+            "check the nodes' logs"
+        )
+
+    async def _current(self):
+        if not self._ready.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), self.policy.wait_s)
+            except asyncio.TimeoutError:
+                raise ClusterError(
+                    f"the cluster has been recovering from a node failure for over {self.policy.wait_s:g} s; "
+                    "retry later"
+                ) from None
+        if self.broken is not None:
+            raise self.broken
+        return self.pipeline, self.epoch
+
+    async def _guard(self, pipe, call: Awaitable, rows: int):
+        """Await `call` on `pipe` under the deadline; NodeFailure when nodes failed, the caller's errors as is."""
+        task = asyncio.ensure_future(call)
+        given_up = asyncio.ensure_future(self._failed.wait())
+        deadline, waited = self.policy.deadline(rows), 0.0
+        try:
+            while True:
+                await asyncio.wait({task, given_up}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+                if task.done():
+                    try:
+                        return task.result()
+                    except ClusterError as e:
+                        if _about_the_request(e):
+                            raise
+                        raise await self._judge(str(e), hang_s=0.0) from e
+                if given_up.done():
+                    raise NodeFailure("superseded: the plan was given up")
+                waited += deadline
+                failure = await self._diagnose(
+                    f"no result within {waited:g} s", time.perf_counter(), self.policy.hang_s
+                )
+                if failure is not None:
+                    raise failure
+                if waited >= self.policy.max_step_s:
+                    raise NodeFailure(
+                        f"no result within {waited:g} s although every node answers: a lost step"
+                    )
+        finally:
+            for t in (task, given_up):
+                t.cancel()
+
+    async def _judge(self, error: str, hang_s: float) -> NodeFailure:
+        """The failure behind an error: the nodes that failed (the error was their symptom: it goes to the
+        debug log), or the ring itself (a broken stream)."""
+        log.info("ring error: %s", error)
+        return await self._diagnose("", time.perf_counter(), hang_s) or NodeFailure(
+            f"{error}; every node answers: rebuilding the ring"
+        )
+
+    async def _diagnose(self, cause: str, t0: float, hang_s: float) -> NodeFailure | None:
+        names = {e["address"]: e["node"] for e in self.deployment.plan}
+        failed, probes = await diagnose(list(names), self.epoch, self.policy.probe_timeout_s, hang_s)
+        self._note(probes)
+        if not failed:
+            return None
+        nodes = [f"{names[p.address]} ({p.address})" for p in failed]
+        found = "; ".join(f"{names[p.address]} {p.state}: {p.detail}" for p in failed)
+        probe_ms = (time.perf_counter() - t0) * 1e3
+        return NodeFailure(f"{cause}; {found}" if cause else found, nodes, t0, probe_ms)
+
+    def _note(self, probes: list[Probe] | tuple[Probe, ...]) -> None:
+        for p in probes:
+            self.nodes[p.address] = {"state": p.state, "detail": p.detail, "at": round(p.at, 3)}
+
+    # ------------------------------------------------------------------------------------------ recovery
+
+    async def _recover(self, epoch: int, failure: NodeFailure) -> None:
+        """Rebuild the ring once per failed plan and wait for it; CapacityError when nothing fits.
+
+        The rebuild is a task of its own, shielded: the request that noticed the failure may be cancelled
+        (its client went away) without cutting short a recovery that every session waits for.
+        """
+        if self._recovery is None or self._recovery.done():
+            if self.broken is not None:
+                raise self.broken
+            if self.epoch != epoch:
+                return  # another caller recovered already
+            self._ready.clear()  # from now on, calls wait for the new plan
+            self._failed.set()  # and calls waiting on the old one give up
+            self._recovery = asyncio.ensure_future(self._run_recovery(failure))
+        await asyncio.shield(self._recovery)
+
+    async def _run_recovery(self, failure: NodeFailure) -> None:
+        async with self._lock:
+            self.state = "recovering"
+            self._retire(self.pipeline)
+            event = RecoveryEvent(failure.detected_at, failure.cause, failure.nodes, failure.probe_ms)
+            try:
+                try:
+                    await self._rebuild(event)
+                except (ClusterError, asyncio.CancelledError):
+                    raise
+                except Exception as e:  # a bug: fail like a recovery that could not finish, keep the log
+                    log.exception("recovery failed")
+                    raise ClusterError(f"{type(e).__name__}: {e}") from e
+            except ClusterError as e:  # capacity, or the ring kept failing: down until a retry succeeds
+                event.outcome = "capacity" if isinstance(e, CapacityError) else "failed"
+                event.error = str(e)
+                self.broken = e if isinstance(e, CapacityError) else ClusterError(f"recovery failed: {e}")
+                self.state = "down"
+                self._retry = asyncio.ensure_future(self._retry_loop())
+                raise self.broken from None
+            finally:
+                event.pause_ms = (time.perf_counter() - failure.t0) * 1e3
+                self._record(event)
+                self._ready.set()
+
+    async def _rebuild(self, event: RecoveryEvent) -> None:
+        """Place, load and replay until the ring runs (or `attempts` rounds failed); raises ClusterError."""
+        from .remote_run import deploy
+
+        why: Exception | None = None
+        for attempt in range(1, self.policy.attempts + 1):
+            event.attempts = attempt
+            t = time.perf_counter()
+            placement = await self.replanner.place(self.deployment.plan)  # CapacityError: nothing fits
+            event.replan_ms += (time.perf_counter() - t) * 1e3
+            self._note(placement.probes)
+            plan = placement.plan
+            t = time.perf_counter()
+            try:
+                load = deploy(
+                    plan.addresses(), self.model_ref, self.num_layers, self.quant, _QUIET, specs=plan.specs()
+                )
+                deployment = await self._watched(load, plan.addresses())
+                try:
+                    pipe = await deployment.pipeline()
+                except BaseException:
+                    self._tasks.add(asyncio.ensure_future(deployment.close()))
+                    raise
+            except ClusterError as e:  # a node died (or hung) while loading: place again without it
+                event.load_ms += (time.perf_counter() - t) * 1e3
+                why = e
+                continue
+            event.load_ms += (time.perf_counter() - t) * 1e3
+            old = self.deployment
+            self._owned.append(deployment)
+            self.deployment, self.pipeline, self.plan = deployment, pipe, plan
+            self._failed = asyncio.Event()
+            if old in self._owned:  # the calls on it are over; its channels can go
+                self._owned.remove(old)
+                self._tasks.add(asyncio.ensure_future(old.close()))
+            t = time.perf_counter()
+            try:
+                await self._replay_all(event)
+            except NodeFailure as f:  # a node failed during the replay: give this plan up too
+                event.replay_ms += (time.perf_counter() - t) * 1e3
+                self._failed.set()
+                self._retire(pipe)
+                why = f
+                continue
+            event.replay_ms += (time.perf_counter() - t) * 1e3
+            event.action, event.plan_id, event.plan = placement.action, self.epoch, deployment.plan
+            event.outcome = "recovered"
+            self.state = "serving"
+            for listener in self.on_new_plan:
+                listener(deployment)
+            return
+        raise ClusterError(f"the ring kept failing ({self.policy.attempts} attempts); last: {why}")
+
+    async def _watched(self, call: Awaitable, addresses: list[str]):
+        """Await `call` (a load) while probing `addresses`: ClusterError as soon as one dies or hangs (a hung
+        node would hold its LoadShard stream open forever)."""
+        task = asyncio.ensure_future(call)
+        try:
+            while True:
+                await asyncio.wait({task}, timeout=self.policy.step_deadline_s)
+                if task.done():
+                    return task.result()
+                failed, probes = await diagnose(
+                    addresses, None, self.policy.probe_timeout_s, self.policy.hang_s
+                )
+                self._note(probes)
+                if failed:
+                    raise ClusterError(
+                        "while loading: " + "; ".join(f"{p.address} {p.state}: {p.detail}" for p in failed)
+                    )
+        finally:
+            task.cancel()
+
+    async def _replay_all(self, event: RecoveryEvent) -> None:
+        """Rebuild every session on the new plan at once; NodeFailure when the ring fails again."""
+        sessions = list(self.sessions.values())
+        outcomes = await asyncio.gather(
+            *(self._replay(s, self.pipeline, self.epoch) for s in sessions), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, NodeFailure):
+                raise outcome
+            # another error is the session's own: its call meets it again when it retries
+        event.sessions = len(sessions)
+        event.replayed_tokens = sum(len(s.replay_tokens()) for s in sessions)
+        for s in sessions:  # ended while being replayed: free it again
+            if s.session_id not in self.sessions:
+                with contextlib.suppress(ClusterError):
+                    await self.pipeline.close(s.session_id)
+
+    async def _replay(self, session: SessionHistory, pipe, epoch: int) -> None:
+        """Open `session` on `pipe` and prefill its history (its sampler checks the last token fed)."""
+        await self._guard(pipe, pipe.open(session.session_id, session.sampling, session.max_len), 0)
+        tokens, token = session.replay_tokens(), None
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = tokens[start : start + PREFILL_CHUNK]
+            last = start + len(chunk) == len(tokens)
+            # sample at the end: awaits the chunks, and the draw (by (seed, position)) should repeat history
+            token = await self._guard(
+                pipe, pipe.step(session.session_id, start, chunk, sample=last), len(chunk)
+            )
+        session.epoch = epoch
+        if session.predicted is not None and session.predicted[0] == len(tokens) and token is not None:
+            if token != session.predicted[1]:
+                log.warning(
+                    "session %s: the rebuilt cache predicts token %d where the first run made %d (a layer "
+                    "boundary moved: only f32 shards are bit-identical across splits); going on with %d",
+                    session.session_id,
+                    token,
+                    session.predicted[1],
+                    session.predicted[1],
+                )
+
+    def _record(self, event: RecoveryEvent) -> None:
+        self.events.append(event)
+        self.recoveries.append(event.to_dict())
+        (log.warning if event.outcome == "recovered" else log.error)("edgeshard: %s", event.summary())
+
+    def _retire(self, pipe) -> None:
+        """Close a given-up pipeline in the background (its aclose waits for queued writes)."""
+        task = asyncio.ensure_future(pipe.aclose())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _retry_loop(self) -> None:
+        """While down: place again every `retry_s`; serve again (a new epoch) once the nodes can hold it."""
+        while self.broken is not None:
+            await asyncio.sleep(self.policy.retry_s)
+            async with self._lock:
+                event = RecoveryEvent(time.time(), f"retrying after: {self.broken}", [])
+                try:
+                    await self._rebuild(event)
+                except ClusterError as e:
+                    if isinstance(e, CapacityError):
+                        self.broken = e  # the latest reason (nodes may have come and gone)
+                    log.debug("still down: %s", e)
+                    continue
+                event.cause = "enough nodes are back"
+                event.pause_ms = (time.perf_counter() - event.started) * 1e3
+                self.broken = None
+                self._record(event)
+
+
+def _about_the_request(e: ClusterError) -> bool:
+    """A node refused the request itself (RemoteStepError with such a code), not because of the ring."""
+    code = getattr(e, "code", None)
+    return code in _REQUEST_CODES and not any(sign in str(e) for sign in _EPOCH_SIGNS)
+
+
+_QUIET = Console(stderr=True, quiet=True)  # deploy() draws no progress bars during a recovery
+
+
+def resilient(
+    deployment,
+    pipeline,
+    model_path,
+    *,
+    plan=None,
+    candidates=None,
+    sessions: int = 1,
+    policy: RecoveryPolicy | None = None,
+) -> ResilientPipeline:
+    """A ResilientPipeline over a fresh `deploy()`: it re-places over `candidates` (addresses, or a coroutine
+    function returning them; default: the deployment's nodes), budgeting KV cache as the planner's `plan`
+    did (else `sessions` x the default context), and splits evenly unless a planner placed it."""
+    from edgeshard.node.checkpoint import open_checkpoint
+    from edgeshard.node.cost import ModelCost
+
+    from .planner import DEFAULT_CONTEXT
+
+    quant = deployment.shards[0].quant  # what the nodes run: loading it again is a match, not a reload
+    cost = ModelCost.of(open_checkpoint(model_path).config, quant)
+    replanner = Replanner(
+        candidates if candidates is not None else [c.address for c in deployment.clients],
+        cost,
+        model=deployment.shards[0].model,
+        context=plan.context if plan is not None else DEFAULT_CONTEXT,
+        sessions=plan.sessions if plan is not None else sessions,
+        objective=plan.objective if plan is not None else "latency",
+        even=plan is None,
+    )
+    return ResilientPipeline(
+        deployment,
+        pipeline,
+        replanner,
+        model_ref=deployment.shards[0].model,
+        quant=quant,
+        plan=plan,
+        policy=policy,
+    )
