@@ -8,7 +8,6 @@ can be replayed onto new stages after a failure.
 
 from __future__ import annotations
 
-import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -104,7 +103,7 @@ async def generate(
         raise ValueError(f"prefill_chunk must be at least 1, got {prefill_chunk}")
     try:
         # inside the try: a request cancelled while opening still closes whatever stages opened it
-        await _open(pipeline, seq)
+        await pipeline.open(seq.session_id, seq.sampling, max_len=seq.max_len)  # the KV it may reserve
         token = None
         for start in range(0, len(seq.prompt), prefill_chunk):
             chunk = seq.prompt[start : start + prefill_chunk]
@@ -126,13 +125,3 @@ async def generate(
     finally:
         seq.finished_at = time.perf_counter()
         await pipeline.close(seq.session_id)
-
-
-async def _open(pipeline: Pipeline, seq: Sequence) -> None:
-    """Open `seq` on `pipeline`, telling it how long the sequence may grow (its KV reservation)."""
-    # Transitional: a pipeline whose `open` predates `max_len` (two arguments) is opened without it, and its
-    # nodes reserve the whole context for the session. Drop this once every Pipeline takes max_len.
-    if "max_len" in inspect.signature(pipeline.open).parameters:
-        await pipeline.open(seq.session_id, seq.sampling, max_len=seq.max_len)
-    else:
-        await pipeline.open(seq.session_id, seq.sampling)

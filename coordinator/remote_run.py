@@ -119,6 +119,7 @@ async def deploy(
                     plan_id=plan_id,
                     num_layers=num_layers,
                     next_hop=clients[i + 1].address if i + 1 < len(clients) else "last",
+                    stages=len(clients),  # batching keeps one group of sequences per node in flight
                 )
                 t0 = time.perf_counter()
 

@@ -8,6 +8,11 @@ Messages arrive on the node's Forward streams while its stage computes and wait 
 * at most one multi-row step (a prefill chunk) and at most `max_rows` rows: a long prompt delays the decodes
   that share its batch by one chunk's compute, never by the whole prompt. The first step queued always runs,
   whatever its size, so nothing starves;
+* at most `max_seqs` sequences: a node of an N-node ring takes at most 1/N of its sessions at once
+  (`group_size`), so the sequences circulate as N groups, one at each node, and every stage computes at the
+  same time. Without the cap the groups merge whenever two meet in a queue and end as one, which the nodes
+  pass around in turn while the others idle. (On one core for every node one group would use less CPU per
+  token; on separate devices, what a ring is for, N groups keep N stages busy.)
 * control messages (open, end, an upstream error, a step that failed to decode) run just before the batch,
   unless an earlier message of their session is still queued or in the batch: then they wait for the next
   one, keeping each session's order. Controls also keep their order among themselves, so an End that frees
@@ -49,7 +54,14 @@ class Pending:
         return self.req is not None and self.error is None
 
 
-def take_batch(inbox: deque[Pending], max_rows: int) -> tuple[list[Pending], list[Pending]]:
+def group_size(sessions: int, stages: int) -> int | None:
+    """Sequences one batch takes at most on a node of a `stages`-node ring holding `sessions` (None: no cap)."""
+    return -(-sessions // stages) if stages > 1 and sessions else None
+
+
+def take_batch(
+    inbox: deque[Pending], max_rows: int, max_seqs: int | None = None
+) -> tuple[list[Pending], list[Pending]]:
     """Take one batch's work out of `inbox`: (controls to run first, steps to run in one forward).
 
     What is not taken stays in `inbox`, in order (see the module docstring for the rules).
@@ -68,7 +80,11 @@ def take_batch(inbox: deque[Pending], max_rows: int) -> tuple[list[Pending], lis
             continue
         if item.is_step:
             n = item.req.length
-            fits = not steps or (rows + n <= max_rows and not (prefill and n > 1))
+            fits = not steps or (
+                rows + n <= max_rows
+                and not (prefill and n > 1)
+                and (max_seqs is None or len(steps) < max_seqs)
+            )
             if sid in stepping or not fits:
                 waiting.add(sid)
                 keep.append(item)

@@ -233,8 +233,8 @@ class Stage(nn.Module):
         self, inputs: torch.Tensor, segments: list[Segment], all_logits: bool = False
     ) -> torch.Tensor:
         """Run the stage on a packed batch; the last stage returns logits of each segment's last row
-        (S, V), or of every row (N, V) with all_logits; other stages return hidden states (N, D) in the
-        compute dtype (what travels to the next stage)."""
+        (S, V), or of every row (N, V) with all_logits; other stages return the float32 residual stream
+        (N, D), which is what travels to the next stage."""
         if self.spec.is_first:
             x = self.embed_tokens(inputs).float()  # (N,) -> (N, D) float32 residual stream (see Block)
         else:
@@ -245,7 +245,9 @@ class Stage(nn.Module):
         for seg in segments:
             seg.cache.advance(seg.start, seg.length)
         if not self.spec.is_last:
-            return x.to(self.dtype)  # half the bytes on the wire for bf16 stages; one rounding per stage
+            # float32 on the wire (2.3 KB a token for SmolLM2): a split model then computes exactly what the
+            # unsplit one does, in every format, so N nodes give the same tokens as one process
+            return x
         if not all_logits:  # each segment's last row: (S, D); a slice, not a gather, for a single segment
             x = x[-1:] if len(segments) == 1 else x[torch.tensor([s.length for s in segments]).cumsum(0) - 1]
         return self.lm_head(self.norm(x)).float()  # (S or N, V)

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from functools import partial
 
 import grpc
+import torch
 
-from .batching import STEP_KINDS, Pending, StageTimes, take_batch
+from .batching import STEP_KINDS, Pending, StageTimes, group_size, take_batch
 from .config import ShardSpec
 from .executor import ShardExecutor
 from .limits import check_forward
@@ -68,6 +69,7 @@ class LoadedShard:
     next_hop: str  # host:port, or LAST
     weight_bytes: int
     load_s: float
+    stages: int = 0  # nodes in the ring (LoadShardRequest.stages; 0: unknown), for batching's group size
 
     @property
     def spec(self) -> ShardSpec:
@@ -87,7 +89,7 @@ class LoadedShard:
             weight_bytes=self.weight_bytes,
             next_hop=self.next_hop,
             load_s=self.load_s,
-            wire_dtype=TO_WIRE_DTYPE[self.executor.stage.dtype],
+            wire_dtype=TO_WIRE_DTYPE[torch.float32],  # the residual stream (Stage.forward)
             hidden_size=cfg.hidden_size,
             vocab_size=cfg.vocab_size,
             kv_bytes_per_position=self.executor.kv_bytes_per_position,
@@ -230,9 +232,13 @@ class RingNode:
                 await self.ready.wait()
                 times.idle_s += time.perf_counter() - times.idle_since
                 times.idle_since = None
-            if self.worker is None:  # inline: let messages that arrived during the last batch in first
+            for _ in range(8 if self.worker is None else 0):  # inline: first let the streams deliver
+                queued = len(self.inbox)  # what arrived during the last batch (a read takes a few turns)
                 await asyncio.sleep(0)
-            controls, steps = take_batch(self.inbox, self.max_batch_rows)
+                if len(self.inbox) == queued:
+                    break
+            cap = group_size(len(shard.executor.sessions), shard.stages)
+            controls, steps = take_batch(self.inbox, self.max_batch_rows, cap)
             if steps:
                 times.record(steps, time.perf_counter())
             work = partial(run_batch, shard.executor, self.name, controls, steps)

@@ -70,6 +70,7 @@ async def load_shard(
             next_hop=req.next_hop,
             weight_bytes=held.weight_bytes,
             load_s=time.perf_counter() - t0,
+            stages=req.stages,
         )
         await node.install(shard)  # ends the old plan's sessions and stream, as a reload would
         total = tensors_in_stage(held.spec)
@@ -139,6 +140,7 @@ async def load_shard(
             next_hop=req.next_hop,
             weight_bytes=weight_bytes,
             load_s=time.perf_counter() - t0,
+            stages=req.stages,
         )
         await node.install(shard)
     finally:

@@ -252,3 +252,12 @@ def test_shard_spec_errors():
     with pytest.raises(ValueError, match="not inside"):
         ShardSpec(5, 3, 30)
     assert [s.end_layer - s.start_layer for s in even_split(30, 4)] == [8, 8, 7, 7]
+
+
+@pytest.mark.parametrize("quant", ["int4", "bf16"])
+def test_low_bit_split_is_bit_identical(gguf_ckpt, quant):
+    """The float32 residual crosses stage boundaries unrounded, so a split equals the unsplit model exactly."""
+    ids = PROMPTS[0]
+    unsplit = full_logits([load_stage(gguf_ckpt, ShardSpec.full(30), quant=quant)], ids)
+    split = full_logits([load_stage(gguf_ckpt, s, quant=quant) for s in even_split(30, 3)], ids)
+    assert torch.equal(unsplit, split)

@@ -183,7 +183,7 @@ def test_chaos_sigkill_at_random_points_keeps_the_output(cluster, smollm2_path, 
                 got = await tokens(chaos, prompt)
                 assert got == greedy, f"stage {stage} killed at position {position}: output changed"
                 event = pipe.events[-1]
-                assert event.outcome == "recovered" and cluster.addresses[victim] in event.nodes[0]
+                assert event.outcome == "recovered" and cluster.addresses[victim] in event.nodes[0], event
                 assert event.action.startswith("replaced") and event.plan_id == pipe.epoch
                 latencies.append((stage, position - n, chaos.latency_s, event.load_ms))
                 await restart_dead(cluster)  # the victim comes back empty: the next spare

@@ -192,7 +192,7 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., loaded: _Optional[bool] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., max_sessions: _Optional[int] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., address: _Optional[str] = ..., cluster: _Optional[str] = ..., clock_unix_s: _Optional[float] = ..., version: _Optional[str] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "quant", "plan_id", "next_hop", "num_layers")
+    __slots__ = ("model", "start_layer", "end_layer", "quant", "plan_id", "next_hop", "num_layers", "stages")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,7 @@ class LoadShardRequest(_message.Message):
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_layer: int
     end_layer: int
@@ -207,7 +208,8 @@ class LoadShardRequest(_message.Message):
     plan_id: int
     next_hop: str
     num_layers: int
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., next_hop: _Optional[str] = ..., num_layers: _Optional[int] = ...) -> None: ...
+    stages: int
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., next_hop: _Optional[str] = ..., num_layers: _Optional[int] = ..., stages: _Optional[int] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("stage", "tensors_done", "tensors_total", "bytes_done", "done", "shard")
