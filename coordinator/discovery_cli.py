@@ -58,11 +58,11 @@ def cmd_nodes(args: argparse.Namespace) -> int:
             args.mdns_interface, None if args.all_clusters else args.cluster, watch_interval=0
         )
         try:
-            return await d.browse(args.timeout), dict(d.ignored)
+            return await d.browse(args.timeout), dict(d.ignored), dict(d.strangers)
         finally:
             await d.close()
 
-    members, ignored = asyncio.run(browse())
+    members, ignored, strangers = asyncio.run(browse())
     dups = duplicate_ids(members)
     if args.json:
         rows = [{**m.to_dict(), "duplicate_id": m.node_id in dups} for m in members]
@@ -71,6 +71,13 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console()
+    if strangers:  # adverts without this cluster key's proof: never dialled (docs/security.md)
+        console.print(
+            f"{len(strangers)} advert(s) without this cluster key's proof ignored (another or stale key, "
+            "--insecure nodes, or impostors): "
+            + "; ".join(f"{n.split('.')[0]}: {w}" for n, w in strangers.items()),
+            soft_wrap=True,
+        )
     if not members:
         console.print(
             f"no edgeshard nodes of cluster {args.cluster!r} answered within {args.timeout:g} s"

@@ -400,8 +400,16 @@ class ResilientPipeline:
         (log.warning if event.outcome == "recovered" else log.error)("edgeshard: %s", event.summary())
 
     def _retire(self, pipe) -> None:
-        """Close a given-up pipeline in the background (its aclose waits for queued writes)."""
-        task = asyncio.ensure_future(pipe.aclose())
+        """Close a given-up pipeline in the background (its aclose waits for queued writes): end its sessions
+        first (surviving nodes free them; failed prefill chunks are collected), then its streams."""
+
+        async def retire(sessions: list[str]) -> None:
+            for session_id in sessions:
+                with contextlib.suppress(ClusterError):
+                    await pipe.close(session_id)
+            await pipe.aclose()
+
+        task = asyncio.ensure_future(retire(list(self.sessions)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

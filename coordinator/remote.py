@@ -10,6 +10,9 @@ their session with a `ClusterError` naming the node and what went wrong.
 
 A non-final prefill chunk (sample=False) is not waited for: the next chunk follows at once, so chunks
 overlap across nodes; its acknowledgement is checked before the session's next sampled step returns.
+
+Many sessions run at once: their decode steps go out in one group per node (coordinator/groups.py), so each
+node computes one group's steps in one batched forward while the others compute the other groups.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from edgeshard.node.sampling import SamplingParams
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire_tensors import sampling_to_wire, status_code
 
+from .groups import StepGroups
 from .stage_client import ClusterError, NodeUnavailableError, StageClient
 
 _OPEN = -1  # the pending key of a session's OpenSession (steps use their start position, >= 0)
@@ -43,7 +47,13 @@ class RemoteStepError(ClusterError):
 class RemotePipeline:
     """Runs sessions on the ring `clients` (pipeline order) for plan `plan_id`."""
 
-    def __init__(self, clients: Sequence[StageClient], plan_id: int, subscriber: str | None = None) -> None:
+    def __init__(
+        self,
+        clients: Sequence[StageClient],
+        plan_id: int,
+        subscriber: str | None = None,
+        groups: int | None = None,
+    ) -> None:
         if not clients:
             raise ValueError("a pipeline needs at least one node")
         self.clients = list(clients)
@@ -55,6 +65,8 @@ class RemotePipeline:
         self.tasks: list[asyncio.Task] = []
         self.broken: ClusterError | None = None
         self.outbox: asyncio.Queue[pb.ForwardMessage] = asyncio.Queue()  # see _write
+        # decode steps travel in groups, one per node by default (None: as many as nodes)
+        self.groups = StepGroups(groups or len(self.clients), self._put)
         self.return_hop_s = 0.0  # network time of the last hop (last node -> here), summed over results
         self.return_hops = 0
 
@@ -106,13 +118,19 @@ class RemotePipeline:
             await self._write(msg)
             self.unchecked.setdefault(session_id, []).append(fut)
             return None
-        result = await self._send_and_wait(session_id, start, msg)
+        if len(tokens) == 1:  # a decode step: it goes out with its group (coordinator/groups.py)
+            fut = self._expect(session_id, start)
+            self.groups.submit(session_id, msg)
+            result = await fut
+        else:
+            result = await self._send_and_wait(session_id, start, msg)
         for fut in self.unchecked.pop(session_id, ()):
             await fut  # earlier chunks of this session: done before this one (the ring is FIFO)
         return int(result.token)
 
     async def close(self, session_id: str) -> None:
         """End the session on every node (not awaited: the ring frees it in order after the last step)."""
+        self.groups.leave(session_id)
         for fut in self.unchecked.pop(session_id, ()):
             if fut.done() and not fut.cancelled():
                 fut.exception()  # retrieved: the session is over, nobody will await this chunk's outcome
@@ -138,6 +156,9 @@ class RemotePipeline:
         sessions write at once; the writer task sends them in order (and nobody waits for completions)."""
         if self.broken is not None:
             raise self.broken
+        self._put(msg)
+
+    def _put(self, msg: pb.ForwardMessage) -> None:
         msg.sent_at_us = now_us()  # node 1 counts the hop from here (see the proto)
         self.outbox.put_nowait(msg)
 
@@ -186,6 +207,7 @@ class RemotePipeline:
                         self.return_hop_s += max(0, now_us() - r.sent_at_us) / 1e6
                         self.return_hops += 1
                     self._resolve(r.session_id, r.start, r)
+                    self.groups.returned(r.session_id)
                 elif r.kind == pb.RESULT_OPENED:
                     self._resolve(r.session_id, _OPEN, r)
                 elif r.kind == pb.RESULT_ERROR:

@@ -47,6 +47,7 @@ log = logging.getLogger("edgeshard.node")
 LAST = "last"  # LoadShardRequest.next_hop of the node that samples
 MAX_BATCH_ROWS = 256  # rows one batched forward takes at most (--max-batch-rows); a bigger step runs alone
 COMPUTE_MODES = ("thread", "inline")  # where the stage computes (--compute; see the module docstring)
+BURST_WAIT_S = 0.002  # longest a node waits for the rest of an arriving burst before it starts a forward
 ReplyFn = Callable[[pb.ForwardReply], None]  # puts an error reply on the sender's stream (never blocks)
 __all__ = [
     "GRPC_OPTIONS",
@@ -123,6 +124,7 @@ class RingNode:
         )
         self.inbox: deque[Pending] = deque()  # messages waiting for the stage, in arrival order
         self.ready = asyncio.Event()  # set when the inbox gets a message
+        self.burst_left = 0  # messages still on their way of the burst that is arriving (ForwardMessage)
         self.runner: asyncio.Task | None = None  # the stage loop of the installed shard
         self.times = StageTimes()
         self.shard: LoadedShard | None = None
@@ -196,6 +198,7 @@ class RingNode:
         if msg.sent_at_us and which in STEP_KINDS:  # the hop into this node (see the proto)
             self.network_s += max(0, now_us() - msg.sent_at_us) / 1e6
         shard = self.shard
+        self.burst_left = msg.burst_left
         item = Pending(msg, reply, which, arrived=t0)
         if which == "error":  # an upstream failure: carry it on, whatever plan it names
             if shard is None:
@@ -237,6 +240,8 @@ class RingNode:
                 await asyncio.sleep(0)
                 if len(self.inbox) == queued:
                     break
+            if self.burst_left:
+                await self._await_burst()
             cap = group_size(len(shard.executor.sessions), shard.stages)
             controls, steps = take_batch(self.inbox, self.max_batch_rows, cap)
             if steps:
@@ -252,8 +257,22 @@ class RingNode:
                 ]
                 encode_s = 0.0
             self.network_s += encode_s
+            onward = [o.out for o in outcomes if isinstance(o.out, pb.ForwardMessage)]
+            for i, out in enumerate(onward):  # one burst: the next node computes them together
+                out.burst_left = len(onward) - 1 - i
             for outcome in outcomes:
                 self._finish(shard, outcome)
+
+    async def _await_burst(self) -> None:
+        """Wait (at most BURST_WAIT_S) for the rest of a burst that is arriving: the steps a batch of the
+        previous node made, written one after another, are computed together here too."""
+        deadline = time.perf_counter() + BURST_WAIT_S
+        while self.burst_left and (left := deadline - time.perf_counter()) > 0:
+            self.ready.clear()
+            try:
+                await asyncio.wait_for(self.ready.wait(), left)
+            except TimeoutError:
+                return
 
     def _finish(self, shard: LoadedShard, outcome: Outcome) -> None:
         """Hand one message's outcome on: answer the sender if it failed, then pass the output along the ring."""

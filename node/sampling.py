@@ -23,7 +23,7 @@ class SamplingParams:
     seed: int | None = None  # same seed, same output; None draws a random seed
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # written so that NaN fails too
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -57,8 +57,10 @@ class Sampler:
             self.generator.manual_seed((self.seed * 1_000_003 + position) % 2**63)
         logits = logits.float()
         scaled = logits / p.temperature
-        if not torch.isfinite(scaled).all():  # a tiny temperature overflows to inf and softmax gives NaN;
-            scaled = (logits - logits.max()) / p.temperature  # shifted first: the same distribution, finite
+        if not torch.isfinite(scaled).all():
+            # a tiny temperature overflows (or is 0 in float32) and softmax gives NaN; shifted by the max and
+            # in float64 it is the same distribution, finite for any temperature > 0
+            scaled = (logits.double() - logits.max()) / p.temperature
         logits = scaled
         if p.top_k:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1])).values[-1]

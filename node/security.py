@@ -17,6 +17,7 @@ nodes they start when none was configured: secure without set-up. See docs/secur
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -75,19 +76,21 @@ def current() -> Security:
         return _configured
     text = os.environ.get(ENV_VAR, "").strip()
     if text:
-        return ClusterKey.parse(text)
+        return _from_env(text)
     raise ClusterKeyError(f"no cluster key: {NO_KEY_HELP}")
+
+
+@functools.lru_cache(maxsize=4)
+def _from_env(text: str) -> ClusterKey:
+    # one ClusterKey per key text: its derived TLS material is then computed once, not per channel
+    return ClusterKey.parse(text)
 
 
 def for_local_nodes() -> Security:
     """The mode for nodes this process starts itself (cluster/demo/LocalCluster): the configured one, or an
     ephemeral key made now (and configured, so this process's channels use it too)."""
-    try:
-        return current()
-    except ClusterKeyError as e:
-        if os.environ.get(ENV_VAR, "").strip():
-            raise  # a malformed key in the environment is a mistake to report, not to paper over
-        del e
+    if _configured is not None or os.environ.get(ENV_VAR, "").strip():
+        return current()  # (a malformed key in the environment is reported, not papered over)
     key = ClusterKey.generate()
     configure(key)
     log.info("local nodes use an ephemeral cluster key (id %s)", key.fingerprint)
@@ -183,7 +186,7 @@ def security_from_args(args: argparse.Namespace, required: bool = True) -> Secur
     if insecure:
         return INSECURE
     if os.environ.get(ENV_VAR, "").strip():
-        return ClusterKey.parse(os.environ[ENV_VAR])
+        return _from_env(os.environ[ENV_VAR].strip())
     if required:
         raise ClusterKeyError(f"no cluster key: {NO_KEY_HELP}")
     return None

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from edgeshard.coordinator.admission import Admission, kv_capacity
+from edgeshard.coordinator.groups import StepGroups
 from edgeshard.node.batching import Pending, StageTimes, group_size, take_batch
 from edgeshard.node.config import ModelConfig, ShardSpec
 from edgeshard.node.executor import LocalPipeline, ShardExecutor, StepError, StepRequest
@@ -277,5 +278,36 @@ def test_admission_is_first_come_first_served_within_kv_capacity():
         assert g.state == "queued"
         adm.max_running = 2  # raising the limit admits at once
         assert g.state == "running" and f.state == "running"
+
+    asyncio.run(run())
+
+
+# ------------------------------------------------------------------------------------------- step groups
+
+
+def test_step_groups_send_each_group_as_one_burst():
+    async def run():
+        sent: list[tuple[str, int]] = []
+        groups = StepGroups(2, lambda m: sent.append((m.session_id, m.burst_left)), linger_s=0.05)
+
+        def step(sid: str) -> None:
+            groups.submit(sid, pb.ForwardMessage(session_id=sid))
+
+        step("a")  # alone in group 0: at once
+        step("b")  # group 1: at once
+        step("c")  # group 0, where a is in flight: waits for a
+        assert sent == [("a", 0), ("b", 0)] and groups.sizes() == [2, 1]
+        groups.returned("a")  # a is back; c waits for a's next step (a moment)
+        assert len(sent) == 2
+        step("a")
+        assert sent[2:] == [("c", 1), ("a", 0)]  # one burst: node 1 waits for the second message
+        groups.returned("c")
+        groups.returned("a")
+        step("c")
+        await asyncio.sleep(0.1)  # a never sends again (nor closes): c goes alone, a leaves the group
+        assert sent[4:] == [("c", 0)] and groups.sizes() == [1, 1]
+        groups.returned("b")
+        groups.leave("b")
+        assert groups.sizes() == [1, 0]
 
     asyncio.run(run())

@@ -121,7 +121,7 @@ class FuzzNode:
         req = pb.LoadShardRequest(
             model="model.gguf", start_layer=start, end_layer=LAYERS, plan_id=plan_id, next_hop="last"
         )
-        self.loop.run(_drain(self.stub.LoadShard(req)), 120)
+        self.loop.run(_load_call(self.stub, req), 120)
 
     def greedy(self) -> list[int]:
         """12 greedy tokens of PROMPT with every layer on this node (reloads the whole model)."""
@@ -149,8 +149,9 @@ async def _info(stub) -> pb.NodeInfo:
     return await stub.GetInfo(pb.GetInfoRequest(), timeout=30)
 
 
-async def _drain(call) -> list:
-    return [m async for m in call]
+async def _load_call(stub, req: pb.LoadShardRequest) -> list[pb.LoadProgress]:
+    # the call is made here, in the loop thread: grpc.aio calls belong to the loop that creates them
+    return [m async for m in stub.LoadShard(req)]
 
 
 def _count(target: str) -> None:
@@ -195,7 +196,7 @@ def test_load_shard_fuzz(fuzz_node):
     def one(req: pb.LoadShardRequest) -> None:
         _count("LoadShard")
         try:
-            progress = fuzz_node.loop.run(_drain(fuzz_node.stub.LoadShard(req)), 120)
+            progress = fuzz_node.loop.run(_load_call(fuzz_node.stub, req), 120)
         except grpc.aio.AioRpcError as e:
             assert e.code() in TYPED and e.details(), (e.code(), e.details(), req)
             return

@@ -11,12 +11,14 @@ import time
 
 import grpc
 import pytest
+import torch
 
 from edgeshard.coordinator.cluster import LocalCluster
 from edgeshard.coordinator.stage_client import GrpcStageClient, NotAMemberError
 from edgeshard.node.advert_proof import sign_txt, verify_txt
 from edgeshard.node.call_auth import TokenPlugin, TokenVerifier, make_token
 from edgeshard.node.cluster_key import ClusterKey, ClusterKeyError
+from edgeshard.node.sampling import Sampler, SamplingParams
 from edgeshard.node.security import INSECURE, channel, connection_problem
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire import edgeshard_pb2_grpc as pb_grpc
@@ -52,6 +54,7 @@ def test_key_file_is_private_and_never_silently_replaced(tmp_path):
     assert ClusterKey.loose_permissions(path)
 
 
+@pytest.mark.slow  # starts CLI processes
 def test_cli_makes_a_key_and_a_node_without_one_refuses_to_start(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "EDGESHARD_CLUSTER_KEY"}
     cli = [sys.executable, "-m", "edgeshard.coordinator.cli"]
@@ -96,6 +99,18 @@ def test_connection_problems_are_explained():
     assert "--insecure" in connection_problem("SSL_ERROR_SSL: ... WRONG_VERSION_NUMBER")
     assert "closes plaintext" in connection_problem("ipv4:127.0.0.1:1: Socket closed", INSECURE)
     assert connection_problem("ipv4:127.0.0.1:1: Connection refused") is None
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 1.3e-149, 5e-324])
+def test_tiny_temperatures_sample_the_argmax_instead_of_failing(temperature):
+    """Found by fuzzing the HTTP API: logits / T overflowed (or T was 0 in float32) and softmax gave NaN."""
+    logits = torch.randn(1000) * 10
+    for top_p, top_k in ((1.0, 0), (0.5, 5)):
+        sampler = Sampler(SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=3))
+        assert sampler(logits, 7) == int(logits.argmax())
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=float("nan"))
 
 
 # ---------------------------------------------------------------------------------------------- mDNS proofs
