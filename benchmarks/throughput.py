@@ -1,7 +1,7 @@
 """Throughput benchmark: aggregate tok/s of concurrent requests on 2 loopback nodes (continuous batching).
 
-    python benchmarks/throughput.py                     # 1, 2, 4, 8 and 16 concurrent requests, 64 tokens each
-    python benchmarks/throughput.py --quant default,bf16  # the checkpoint's int4 and bf16 shards
+    python benchmarks/throughput.py                     # 1-16 concurrent requests, 64 tokens, int4 and bf16
+    python benchmarks/throughput.py --quant default     # the checkpoint's own format (int4) only
     python benchmarks/throughput.py --compare-compute   # the nodes' compute thread against inline compute
     python benchmarks/throughput.py --quick             # CI smoke: 1 and 4 requests, 16 tokens, 1 run
 
@@ -192,8 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="runs per level (the median is reported)")
     p.add_argument(
         "--quant",
-        default="default",
-        help="shard formats, comma-separated (default: the checkpoint's own, int4; e.g. default,bf16)",
+        default="default,bf16",
+        help="shard formats, comma-separated: default (the checkpoint's own: int4) and/or f32, bf16, int8",
     )
     p.add_argument("--compute", default="thread", choices=("thread", "inline"), help="the nodes' --compute")
     p.add_argument("--compare-compute", action="store_true", help="measure both --compute modes")
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args.quant = args.quant.split(",")
     torch.set_num_threads(1)
     results = asyncio.run(main_async(args))
-    console = Console()
+    console = Console(width=max(120, Console().width))  # the table, unwrapped, also in a log
     title = f"smollm2-135m on 2 loopback nodes, 1 thread each, {args.tokens} tokens/request"
     console.print(table(results, title))
     report = {

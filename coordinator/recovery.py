@@ -7,13 +7,13 @@ On top of `RemotePipeline` (coordinator/remote.py) it keeps, per session, the sa
 unseeded sampler gets its seed here, so a replay draws what the first run drew) and every token fed
 (`SessionHistory`), and runs every call under a deadline:
 
-- failure: a call's error, or its deadline passing, makes it probe the plan's nodes (coordinator/liveness.py).
+- failure: a call's error, or its deadline passing, makes it probe the plan's nodes (coordinator/watchdog.py).
   A node that is down or restarted is a failure at once, a silent one after `hang_s`; broken streams are
-  failures too. An error a node gave for the request itself (bad input, sessions full) is the caller's.
+  failures too. An error a node gave for the request itself (bad input, KV memory full) is the caller's.
 - recovery, once per failed plan however many sessions notice: re-place (coordinator/replan.py), load with a
   new plan id (the epoch that fences off the old plan's messages; survivors keep their weights), replay every
-  session (open, then its history as prefill), and let the failed calls retry. Calls arriving meanwhile wait
-  (at most `wait_s`).
+  session (open, then its history call by call, as it was fed), and let the failed calls retry. Calls
+  arriving meanwhile wait (at most `wait_s`).
 - capacity: when the nodes left cannot hold the model, the calls fail with `CapacityError` (what is left,
   what is missing, what to add) and `broken` says so (the engine answers 503); the placement is retried every
   `retry_s` and serving resumes once enough nodes are back.
@@ -31,30 +31,17 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 
-import grpc
 from rich.console import Console
 
 from edgeshard.node.sampling import SamplingParams
 
-from .generate import PREFILL_CHUNK
-from .liveness import NodeFailure, Probe, diagnose
+from .liveness import NodeFailure
 from .recovery_log import RecoveryEvent, RecoveryPolicy, SessionHistory
 from .replan import CapacityError, Replanner
 from .stage_client import ClusterError
+from .watchdog import Watchdog
 
 log = logging.getLogger("edgeshard.coordinator")
-
-# node errors about the request itself (a retry elsewhere would fail alike); anything else rebuilds the ring
-_REQUEST_CODES = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.OUT_OF_RANGE,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNIMPLEMENTED,
-    grpc.StatusCode.PERMISSION_DENIED,
-    grpc.StatusCode.UNAUTHENTICATED,
-}
-_EPOCH_SIGNS = ("stale plan id", "unknown session")  # a node of our plan was restarted or reloaded
 
 
 class ResilientPipeline:
@@ -77,12 +64,13 @@ class ResilientPipeline:
         self.replanner, self.model_ref, self.quant = replanner, model_ref, quant
         self.num_layers = replanner.cost.num_layers
         self.policy = policy or RecoveryPolicy()
+        # every call runs under its deadline; probes judge failures (coordinator/watchdog.py)
+        self.watchdog = Watchdog(
+            self.policy, lambda: ({e["address"]: e["node"] for e in self.deployment.plan}, self.epoch)
+        )
         self.sessions: dict[str, SessionHistory] = {}
         self.events: list[RecoveryEvent] = []
-        self.recoveries: list[
-            dict
-        ] = []  # the events as dicts, appended as they end (run --json holds this list)
-        self.nodes: dict[str, dict] = {}  # address -> last probe {state, detail, at}
+        self.recoveries: list[dict] = []  # the events as dicts, as they end (run --json holds this list)
         self.state = "serving"  # serving, recovering, down
         self.broken: ClusterError | None = None  # set while down (Engine.check_available reads it)
         self._ready = asyncio.Event()
@@ -149,7 +137,7 @@ class ResilientPipeline:
             "state": self.state,
             "plan_id": self.epoch,
             "error": str(self.broken) if self.broken else None,
-            "nodes": self.nodes,
+            "nodes": self.watchdog.nodes,
             "recoveries": self.recoveries,
             "policy": dataclasses.asdict(self.policy),
         }
@@ -163,13 +151,17 @@ class ResilientPipeline:
             try:
                 if session.epoch != epoch:  # not open on this plan yet (or missed the replay)
                     await self._replay(session, pipe, epoch)
-                return None if make is None else await self._guard(pipe, make(pipe), rows)
+                return None if make is None else await self._guard(make(pipe), rows)
             except NodeFailure as failure:
                 await self._recover(epoch, failure)
         raise ClusterError(
             f"session {session.session_id}: the ring failed {self.policy.attempts + 1} times in a row; "
             "check the nodes' logs"
         )
+
+    def _guard(self, call: Awaitable, rows: int) -> Awaitable:
+        """`call` under the watchdog: NodeFailure when nodes failed, the caller's own errors as they are."""
+        return self.watchdog.guard(call, rows, self._failed)
 
     async def _current(self):
         if not self._ready.is_set():
@@ -183,60 +175,6 @@ class ResilientPipeline:
         if self.broken is not None:
             raise self.broken
         return self.pipeline, self.epoch
-
-    async def _guard(self, pipe, call: Awaitable, rows: int):
-        """Await `call` on `pipe` under the deadline; NodeFailure when nodes failed, the caller's errors as is."""
-        task = asyncio.ensure_future(call)
-        given_up = asyncio.ensure_future(self._failed.wait())
-        deadline, waited = self.policy.deadline(rows), 0.0
-        try:
-            while True:
-                await asyncio.wait({task, given_up}, timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
-                if task.done():
-                    try:
-                        return task.result()
-                    except ClusterError as e:
-                        if _about_the_request(e):
-                            raise
-                        raise await self._judge(str(e), hang_s=0.0) from e
-                if given_up.done():
-                    raise NodeFailure("superseded: the plan was given up")
-                waited += deadline
-                failure = await self._diagnose(
-                    f"no result within {waited:g} s", time.perf_counter(), self.policy.hang_s
-                )
-                if failure is not None:
-                    raise failure
-                if waited >= self.policy.max_step_s:
-                    raise NodeFailure(
-                        f"no result within {waited:g} s although every node answers: a lost step"
-                    )
-        finally:
-            for t in (task, given_up):
-                t.cancel()
-
-    async def _judge(self, error: str, hang_s: float) -> NodeFailure:
-        """The failure behind an error: the nodes that failed (the error was their symptom: it goes to the
-        debug log), or the ring itself (a broken stream)."""
-        log.info("ring error: %s", error)
-        return await self._diagnose("", time.perf_counter(), hang_s) or NodeFailure(
-            f"{error}; every node answers: rebuilding the ring"
-        )
-
-    async def _diagnose(self, cause: str, t0: float, hang_s: float) -> NodeFailure | None:
-        names = {e["address"]: e["node"] for e in self.deployment.plan}
-        failed, probes = await diagnose(list(names), self.epoch, self.policy.probe_timeout_s, hang_s)
-        self._note(probes)
-        if not failed:
-            return None
-        nodes = [f"{names[p.address]} ({p.address})" for p in failed]
-        found = "; ".join(f"{names[p.address]} {p.state}: {p.detail}" for p in failed)
-        probe_ms = (time.perf_counter() - t0) * 1e3
-        return NodeFailure(f"{cause}; {found}" if cause else found, nodes, t0, probe_ms)
-
-    def _note(self, probes: list[Probe] | tuple[Probe, ...]) -> None:
-        for p in probes:
-            self.nodes[p.address] = {"state": p.state, "detail": p.detail, "at": round(p.at, 3)}
 
     # ------------------------------------------------------------------------------------------ recovery
 
@@ -291,14 +229,14 @@ class ResilientPipeline:
             t = time.perf_counter()
             placement = await self.replanner.place(self.deployment.plan)  # CapacityError: nothing fits
             event.replan_ms += (time.perf_counter() - t) * 1e3
-            self._note(placement.probes)
+            self.watchdog.note(placement.probes)
             plan = placement.plan
             t = time.perf_counter()
             try:
                 load = deploy(
                     plan.addresses(), self.model_ref, self.num_layers, self.quant, _QUIET, specs=plan.specs()
                 )
-                deployment = await self._watched(load, plan.addresses())
+                deployment = await self.watchdog.watch(load, plan.addresses())
                 try:
                     pipe = await deployment.pipeline()
                 except BaseException:
@@ -334,26 +272,6 @@ class ResilientPipeline:
             return
         raise ClusterError(f"the ring kept failing ({self.policy.attempts} attempts); last: {why}")
 
-    async def _watched(self, call: Awaitable, addresses: list[str]):
-        """Await `call` (a load) while probing `addresses`: ClusterError as soon as one dies or hangs (a hung
-        node would hold its LoadShard stream open forever)."""
-        task = asyncio.ensure_future(call)
-        try:
-            while True:
-                await asyncio.wait({task}, timeout=self.policy.step_deadline_s)
-                if task.done():
-                    return task.result()
-                failed, probes = await diagnose(
-                    addresses, None, self.policy.probe_timeout_s, self.policy.hang_s
-                )
-                self._note(probes)
-                if failed:
-                    raise ClusterError(
-                        "while loading: " + "; ".join(f"{p.address} {p.state}: {p.detail}" for p in failed)
-                    )
-        finally:
-            task.cancel()
-
     async def _replay_all(self, event: RecoveryEvent) -> None:
         """Rebuild every session on the new plan at once; NodeFailure when the ring fails again."""
         sessions = list(self.sessions.values())
@@ -372,16 +290,17 @@ class ResilientPipeline:
                     await self.pipeline.close(s.session_id)
 
     async def _replay(self, session: SessionHistory, pipe, epoch: int) -> None:
-        """Open `session` on `pipe` and prefill its history (its sampler checks the last token fed)."""
-        await self._guard(pipe, pipe.open(session.session_id, session.sampling, session.max_len), 0)
-        tokens, token = session.replay_tokens(), None
-        for start in range(0, len(tokens), PREFILL_CHUNK):
-            chunk = tokens[start : start + PREFILL_CHUNK]
-            last = start + len(chunk) == len(tokens)
-            # sample at the end: awaits the chunks, and the draw (by (seed, position)) should repeat history
-            token = await self._guard(
-                pipe, pipe.step(session.session_id, start, chunk, sample=last), len(chunk)
-            )
+        """Open `session` on `pipe` and feed its history again, call by call as it was fed (the same shapes
+        compute the same KV cache, bit for bit). Only the last call is awaited: the others stream through
+        the ring back to back, one per batch on every node (node/batching.py)."""
+        await self._guard(pipe.open(session.session_id, session.sampling, session.max_len), 0)
+        calls, token = session.replay_calls(), None
+        for i, (start, chunk) in enumerate(calls):
+            # sample at the end: it awaits every call, and its draw (by seed and position) repeats history
+            last = i == len(calls) - 1
+            step = pipe.step(session.session_id, start, chunk, sample=last)
+            token = await self._guard(step, sum(map(len, calls[i:])))
+        tokens = session.replay_tokens()
         session.epoch = epoch
         if session.predicted is not None and session.predicted[0] == len(tokens) and token is not None:
             if token != session.predicted[1]:
@@ -430,12 +349,6 @@ class ResilientPipeline:
                 event.pause_ms = (time.perf_counter() - event.started) * 1e3
                 self.broken = None
                 self._record(event)
-
-
-def _about_the_request(e: ClusterError) -> bool:
-    """A node refused the request itself (RemoteStepError with such a code), not because of the ring."""
-    code = getattr(e, "code", None)
-    return code in _REQUEST_CODES and not any(sign in str(e) for sign in _EPOCH_SIGNS)
 
 
 _QUIET = Console(stderr=True, quiet=True)  # deploy() draws no progress bars during a recovery

@@ -39,6 +39,10 @@ class SessionHistory:
     sampling: SamplingParams  # with a seed: a replay draws what the first run drew (sampling.py)
     max_len: int = 0  # positions it may reach: the KV cache nodes reserve when it opens (0: the context)
     tokens: list[int] = field(default_factory=list)  # fed so far, by position (prompt, then generated)
+    # where each call started: a replay repeats the calls (prefill chunks, then one token per decode step),
+    # because the same rows in other shapes (one long chunk) compute the KV cache in a different order, and
+    # those last bits can turn a near-tie into another token
+    starts: list[int] = field(default_factory=list)
     pending: int | None = None  # start of the call in flight: retried after a recovery, so not replayed
     epoch: int = 0  # the plan id the session is open under (0: none yet)
     predicted: tuple[int, int] | None = None  # (position, token) of the last sampled result
@@ -52,11 +56,20 @@ class SessionHistory:
             )
         del self.tokens[start:]
         self.tokens.extend(tokens)
+        while self.starts and self.starts[-1] >= start:
+            self.starts.pop()
+        self.starts.append(start)
         self.pending = start
 
     def replay_tokens(self) -> list[int]:
-        """The tokens to prefill on new stages: everything fed before the call in flight."""
+        """The tokens to feed new stages: everything fed before the call in flight (which is retried)."""
         return self.tokens[: self.pending] if self.pending is not None else list(self.tokens)
+
+    def replay_calls(self) -> list[tuple[int, list[int]]]:
+        """`replay_tokens` as the calls that fed them: (start, tokens) each."""
+        end = len(self.replay_tokens())
+        starts = [s for s in self.starts if s < end]
+        return [(s, self.tokens[s:e]) for s, e in zip(starts, [*starts[1:], end])]
 
 
 @dataclass
@@ -95,13 +108,13 @@ class RecoveryEvent:
 
     def summary(self) -> str:
         """The one line a user reads in the log."""
-        what = ", ".join(self.nodes) or "the ring"
-        head = f"{what} failed ({self.cause})"
+        head = f"{', '.join(self.nodes)} failed ({self.cause})" if self.nodes else self.cause
         if self.outcome != "recovered":
             return f"{head}; could not recover after {self.pause_ms / 1e3:.1f} s: {self.error}"
         seqs = f"{self.sessions} sequence{'s' if self.sessions != 1 else ''} ({self.replayed_tokens} tokens)"
+        tries = f" in {self.attempts} attempts" if self.attempts > 1 else ""
         return (
-            f"{head}; recovered in {self.pause_ms / 1e3:.1f} s: {self.action} "
+            f"{head}; recovered in {self.pause_ms / 1e3:.1f} s{tries}: {self.action} "
             f"(detect {self.probe_ms:.0f} ms, re-plan {self.replan_ms:.0f} ms, load {self.load_ms:.0f} ms, "
             f"replay {seqs} {self.replay_ms:.0f} ms); now serving plan {self.plan_id} on "
             + ", ".join(f"{s['node']} {s['start_layer']}-{s['end_layer'] - 1}" for s in self.plan)

@@ -200,8 +200,10 @@ class RemotePipeline:
     async def _read_results(self, results) -> None:
         try:
             async for r in results:
-                if r.session_id not in self.pending:
-                    continue  # another coordinator's session, an end ack, or one we stopped waiting for
+                if r.session_id not in self.pending or (r.plan_id and r.plan_id != self.plan_id):
+                    # another coordinator's session, an end ack, one we stopped waiting for, or an older
+                    # plan's (epoch fencing: a session replayed after a failure must not fail by its past)
+                    continue
                 if r.kind == pb.RESULT_TOKEN:
                     if r.sent_at_us:
                         self.return_hop_s += max(0, now_us() - r.sent_at_us) / 1e6
@@ -219,6 +221,8 @@ class RemotePipeline:
     async def _read_replies(self) -> None:
         try:
             async for reply in self.stream:
+                if reply.plan_id and reply.plan_id != self.plan_id:
+                    continue  # about an older plan's message, relayed by session: not this plan's failure
                 self._fail_session(reply.session_id, RemoteStepError(reply.error))
             self._fail_all(ClusterError(f"node {self.clients[0].address} closed the Forward stream"))
         except asyncio.CancelledError:

@@ -96,18 +96,18 @@ class Replanner:
         addresses = list(dict.fromkeys([*(s["address"] for s in current), *given]))
         probes = tuple(await probe_all(addresses, None, self.probe_timeout))
         live = [p.address for p in probes if p.answers]
-        members = [
-            m
-            for m in await _confirm_all(live)
-            if m.ok  # answers GetInfo, same protocol and cluster
-        ]
+        members = [m for m in await _confirm_all(live) if m.ok]  # GetInfo: same protocol and cluster
+        return self.choose(current, members, probes)
+
+    def choose(self, current: Sequence[dict], members: Sequence[Member], probes=()) -> Placement:
+        """The placement over the live `members` (confirmed, in order of preference), given the running plan."""
         nodes = with_fallback_speeds([plan_node(m, _LINK) for m in members])  # unbenchmarked: median speeds
         names = {m.address: m.name for m in members}
         lost = [f"{s['node']} ({s['address']})" for s in current if s["address"] not in names]
         try:
-            return self._replace(current, nodes, probes) or self._resplit(nodes, probes, lost)
+            return self._replace(current, nodes, tuple(probes)) or self._resplit(nodes, tuple(probes))
         except PlanError as e:
-            raise _capacity(e, lost, members, self.cost, self.model) from None
+            raise _capacity(e, lost, list(members), self.cost, self.model) from None
 
     def _kw(self) -> dict:
         return dict(model=self.model, context=self.context, sessions=self.sessions, objective=self.objective)
@@ -144,7 +144,7 @@ class Replanner:
         action = f"replaced {', '.join(swaps)}" if swaps else "reloaded the same plan"
         return Placement(plan, action, probes)
 
-    def _resplit(self, nodes: list[PlanNode], probes, lost: list[str]) -> Placement:
+    def _resplit(self, nodes: list[PlanNode], probes) -> Placement:
         """An even split over the live nodes when `even` and it fits, else the planner's (PlanError: none)."""
         if not nodes:
             raise PlanError("no node is left")

@@ -18,6 +18,10 @@ from .wire_tensors import WireError, invalid
 MAX_ID_CHARS = 128  # session ids and Results subscriber names (coordinators use uuid-sized ones)
 MAX_SUBSCRIBERS = 64  # Results streams open at once on a node (one per coordinator in practice)
 MAX_CONCURRENT_STREAMS = 100  # calls in flight on one HTTP/2 connection (a coordinator needs a handful)
+# Messages waiting for the stage (node/ring.py): past either bound a stream is not read until the stage has
+# caught up (gRPC flow control then slows the sender), so a sender cannot queue unbounded work on a node.
+MAX_QUEUED_MESSAGES = 1024
+MAX_QUEUED_ROWS = 4096
 
 # gRPC server options added to the shared GRPC_OPTIONS (node/next_hop.py) on a node's server
 SERVER_OPTIONS: list[tuple[str, int]] = [("grpc.max_concurrent_streams", MAX_CONCURRENT_STREAMS)]

@@ -36,7 +36,7 @@ import torch
 from .batching import STEP_KINDS, Pending, StageTimes, group_size, take_batch
 from .config import ShardSpec
 from .executor import ShardExecutor
-from .limits import check_forward
+from .limits import MAX_QUEUED_MESSAGES, MAX_QUEUED_ROWS, check_forward
 from .next_hop import GRPC_OPTIONS, NextHop, now_us
 from .stage_step import Outcome, run_batch
 from .wire import edgeshard_pb2 as pb
@@ -124,6 +124,9 @@ class RingNode:
         )
         self.inbox: deque[Pending] = deque()  # messages waiting for the stage, in arrival order
         self.ready = asyncio.Event()  # set when the inbox gets a message
+        self.room = asyncio.Event()  # set while the inbox is below its bounds (node/limits.py)
+        self.room.set()
+        self.queued_rows = 0  # rows of the steps in the inbox
         self.burst_left = 0  # messages still on their way of the burst that is arriving (ForwardMessage)
         self.runner: asyncio.Task | None = None  # the stage loop of the installed shard
         self.times = StageTimes()
@@ -157,6 +160,8 @@ class RingNode:
             self.runner.cancel()
             self.runner = None
         self.inbox.clear()  # messages of the old plan
+        self.queued_rows = 0
+        self.room.set()
         self.route.clear()
         self.upstream.clear()
         if self.next_hop is not None:
@@ -221,7 +226,11 @@ class RingNode:
             elif which not in ("open", "end"):
                 item.error = invalid("a Forward message needs a payload: tokens, hidden, open, end or error")
         self.inbox.append(item)
+        self.queued_rows += item.req.length if item.req is not None else 0
         self.ready.set()
+        if len(self.inbox) >= MAX_QUEUED_MESSAGES or self.queued_rows >= MAX_QUEUED_ROWS:
+            self.room.clear()
+            await self.room.wait()  # this stream is read again once the stage has caught up
 
     async def _run(self, shard: LoadedShard) -> None:
         """The stage loop: wait for work, take ALL that is ready as one batch (node/batching.py), run it in the
@@ -244,6 +253,9 @@ class RingNode:
                 await self._await_burst()
             cap = group_size(len(shard.executor.sessions), shard.stages)
             controls, steps = take_batch(self.inbox, self.max_batch_rows, cap)
+            self.queued_rows -= sum(item.req.length for item in controls + steps if item.req is not None)
+            if len(self.inbox) < MAX_QUEUED_MESSAGES and self.queued_rows < MAX_QUEUED_ROWS:
+                self.room.set()
             if steps:
                 times.record(steps, time.perf_counter())
             work = partial(run_batch, shard.executor, self.name, controls, steps)

@@ -46,6 +46,14 @@ TEXT = "The history of the bicycle begins in the early nineteenth century, when 
 
 
 @pytest.fixture(scope="module")
+def aio():
+    """Runs coroutines on one event loop for the whole module, as a server has one (gRPC's asyncio poller
+    stays bound to the loop it began on: a loop per test leaves it calling into closed ones)."""
+    with asyncio.Runner() as runner:
+        yield runner.run
+
+
+@pytest.fixture(scope="module")
 def cluster(smollm2_path):
     """Five nodes (three stages, two spares). Restarts run on one long-lived thread: a node gets SIGTERM
     when the thread that started it ends (the parent-death signal, see coordinator/cluster.py)."""
@@ -151,17 +159,17 @@ class KillAt:
 
 
 @pytest.fixture(scope="module")
-def reference(cluster, smollm2_path, prompt):
+def reference(aio, cluster, smollm2_path, prompt):
     """Uninterrupted runs on the three-stage ring: greedy and seeded."""
 
     async def run():
         async with ring(cluster, smollm2_path) as pipe:
             return await tokens(pipe, prompt), await tokens(pipe, prompt, SEEDED)
 
-    return asyncio.run(run())
+    return aio(run())
 
 
-def test_chaos_sigkill_at_random_points_keeps_the_output(cluster, smollm2_path, prompt, reference):
+def test_chaos_sigkill_at_random_points_keeps_the_output(aio, cluster, smollm2_path, prompt, reference):
     greedy, _ = reference
     rng = random.Random(20240607)
     n = len(prompt)
@@ -191,13 +199,14 @@ def test_chaos_sigkill_at_random_points_keeps_the_output(cluster, smollm2_path, 
                 latencies.append((stage, position - n, chaos.latency_s, event.load_ms))
                 await restart_dead(cluster)  # the victim comes back empty: the next spare
 
-    asyncio.run(run())
+    aio(run())
     for stage, pos, lat, load in latencies:
-        print(f"stage {stage} killed at decode step {pos}: next token after {lat:.2f} s (load {load:.0f} ms)")
+        when = "in the prefill" if pos < 0 else f"at decode step {pos}"
+        print(f"stage {stage} killed {when}: next token after {lat:.2f} s (load {load:.0f} ms)")
     assert len(latencies) == len(trials)
 
 
-def test_kill_during_load_then_a_second_node(cluster, smollm2_path, prompt, reference):
+def test_kill_during_load_then_a_second_node(aio, cluster, smollm2_path, prompt, reference):
     greedy, _ = reference
 
     async def run():
@@ -210,30 +219,37 @@ def test_kill_during_load_then_a_second_node(cluster, smollm2_path, prompt, refe
         plan_nodes = {e["address"] for e in pipe.deployment.plan}
         idle = [i for i, a in enumerate(cluster.addresses) if a not in plan_nodes]
 
+        async def kill_the_replacement() -> None:
+            while pipe.state != "recovering":
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)  # re-placed (tens of ms), loading (seconds: the spares are fresh)
+            kill(cluster, idle[0])
+
+        watcher = []
+
         async def chaos(n: int) -> None:
+            # (on_token runs while generate() waits at its yield: the failure shows at the next step)
             if n == 10:  # a node dies, and then the spare taking its place dies while loading
                 kill(cluster, proc_of(cluster, pipe, 1))
-                while pipe.state != "recovering":
-                    await asyncio.sleep(0.01)
-                await asyncio.sleep(0.2)
-                kill(cluster, idle[0])
+                watcher.append(asyncio.ensure_future(kill_the_replacement()))
             if n == 40:  # later, another node: the restarted ones are the spares now
                 await restart_dead(cluster)
                 kill(cluster, proc_of(cluster, pipe, 0))
 
         assert await tokens(pipe, prompt, on_token=chaos) == greedy
+        await asyncio.wait_for(watcher[0], 1)
         first, second = pipe.events
         assert first.outcome == second.outcome == "recovered"
         assert first.attempts == 2 and first.plan[1]["address"] == cluster.addresses[idle[1]], first
         assert first.load_ms > 0 and first.replay_ms > 0 and first.pause_ms >= first.load_ms
 
     try:
-        asyncio.run(run())
+        aio(run())
     finally:
-        asyncio.run(restart_dead(cluster))
+        aio(restart_dead(cluster))
 
 
-def test_a_hung_node_is_found_by_the_deadline(cluster, smollm2_path, prompt, reference):
+def test_a_hung_node_is_found_by_the_deadline(aio, cluster, smollm2_path, prompt, reference):
     greedy, _ = reference
     stopped: list[int] = []
 
@@ -252,15 +268,15 @@ def test_a_hung_node_is_found_by_the_deadline(cluster, smollm2_path, prompt, ref
             assert event.probe_ms >= POLICY.hang_s * 1e3
 
     try:
-        asyncio.run(run())
+        aio(run())
     finally:
         for i in stopped:
             os.kill(cluster.procs[i].pid, signal.SIGCONT)
             kill(cluster, i)
-        asyncio.run(restart_dead(cluster))
+        aio(restart_dead(cluster))
 
 
-def test_seeded_sampling_survives_a_kill(cluster, smollm2_path, prompt, reference):
+def test_seeded_sampling_survives_a_kill(aio, cluster, smollm2_path, prompt, reference):
     _, seeded = reference
 
     async def run():
@@ -269,13 +285,13 @@ def test_seeded_sampling_survives_a_kill(cluster, smollm2_path, prompt, referenc
             return await tokens(chaos, prompt, SEEDED), pipe.events
 
     try:
-        got, events = asyncio.run(run())
+        got, events = aio(run())
     finally:
-        asyncio.run(restart_dead(cluster))
+        aio(restart_dead(cluster))
     assert len(events) == 1 and got == seeded
 
 
-def test_too_few_nodes_fail_clearly_and_serving_resumes(cluster, smollm2_path, prompt, reference):
+def test_too_few_nodes_fail_clearly_and_serving_resumes(aio, cluster, smollm2_path, prompt, reference):
     from edgeshard.node.tokenizer import Tokenizer
 
     greedy, _ = reference
@@ -330,6 +346,6 @@ def test_too_few_nodes_fail_clearly_and_serving_resumes(cluster, smollm2_path, p
             await stale.aclose()
 
     try:
-        asyncio.run(run())
+        aio(run())
     finally:
-        asyncio.run(restart_dead(cluster))
+        aio(restart_dead(cluster))

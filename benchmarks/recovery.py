@@ -1,0 +1,204 @@
+"""Recovery benchmark: how long a generation pauses when a node is SIGKILLed, against a shard's load time.
+
+Three loopback nodes run the demo model (layers 0-9, 10-19, 20-29) and a fourth waits as the spare. Each trial
+generates `--tokens` greedy tokens and kills the node of a random stage after a random decode step; the ring
+replaces it with the spare (which loads the lost layer range), replays the sequence and goes on. The killed
+node is restarted at its address and becomes the next spare. `--mode resplit` has no spare: the two survivors
+re-split the layers (both load), and the three-node ring is deployed again before every trial.
+
+    python benchmarks/recovery.py                  # 5 trials, spare, the checkpoint's own format (int4)
+    python benchmarks/recovery.py --mode resplit --quant f32 --trials 3
+
+Reported per trial: kill -> next token (what the user waits, measured where the tokens arrive), and the parts
+of the recovery (coordinator/recovery_log.py): detect (probing), re-plan, load, replay, pause (first sign ->
+serving again). For scale: the cold load of one 10-layer shard when the ring was first deployed, and one
+normal decode step. Every interrupted output is compared with an uninterrupted run. Writes
+benchmarks/results/recovery.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from edgeshard.coordinator.cluster import LocalCluster
+from edgeshard.coordinator.generate import Sequence, generate
+from edgeshard.coordinator.recovery import resilient
+from edgeshard.coordinator.remote_run import deploy
+from edgeshard.node.config import even_split
+from edgeshard.node.models import resolve_model
+from edgeshard.node.sampling import SamplingParams
+
+RESULTS = Path(__file__).resolve().parent / "results" / "recovery.json"
+PROMPT = list(range(1000, 1100))  # 100 token ids: a prefill of one chunk and a bit
+
+
+async def run_trial(pipe, cluster: LocalCluster, tokens: int, stage: int, after: int) -> dict:
+    """One generation that loses the node of `stage` after `after` tokens; timings of the recovery."""
+    victim = cluster.addresses.index(pipe.deployment.plan[stage]["address"])
+    out, times, killed = [], [], [0.0]
+    async for token in generate(pipe, Sequence(PROMPT, SamplingParams(), tokens)):
+        out.append(token)
+        times.append(time.perf_counter())
+        if len(out) == after:  # generate() waits at its yield: the next step meets the dead node
+            cluster.procs[victim].kill()
+            cluster.procs[victim].wait()
+            killed[0] = time.perf_counter()
+    event = pipe.events[-1]
+    steps = [b - a for a, b in zip(times, times[1:])]
+    return {
+        "stage": stage,
+        "killed_after_token": after,
+        "node": pipe.deployment.plan[stage]["node"],
+        "kill_to_next_token_ms": (times[after] - killed[0]) * 1e3,
+        "normal_step_ms": statistics.median(steps[: after - 1] + steps[after:]) * 1e3,  # not the pause
+        **{k: event.to_dict()[k] for k in ("probe_ms", "replan_ms", "load_ms", "replay_ms", "pause_ms")},
+        "replayed_tokens": event.replayed_tokens,
+        "action": event.action,
+        "tokens": out,
+    }
+
+
+async def main_async(args: argparse.Namespace, path: Path, cluster: LocalCluster) -> dict:
+    rng = random.Random(args.seed)
+    spare = args.mode == "spare"
+    specs = even_split(30, 3)
+    trials, cold = [], []
+    pipe = deployment = None
+    try:
+        for i in range(args.trials):
+            if pipe is None or not spare:  # resplit: the three-node ring again (spare: it goes on)
+                if pipe is not None:
+                    await pipe.aclose()
+                    await deployment.close()
+                addresses = [a for a, p in zip(cluster.addresses, cluster.procs) if p.poll() is None][:3]
+                deployment = await deploy(addresses, path.name, 30, args.quant, specs=specs)
+                cold.extend(deployment.load_s if i == 0 else [])
+                candidates = cluster.addresses if spare else addresses
+                pipe = resilient(deployment, await deployment.pipeline(), path, candidates=candidates)
+            if i == 0:  # the uninterrupted reference (and a warm-up)
+                reference = [t async for t in generate(pipe, Sequence(PROMPT, SamplingParams(), args.tokens))]
+            stage, after = rng.randrange(3), rng.randrange(2, args.tokens - 2)
+            trial = await run_trial(pipe, cluster, args.tokens, stage, after)
+            trial["same_output"] = trial.pop("tokens") == reference
+            trials.append(trial)
+            print(
+                f"trial {i + 1}: stage {stage} killed after token {after}: next token "
+                f"{trial['kill_to_next_token_ms']:.0f} ms later ({trial['action']})",
+                flush=True,
+            )
+            for j, proc in enumerate(cluster.procs):  # the victim comes back, empty: the next spare
+                if proc.poll() is not None:
+                    cluster.restart(j)
+    finally:
+        if pipe is not None:
+            await pipe.aclose()
+            await deployment.close()
+    return {"trials": trials, "cold_load_s": cold}
+
+
+def _table(trials: list[dict]):
+    from rich.table import Table
+
+    t = Table(
+        "trial",
+        "stage",
+        "after",
+        "kill->token ms",
+        "detect ms",
+        "re-plan ms",
+        "load ms",
+        "replay ms",
+        "pause ms",
+        "step ms",
+        "same",
+        title="recovery: one sequence, greedy; a node SIGKILLed mid-generation",
+    )
+    for i, r in enumerate(trials, 1):
+        t.add_row(
+            str(i),
+            str(r["stage"]),
+            str(r["killed_after_token"]),
+            f"{r['kill_to_next_token_ms']:.0f}",
+            f"{r['probe_ms']:.0f}",
+            f"{r['replan_ms']:.0f}",
+            f"{r['load_ms']:.0f}",
+            f"{r['replay_ms']:.0f}",
+            f"{r['pause_ms']:.0f}",
+            f"{r['normal_step_ms']:.1f}",
+            "yes" if r["same_output"] else "NO",
+        )
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--quant", default=None, help="shard format (default: the checkpoint's own)")
+    p.add_argument("--mode", choices=("spare", "resplit"), default="spare")
+    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=7, help="where the kills land")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    path = resolve_model(args.model)
+    nodes = 4 if args.mode == "spare" else 3
+    with LocalCluster(nodes, model_dir=path.parent, name="recov", node_args=["--no-benchmark"]) as cluster:
+        result = asyncio.run(main_async(args, path, cluster))
+    trials = result["trials"]
+    from rich.console import Console
+
+    Console().print(_table(trials))
+    waits = [r["kill_to_next_token_ms"] for r in trials]
+    loads = [r["load_ms"] for r in trials]
+    summary = {
+        "kill_to_next_token_ms": {"median": statistics.median(waits), "worst": max(waits)},
+        "recovery_load_ms": {"median": statistics.median(loads), "worst": max(loads)},
+        "cold_shard_load_ms": {"median": statistics.median(result["cold_load_s"]) * 1e3},
+        "normal_step_ms": statistics.median(r["normal_step_ms"] for r in trials),
+        "all_outputs_identical": all(r["same_output"] for r in trials),
+    }
+    print(
+        f"kill -> next token: median {summary['kill_to_next_token_ms']['median']:.0f} ms, worst "
+        f"{summary['kill_to_next_token_ms']['worst']:.0f} ms; shard load in the recovery: median "
+        f"{summary['recovery_load_ms']['median']:.0f} ms (cold load of a 10-layer shard at deploy: "
+        f"{summary['cold_shard_load_ms']['median']:.0f} ms); a normal step {summary['normal_step_ms']:.1f} ms"
+    )
+    report = {
+        "model": args.model,
+        "quant": args.quant or "default",
+        "mode": args.mode,
+        "tokens": args.tokens,
+        "prompt_tokens": len(PROMPT),
+        "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "summary": {
+            k: ({kk: round(vv, 1) for kk, vv in v.items()} if isinstance(v, dict) else v)
+            for k, v in summary.items()
+        },
+        "trials": [{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()} for r in trials],
+    }
+    runs = {}  # one entry per mode and format: a spare run does not erase the re-split one
+    with contextlib.suppress(FileNotFoundError, ValueError, AttributeError):
+        runs = dict(json.loads(args.out.read_text()).get("runs", {}))
+    runs[f"{args.mode}-{report['quant']}"] = report
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""The pure parts of failure recovery, without processes: what a replay feeds, where the layers go after a
+failure, which node errors rebuild the ring, and what the capacity error says. (End to end, with real node
+processes being killed: tests/test_recovery.py.)"""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from edgeshard.coordinator.errors import ServerUnavailableError
+from edgeshard.coordinator.members import Member
+from edgeshard.coordinator.recovery_log import RecoveryEvent, RecoveryPolicy, SessionHistory
+from edgeshard.coordinator.remote import RemoteStepError
+from edgeshard.coordinator.replan import CapacityError, Replanner
+from edgeshard.coordinator.stage_client import ClusterError
+from edgeshard.coordinator.watchdog import about_the_request
+from edgeshard.node.capability import Capability
+from edgeshard.node.cost import ModelCost
+from edgeshard.node.sampling import SamplingParams
+from edgeshard.node.wire import edgeshard_pb2 as pb
+
+MIB = 1 << 20
+
+
+def test_a_replay_repeats_the_calls_before_the_one_in_flight():
+    h = SessionHistory("s", SamplingParams())
+    h.feed(0, list(range(128)))  # prefill chunks
+    h.feed(128, list(range(128, 200)))
+    h.pending = None
+    for pos in range(200, 203):  # decode steps, one token each
+        h.feed(pos, [pos])
+        h.pending = None
+    h.feed(203, [203])  # in flight when the node died: retried, not replayed
+    calls = h.replay_calls()
+    assert [(s, len(t)) for s, t in calls] == [(0, 128), (128, 72), (200, 1), (201, 1), (202, 1)]
+    assert h.replay_tokens() == list(range(203))
+    h.feed(201, [7])  # a step may restart an earlier position: what came after it is forgotten
+    assert [s for s, _ in h.replay_calls()] == [0, 128, 200] and h.tokens[-1] == 7
+    with pytest.raises(ValueError, match="gap"):
+        h.feed(500, [1])
+
+
+def test_deadline_grows_with_the_rows_fed():
+    policy = RecoveryPolicy(step_deadline_s=2.0, row_s=0.01)
+    assert policy.deadline(0) == 2.0 and policy.deadline(500) == pytest.approx(7.0)
+
+
+@pytest.fixture(scope="module")
+def cost(smollm2_path):
+    from edgeshard.node.checkpoint import open_checkpoint
+
+    return ModelCost.of(open_checkpoint(smollm2_path).config, "int4")
+
+
+def member(i: int, limit_mib: int = 75) -> Member:
+    cap = Capability(memory_total=8 << 30, memory_free=4 << 30, memory_limit=limit_mib * MIB)
+    return Member(f"10.0.0.{i}:1", f"n{i}", f"10.0.0.{i}:1", "peers", "ok", capability=cap)
+
+
+def running(*nodes: int) -> list[dict]:
+    ranges = [(0, 10), (10, 20), (20, 30)]
+    return [
+        {"node": f"n{i}", "address": f"10.0.0.{i}:1", "start_layer": a, "end_layer": b}
+        for i, (a, b) in zip(nodes, ranges)
+    ]
+
+
+def test_a_lost_stage_goes_to_an_idle_node_with_its_layers(cost):
+    r = Replanner([], cost, model="m")
+    placed = r.choose(running(1, 2, 3), [member(1), member(3), member(4)])
+    assert placed.action == "replaced n2 by n4"
+    assert [(s.node, s.start_layer, s.end_layer) for s in placed.plan.stages] == [
+        ("n1", 0, 10),
+        ("n4", 10, 20),
+        ("n3", 20, 30),
+    ]
+
+
+def test_without_a_spare_the_survivors_re_split_or_the_planner_places(cost):
+    survivors = [member(1, 4096), member(3, 4096)]
+    even = Replanner([], cost, model="m").choose(running(1, 2, 3), survivors)
+    assert even.action == "re-split the layers evenly over 2 node(s)"
+    assert [(s.start_layer, s.end_layer) for s in even.plan.stages] == [(0, 15), (15, 30)]
+    planned = Replanner([], cost, model="m", even=False).choose(running(1, 2, 3), survivors)
+    assert planned.action.startswith("re-planned") and planned.plan.stages[-1].end_layer == 30
+
+
+def test_a_node_back_at_its_address_takes_its_stage_again(cost):
+    placed = Replanner([], cost).choose(running(1, 2, 3), [member(1), member(2), member(3)])
+    assert placed.action == "reloaded the same plan"
+
+
+def test_when_the_nodes_left_cannot_hold_the_model_the_error_says_what_to_add(cost):
+    with pytest.raises(CapacityError) as e:
+        Replanner([], cost, model="smollm2").choose(running(1, 2, 3), [member(1), member(3)])
+    msg = str(e.value)
+    assert "n2 (10.0.0.2:1) is gone" in msg and "n1 (10.0.0.1:1), n3 (10.0.0.3:1)" in msg
+    assert "short" in msg and "Add a node with at least" in msg and e.value.missing_bytes > 0
+    assert isinstance(e.value, ClusterError) and isinstance(e.value, ServerUnavailableError)
+    assert e.value.status == 503 and e.value.code == "insufficient_memory"
+    with pytest.raises(CapacityError, match="no node is left"):
+        Replanner([], cost).choose(running(1, 2, 3), [])
+
+
+def step_error(code: grpc.StatusCode, message: str) -> RemoteStepError:
+    return RemoteStepError(pb.Error(code=code.value[0], message=message, node="n1"))
+
+
+def test_only_node_failures_rebuild_the_ring():
+    assert about_the_request(step_error(grpc.StatusCode.INVALID_ARGUMENT, "token ids must be in [0, 10)"))
+    assert about_the_request(step_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "KV memory is full"))
+    assert not about_the_request(step_error(grpc.StatusCode.UNAVAILABLE, "the next node is unreachable"))
+    assert not about_the_request(step_error(grpc.StatusCode.FAILED_PRECONDITION, "has no shard loaded"))
+    assert not about_the_request(step_error(grpc.StatusCode.INVALID_ARGUMENT, "stale plan id 3: serves 4"))
+    assert not about_the_request(ClusterError("node 10.0.0.1:1 closed the Results stream"))
+
+
+def test_the_log_line_says_what_failed_and_how_long_each_part_took():
+    e = RecoveryEvent(0.0, "n2 down: connection refused", ["n2 (10.0.0.2:1)"], probe_ms=9)
+    e.replan_ms, e.load_ms, e.replay_ms, e.pause_ms = 30, 1800, 500, 2400
+    e.sessions, e.replayed_tokens, e.action, e.outcome, e.plan_id = (
+        1,
+        300,
+        "replaced n2 by n4",
+        "recovered",
+        7,
+    )
+    e.plan = running(1, 4, 3)
+    line = e.summary()
+    assert line.startswith("n2 (10.0.0.2:1) failed (n2 down: connection refused); recovered in 2.4 s")
+    assert "load 1800 ms" in line and "replay 1 sequence (300 tokens) 500 ms" in line and "n4 10-19" in line
+    assert set(e.to_dict()) >= {"detected_at", "cause", "nodes", "replan_ms", "load_ms", "pause_ms"}
