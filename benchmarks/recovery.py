@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     trials = result["trials"]
     from rich.console import Console
 
-    Console().print(_table(trials))
+    Console(width=140).print(_table(trials))
     waits = [r["kill_to_next_token_ms"] for r in trials]
     loads = [r["load_ms"] for r in trials]
     summary = {

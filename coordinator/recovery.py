@@ -35,7 +35,7 @@ from rich.console import Console
 
 from edgeshard.node.sampling import SamplingParams
 
-from .liveness import NodeFailure
+from .liveness import NodeFailure, probe_all
 from .recovery_log import RecoveryEvent, RecoveryPolicy, SessionHistory
 from .replan import CapacityError, Replanner
 from .stage_client import ClusterError
@@ -131,8 +131,11 @@ class ResilientPipeline:
             self._tasks.add(asyncio.ensure_future(deployment.close()))
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def status(self) -> dict:
-        """State, node liveness and every recovery so far (`/v1/cluster`)."""
+    async def status(self) -> dict:
+        """State, the liveness of every node seen (probed now: one marked down shows up again once it
+        answers), and every recovery so far (`/v1/cluster`)."""
+        known = [*(e["address"] for e in self.deployment.plan), *self.watchdog.nodes]
+        self.watchdog.note(await probe_all(list(dict.fromkeys(known)), None, self.policy.probe_timeout_s))
         return {
             "state": self.state,
             "plan_id": self.epoch,
@@ -227,9 +230,11 @@ class ResilientPipeline:
         for attempt in range(1, self.policy.attempts + 1):
             event.attempts = attempt
             t = time.perf_counter()
-            placement = await self.replanner.place(self.deployment.plan)  # CapacityError: nothing fits
-            event.replan_ms += (time.perf_counter() - t) * 1e3
-            self.watchdog.note(placement.probes)
+            try:
+                placement = await self.replanner.place(self.deployment.plan)  # CapacityError: nothing fits
+            finally:
+                event.replan_ms += (time.perf_counter() - t) * 1e3
+                self.watchdog.note(self.replanner.probes)
             plan = placement.plan
             t = time.perf_counter()
             try:
@@ -275,6 +280,7 @@ class ResilientPipeline:
     async def _replay_all(self, event: RecoveryEvent) -> None:
         """Rebuild every session on the new plan at once; NodeFailure when the ring fails again."""
         sessions = list(self.sessions.values())
+        in_flight = [s for s in sessions if s.epoch]  # the others arrived meanwhile: only opened here
         outcomes = await asyncio.gather(
             *(self._replay(s, self.pipeline, self.epoch) for s in sessions), return_exceptions=True
         )
@@ -282,8 +288,8 @@ class ResilientPipeline:
             if isinstance(outcome, NodeFailure):
                 raise outcome
             # another error is the session's own: its call meets it again when it retries
-        event.sessions = len(sessions)
-        event.replayed_tokens = sum(len(s.replay_tokens()) for s in sessions)
+        event.sessions = len(in_flight)
+        event.replayed_tokens = sum(len(s.replay_tokens()) for s in in_flight)
         for s in sessions:  # ended while being replayed: free it again
             if s.session_id not in self.sessions:
                 with contextlib.suppress(ClusterError):

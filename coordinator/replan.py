@@ -89,12 +89,13 @@ class Replanner:
         self.context, self.sessions, self.objective = context, sessions, objective
         self.even = even
         self.probe_timeout = probe_timeout
+        self.probes: tuple[Probe, ...] = ()  # what the last `place` found, also when nothing fit
 
     async def place(self, current: Sequence[dict]) -> Placement:
         """The next plan, given the running one (`Deployment.plan` entries); CapacityError when none fits."""
         given = self.candidates if not callable(self.candidates) else await self.candidates()
         addresses = list(dict.fromkeys([*(s["address"] for s in current), *given]))
-        probes = tuple(await probe_all(addresses, None, self.probe_timeout))
+        probes = self.probes = tuple(await probe_all(addresses, None, self.probe_timeout))
         live = [p.address for p in probes if p.answers]
         members = [m for m in await _confirm_all(live) if m.ok]  # GetInfo: same protocol and cluster
         return self.choose(current, members, probes)

@@ -160,7 +160,7 @@ def resilient_info(pipe) -> Callable[[], Awaitable[dict]]:
 
     async def info() -> dict:
         out = await deployment_info(pipe.deployment, pipe.plan)()
-        out["recovery"] = pipe.status()
+        out["recovery"] = await pipe.status()
         return out
 
     return info
@@ -263,9 +263,11 @@ async def discovered_engine(args, console=None, retry_s: float = RETRY_PLAN_S, *
     discovery = ZeroconfDiscovery(args.mdns_interface, args.cluster)
 
     async def candidates() -> list[str]:
-        return [m.address for m in discovery.members() if m.ok]
+        found = [m.address for m in discovery.members() if m.ok]  # browsing since start: warm
+        return found or [m.address for m in await discovery.browse(args.timeout) if m.ok]
 
     async def plan_until_ready() -> None:
+        await discovery.start()
         while True:
             try:
                 plan = await plan_for_args(args, path)
@@ -278,7 +280,6 @@ async def discovered_engine(args, console=None, retry_s: float = RETRY_PLAN_S, *
                     console.print(f"[yellow]{engine.unavailable_reason}[/]", soft_wrap=True)
                 await asyncio.sleep(retry_s)
                 continue
-            await discovery.start()
             pipe = resilient(deployment, pipeline, path, plan=plan, candidates=candidates)
             held[:] = [deployment, pipe]
             engine.unavailable_reason = _BROKEN

@@ -259,8 +259,10 @@ class RingNode:
             if steps:
                 times.record(steps, time.perf_counter())
             work = partial(run_batch, shard.executor, self.name, controls, steps)
+            # one session (or none): nothing else can arrive meanwhile, so skip the thread hand-off
+            inline = self.worker is None or len(shard.executor.sessions) <= 1
             try:
-                outcomes, encode_s = await loop.run_in_executor(self.worker, work) if self.worker else work()
+                outcomes, encode_s = work() if inline else await loop.run_in_executor(self.worker, work)
             except Exception as e:  # run_batch answers for every message; this is a bug in it
                 log.exception("a batch failed")
                 err = WireError(grpc.StatusCode.INTERNAL, f"node {self.name} failed a batch: {e}")

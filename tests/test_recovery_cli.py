@@ -1,17 +1,24 @@
-"""`edgeshard run --peers ... --json` survives a node killed mid-generation: with no spare, the two survivors
-re-split the layers, load them, replay the sequence and finish it; `recoveries` in the summary says so.
+"""The user-facing paths survive a node killed mid-generation.
 
-f32 shards: moving a layer boundary is bit-exact only in f32 (bf16/int4 round the residual stream where a
-stage hands over, node/model.py), and an f32 split generates exactly what one process does (test_pipeline).
+`edgeshard run --peers ... --json`: with no spare, the two survivors re-split the layers, load them, replay
+the sequence and finish it; `recoveries` in the summary says so. f32 shards: moving a layer boundary is
+bit-exact only in f32 (bf16/int4 round the residual stream where a stage hands over, node/model.py), and an
+f32 split generates exactly what one process does (test_pipeline).
+
+`serve --discover` over HTTP: the planner re-places the layers over the nodes mDNS knows (127.0.0.1 only, a
+cluster name no one else uses), and /v1/cluster reports the recovery.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
+import uuid
 
 import pytest
 import torch
@@ -79,3 +86,68 @@ def test_run_json_survivors_resplit_and_match_one_process(smollm2_path):
     assert [(s["start_layer"], s["end_layer"]) for s in event["plan"]] == [(0, 15), (15, 30)]
     assert event["load_ms"] > 0 and event["pause_ms"] >= event["load_ms"] + event["replay_ms"]
     assert "recovered in" in err.decode()  # the one log line a user sees
+
+
+class AdvertisedNodes(LocalCluster):
+    """Local nodes that announce themselves on mDNS, on 127.0.0.1 only, in one cluster."""
+
+    def __init__(self, n: int, model_dir, cluster: str) -> None:
+        super().__init__(n, model_dir=model_dir, name=f"adv-{cluster[-6:]}-")
+        self.cluster = cluster
+
+    def command(self, i: int) -> list[str]:
+        cmd = [a for a in super().command(i) if a != "--no-advertise"]
+        return cmd + ["--mdns-interface", "127.0.0.1", "--cluster", self.cluster]
+
+
+def test_serve_discover_replans_over_the_nodes_mdns_knows(smollm2_path):
+    from edgeshard.coordinator.http_server import BackgroundServer
+    from edgeshard.coordinator.sdk import Client, ServerUnavailableError
+    from edgeshard.coordinator.serving import discovered_engine
+    from edgeshard.node.security import for_local_nodes
+
+    cluster = f"test-recovery-{uuid.uuid4().hex[:8]}"
+    args = argparse.Namespace(
+        model="smollm2-135m",
+        quant=None,
+        peers=None,
+        discover=True,
+        timeout=1.0,
+        mdns_interface=["127.0.0.1"],
+        cluster=cluster,
+        layers=None,
+        context=1024,
+        sessions=1,
+        objective="latency",
+    )
+    for_local_nodes()  # this process's cluster key: the nodes below get it too
+    server = BackgroundServer(lambda: discovered_engine(args, retry_s=0.5, max_running=1))
+    server.start()
+    try:
+        with AdvertisedNodes(3, smollm2_path.parent, cluster) as nodes, Client(server.url) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    client.health()
+                    break
+                except ServerUnavailableError:
+                    assert time.monotonic() < deadline, "no plan within 2 minutes"
+                    time.sleep(0.5)
+            plan = client.cluster_info()["plan"]
+            victim = nodes.addresses.index(plan[0]["address"])  # the first stage (maybe the only one)
+            stream = client.chat(PROMPT, stream=True, max_tokens=48, temperature=0)
+            pieces = []
+            for piece in stream:
+                if not pieces:
+                    nodes.procs[victim].kill()
+                pieces.append(piece)
+            assert stream.result.usage.completion_tokens > 1 and "".join(pieces)
+            recovery = client.cluster_info()["recovery"]
+            (event,) = recovery["recoveries"]
+            assert event["outcome"] == "recovered" and nodes.addresses[victim] in event["nodes"][0]
+            assert recovery["state"] == "serving" and nodes.addresses[victim] not in {
+                s["address"] for s in event["plan"]
+            }
+            assert client.chat("Name a color.", max_tokens=4, temperature=0).text  # and it goes on serving
+    finally:
+        server.stop()
