@@ -65,6 +65,7 @@ class Ring:
         """`n` concurrent requests of `tokens` tokens: aggregate tok/s and the nodes' counters over the run."""
         engine = self.served.engine
         before = await self.stats()
+        coordinator_cpu = time.process_time()  # this process: engine, ring driver, gRPC client
         t0 = time.perf_counter()
         gens = [
             engine.submit(
@@ -79,6 +80,7 @@ class Ring:
         ]
         done = await asyncio.gather(*(g.collect() for g in gens))
         wall = time.perf_counter() - t0
+        coordinator_cpu = time.process_time() - coordinator_cpu
         after = await self.stats()
         generated = sum(c.usage.completion_tokens for c in done)
         nodes = []
@@ -96,7 +98,13 @@ class Ring:
                     "queue_ms_per_sequence": d["queue_ms"] / max(1, d["sequences"]),
                 }
             )
-        return {"tok_s": generated / wall, "wall_s": wall, "tokens": generated, "nodes": nodes}
+        return {
+            "tok_s": generated / wall,
+            "wall_s": wall,
+            "tokens": generated,
+            "coordinator_cpu_ms_per_token": coordinator_cpu * 1e3 / max(1, generated),
+            "nodes": nodes,
+        }
 
 
 async def open_ring(cluster: LocalCluster, path: Path, quant: str | None, mode: str) -> Ring:
@@ -123,6 +131,7 @@ async def measure(rings: list[Ring], levels: list[int], tokens: int, runs: int) 
             "tok_s": round(best["tok_s"], 2),
             "tok_s_runs": [round(r["tok_s"], 2) for r in rs],
             "wall_s": round(best["wall_s"], 3),
+            "coordinator_cpu_ms_per_token": round(best["coordinator_cpu_ms_per_token"], 3),
             "nodes": [{k: round(v, 3) for k, v in node.items()} for node in best["nodes"]],
         }
     return out

@@ -9,14 +9,16 @@ The gRPC servicer (node/server.py) is a thin layer over it. The data path:
                 -> encode -> next_hop.send (middle node) / Result to the subscriber (last node)
 
 Continuous batching: while the stage computes, messages keep arriving and queue in the inbox; when it is free
-it takes everything ready (at most one step per session, one prefill chunk, `max_batch_rows` rows) and runs
-one forward, so with many sequences in flight every node computes for all of them at once.
+it takes everything ready (at most one step per session, one prefill chunk, `max_batch_rows` rows and 1/N of
+its sessions on an N-node ring) and runs one forward, so with many sequences in flight every node computes a
+group of them at the same time (see node/batching.py and coordinator/groups.py).
 
 Compute runs in one worker thread (`compute="thread"`, the default) so the event loop keeps reading and
-decoding messages during a forward and the next batch is ready when it ends; `compute="inline"` runs it on
-the event loop instead (no thread hand-off; messages are read between batches). Measured on 2 loopback nodes
-(benchmarks/throughput.py; see docs/pipeline.md): the thread costs nothing measurable at 1 sequence and wins
-at 8. Only the compute thread touches the executor while a shard is installed.
+decoding messages during a forward and the next batch is ready when it ends; with a single session nothing
+else can arrive, so it runs inline (no hand-off). `compute="inline"` always runs it on the event loop
+(messages are read between batches). Measured in docs/pipeline.md: the thread saves ~10% of CPU per token at
+8 sequences; a hand-off per forward cost ~3 ms per token at 1. Batches run one at a time, so the executor is
+only ever touched by one of them (GetInfo reads counters).
 """
 
 from __future__ import annotations

@@ -211,7 +211,8 @@ def test_full_cluster_is_429_and_recovers(api_server, oai, model):
             "POST",
             api_server.url + "/v1/chat/completions",
             timeout=60,
-            json={"messages": CHAT, "max_tokens": 500, "stream": True},
+            # greedy and ignoring end-of-sequence: the first request surely still runs when the second comes
+            json={"messages": CHAT, "max_tokens": 500, "stream": True, "temperature": 0, "ignore_eos": True},
         ) as r:
             next(r.iter_lines())
             with pytest.raises(openai.RateLimitError) as info:
