@@ -1,7 +1,7 @@
 """Putting a server together: an `Engine` over a local or remote pipeline (run it with http_server.py).
 
     served = await local_engine("smollm2-135m")                            # every layer in this process
-    served = await peers_engine(["10.0.0.2:50051", ...], "smollm2-135m")   # deploy over running nodes
+    served = await peers_engine(["192.0.2.2:50051", ...], "smollm2-135m")   # deploy over running nodes
     served = deployment_engine(deployment, pipeline, path, "smollm2-135m") # nodes someone already loaded
     served = await discovered_engine(args)                                 # mDNS + planner, 503 until a plan runs
 

@@ -2,7 +2,7 @@
 
     edgeshard serve --model smollm2-135m --local          # in one terminal (or: edgeshard cluster --nodes 3 ...)
     python examples/openai_client.py                      # in another
-    python examples/openai_client.py --url http://192.168.1.20:8000/v1
+    python examples/openai_client.py --url http://HOST:8000/v1   # a server on another machine
 
 Chat front ends and other OpenAI clients work the same way: point their base URL at http://HOST:PORT/v1;
 the API key is not checked (any string will do).

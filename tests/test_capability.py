@@ -128,7 +128,7 @@ def test_txt_record_round_trip():
         node_id="ab" * 16,
         name="pi-kitchen",
         port=50051,
-        addresses=("10.0.0.7",),
+        addresses=("192.0.2.7",),
         protocol=1,
         cluster="lab",
         memory_free=700 << 20,
@@ -143,7 +143,7 @@ def test_txt_record_round_trip():
     )
     txt = {k.encode(): v.encode() for k, v in adv.to_txt().items()}  # as zeroconf hands them over
     assert all(len(k) + len(v) < 255 for k, v in txt.items())
-    back = Advert.from_txt(txt, 50051, ["10.0.0.7"])
+    back = Advert.from_txt(txt, 50051, ["192.0.2.7"])
     assert back == adv
     assert not adv.differs_from(dataclasses.replace(adv, memory_free=(700 << 20) - (1 << 20)))
     assert adv.differs_from(dataclasses.replace(adv, memory_free=300 << 20))

@@ -54,13 +54,13 @@ def cost(smollm2_path):
 
 def member(i: int, limit_mib: int = 75) -> Member:
     cap = Capability(memory_total=8 << 30, memory_free=4 << 30, memory_limit=limit_mib * MIB)
-    return Member(f"10.0.0.{i}:1", f"n{i}", f"10.0.0.{i}:1", "peers", "ok", capability=cap)
+    return Member(f"192.0.2.{i}:1", f"n{i}", f"192.0.2.{i}:1", "peers", "ok", capability=cap)
 
 
 def running(*nodes: int) -> list[dict]:
     ranges = [(0, 10), (10, 20), (20, 30)]
     return [
-        {"node": f"n{i}", "address": f"10.0.0.{i}:1", "start_layer": a, "end_layer": b}
+        {"node": f"n{i}", "address": f"192.0.2.{i}:1", "start_layer": a, "end_layer": b}
         for i, (a, b) in zip(nodes, ranges)
     ]
 
@@ -94,7 +94,7 @@ def test_when_the_nodes_left_cannot_hold_the_model_the_error_says_what_to_add(co
     with pytest.raises(CapacityError) as e:
         Replanner([], cost, model="smollm2").choose(running(1, 2, 3), [member(1), member(3)])
     msg = str(e.value)
-    assert "n2 (10.0.0.2:1) is gone" in msg and "n1 (10.0.0.1:1), n3 (10.0.0.3:1)" in msg
+    assert "n2 (192.0.2.2:1) is gone" in msg and "n1 (192.0.2.1:1), n3 (192.0.2.3:1)" in msg
     assert "short" in msg and "Add a node with at least" in msg and e.value.missing_bytes > 0
     assert isinstance(e.value, ClusterError) and isinstance(e.value, ServerUnavailableError)
     assert e.value.status == 503 and e.value.code == "insufficient_memory"
@@ -112,11 +112,11 @@ def test_only_node_failures_rebuild_the_ring():
     assert not about_the_request(step_error(grpc.StatusCode.UNAVAILABLE, "the next node is unreachable"))
     assert not about_the_request(step_error(grpc.StatusCode.FAILED_PRECONDITION, "has no shard loaded"))
     assert not about_the_request(step_error(grpc.StatusCode.INVALID_ARGUMENT, "stale plan id 3: serves 4"))
-    assert not about_the_request(ClusterError("node 10.0.0.1:1 closed the Results stream"))
+    assert not about_the_request(ClusterError("node 192.0.2.1:1 closed the Results stream"))
 
 
 def test_the_log_line_says_what_failed_and_how_long_each_part_took():
-    e = RecoveryEvent(0.0, "n2 down: connection refused", ["n2 (10.0.0.2:1)"], probe_ms=9)
+    e = RecoveryEvent(0.0, "n2 down: connection refused", ["n2 (192.0.2.2:1)"], probe_ms=9)
     e.replan_ms, e.load_ms, e.replay_ms, e.pause_ms = 30, 1800, 500, 2400
     e.sessions, e.replayed_tokens, e.action, e.outcome, e.plan_id = (
         1,
@@ -127,6 +127,6 @@ def test_the_log_line_says_what_failed_and_how_long_each_part_took():
     )
     e.plan = running(1, 4, 3)
     line = e.summary()
-    assert line.startswith("n2 (10.0.0.2:1) failed (n2 down: connection refused); recovered in 2.4 s")
+    assert line.startswith("n2 (192.0.2.2:1) failed (n2 down: connection refused); recovered in 2.4 s")
     assert "load 1800 ms" in line and "replay 1 sequence (300 tokens) 500 ms" in line and "n4 10-19" in line
     assert set(e.to_dict()) >= {"detected_at", "cause", "nodes", "replan_ms", "load_ms", "pause_ms"}
