@@ -133,18 +133,20 @@ async def _run_local(args: argparse.Namespace) -> int:
     from edgeshard.node.models import resolve_model
     from edgeshard.node.tokenizer import Tokenizer
 
+    from .generate import AsyncLocalPipeline
+
     if args.threads:
         torch.set_num_threads(args.threads)
     path = resolve_model(args.model)
     t0 = time.perf_counter()
     ckpt = open_checkpoint(path)
     stage = load_stage(ckpt, ShardSpec.full(ckpt.config.num_hidden_layers), quant=args.quant)
-    # one GGUF reader for weights and tokenizer: opening it parses the whole vocabulary (seconds)
+    # the tokenizer reads the metadata the checkpoint already parsed: one open of the file
     tokenizer = (
         Tokenizer.from_gguf(ckpt.reader) if hasattr(ckpt, "reader") else Tokenizer.from_checkpoint(path)
     )
     load_s = time.perf_counter() - t0
-    pipeline = AsyncLocal(LocalPipeline([ShardExecutor(stage)]))
+    pipeline = AsyncLocalPipeline(LocalPipeline([ShardExecutor(stage)]))
     plan = [
         {
             "node": "local",
@@ -155,13 +157,6 @@ async def _run_local(args: argparse.Namespace) -> int:
         }
     ]
     return await stream_generation(args, pipeline, tokenizer, plan, extra={"load_s": round(load_s, 3)})
-
-
-def AsyncLocal(local):  # noqa: N802 - reads as a type at the call site
-    """Wrap a LocalPipeline in the async Pipeline protocol."""
-    from .generate import AsyncLocalPipeline
-
-    return AsyncLocalPipeline(local)
 
 
 async def stream_generation(args, pipeline, tokenizer, plan: list[dict], extra: dict | None = None) -> int:

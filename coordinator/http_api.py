@@ -60,29 +60,21 @@ def create_app(engine: Engine, dependencies: Sequence[Any] = ()) -> FastAPI:
         engine.check_model(model_id)
         return model_card(engine)
 
-    @v1.post("/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    async def answer(body, request: Request, events, respond) -> Response:
+        """One generation: SSE events when streaming, else the collected response (nothing if the client left)."""
         gen = engine.submit(body.to_generation())
         if body.stream:
-            return EventStream(_completion_events(engine, gen, body.include_usage), gen)
+            return EventStream(events(engine, gen, body.include_usage), gen)
         result = await _collect_unless_gone(request, gen)
-        return (
-            JSONResponse(completion_response(engine, gen, result))
-            if result
-            else Response(status_code=CLIENT_CLOSED)
-        )
+        return JSONResponse(respond(engine, gen, result)) if result else Response(status_code=CLIENT_CLOSED)
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await answer(body, request, _completion_events, completion_response)
 
     @v1.post("/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        gen = engine.submit(body.to_generation())
-        if body.stream:
-            return EventStream(_chat_events(engine, gen, body.include_usage), gen)
-        result = await _collect_unless_gone(request, gen)
-        return (
-            JSONResponse(chat_response(engine, gen, result))
-            if result
-            else Response(status_code=CLIENT_CLOSED)
-        )
+        return await answer(body, request, _chat_events, chat_response)
 
     @v1.get("/cluster")
     async def cluster() -> dict:
