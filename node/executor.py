@@ -154,10 +154,10 @@ class ShardExecutor:
                 raise StepError(
                     f"stage {spec} takes token ids of shape (T,), got {_describe(req.tokens if req.tokens is not None else req.hidden)}"
                 )
-            if req.tokens.numel() and (int(req.tokens.min()) < 0 or int(req.tokens.max()) >= cfg.vocab_size):
-                raise StepError(
-                    f"token ids must be in [0, {cfg.vocab_size}); got {int(req.tokens.min())}..{int(req.tokens.max())}"
-                )
+            if req.tokens.numel():
+                lo, hi = (int(t) for t in torch.aminmax(req.tokens))  # one op, not two: this runs every step
+                if lo < 0 or hi >= cfg.vocab_size:
+                    raise StepError(f"token ids must be in [0, {cfg.vocab_size}); got {lo}..{hi}")
         else:
             h = req.hidden
             if h is None or h.dim() != 2 or h.shape[1] != cfg.hidden_size:
@@ -186,10 +186,10 @@ class ShardExecutor:
         if len({r.session_id for r in requests}) != len(requests):
             raise StepError("a batch holds two steps of the same session")
         segments = [Segment(s.cache, r.start, r.length) for r, s in zip(requests, sessions)]
+        rows = [r.tokens if self.stage.spec.is_first else r.hidden for r in requests]
+        inputs = rows[0] if len(rows) == 1 else torch.cat(rows)  # one request (a decode step): no copy
         if self.stage.spec.is_first:
-            inputs = torch.cat([r.tokens for r in requests]).long()
-        else:
-            inputs = torch.cat([r.hidden for r in requests])
+            inputs = inputs.long()
         t0 = time.perf_counter()
         out = self.stage(inputs, segments)
         self.compute_s += time.perf_counter() - t0

@@ -3,6 +3,11 @@
 One `KVCache` holds the keys and values of one sequence for the layers a stage runs. Buffers grow in steps
 (like mlx-lm's cache) so a short chat does not reserve the whole context. Writing at a position below the
 current offset rewrites the tail (a retried or replayed step), which is how recovery re-sends positions.
+
+All layers share one buffer, (layers, 2, Hkv, capacity, hd): a layer's keys and values sit together, so a
+decode step writes both with one copy and fetches both with one slice (at batch 1 every op costs
+microseconds, per layer), and the native decode path (node/csrc/decode.c) reaches every layer of a sequence
+from one address. Every step writes every layer, so the layers grow together.
 """
 
 from __future__ import annotations
@@ -29,47 +34,65 @@ class KVCache:
         self.dtype = dtype
         self.max_len = max_len  # the context length; writing past it is an error
         self.offset = 0  # positions [0, offset) are valid
-        self.keys: list[torch.Tensor | None] = [None] * num_layers  # each (Hkv, capacity, hd)
-        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.buffer: torch.Tensor | None = None  # (layers, 2, Hkv, capacity, hd): keys, values per layer
 
     @property
     def capacity(self) -> int:
         """Positions the buffers can hold before they grow."""
-        k = self.keys[0]
-        return 0 if k is None else k.shape[1]
+        return 0 if self.buffer is None else self.buffer.shape[3]
 
     def nbytes(self) -> int:
         """Bytes the buffers hold now."""
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values if t is not None)
+        return 0 if self.buffer is None else self.buffer.numel() * self.buffer.element_size()
 
-    def _ensure(self, layer: int, end: int) -> None:
-        k = self.keys[layer]
-        if k is not None and k.shape[1] >= end:
-            return
+    def _check(self, start: int, end: int) -> None:
+        if end > self.max_len:
+            raise ValueError(f"sequence of {end} positions exceeds the context length {self.max_len}")
+        if start > self.offset:
+            raise ValueError(f"position {start} skips ahead of the cache (holds {self.offset} positions)")
+
+    def _buffer(self, layer: int, end: int) -> torch.Tensor:
+        """`layer`'s (2, Hkv, capacity, hd) buffer, all layers grown to hold at least `end` positions."""
+        return self.grow(end)[layer]
+
+    def grow(self, end: int) -> torch.Tensor:
+        """The whole (layers, 2, Hkv, capacity, hd) buffer, grown to hold at least `end` positions."""
+        buf = self.buffer
+        if buf is not None and buf.shape[3] >= end:
+            return buf
         new_cap = min(self.max_len, ((end + GROW_STEP - 1) // GROW_STEP) * GROW_STEP)
-        shape = (self.num_kv_heads, new_cap, self.head_dim)
-        new_k = torch.zeros(shape, dtype=self.dtype)
-        new_v = torch.zeros(shape, dtype=self.dtype)
-        if k is not None:
-            n = k.shape[1]
-            new_k[:, :n] = k
-            new_v[:, :n] = self.values[layer]
-        self.keys[layer], self.values[layer] = new_k, new_v
+        shape = (self.num_layers, 2, self.num_kv_heads, new_cap, self.head_dim)
+        new = torch.zeros(shape, dtype=self.dtype)
+        if buf is not None:
+            new[:, :, :, : buf.shape[3]] = buf
+        self.buffer = new
+        return new
+
+    def reserve(self, start: int, length: int = 1) -> torch.Tensor:
+        """The whole buffer, grown to hold positions [start, start+length), for a writer that fills them itself
+        (node/csrc/decode.c)."""
+        self._check(start, start + length)
+        return self.grow(start + length)
+
+    def update_and_fetch_kv(self, layer: int, start: int, kv: torch.Tensor) -> torch.Tensor:
+        """Write kv (2, Hkv, T, hd), keys then values, at positions [start, start+T) of `layer`; return the
+        keys and values of positions [0, start+T) as one view (2, Hkv, start+T, hd)."""
+        end = start + kv.shape[2]
+        self._check(start, end)
+        buf = self._buffer(layer, end)
+        buf[:, :, start:end] = kv
+        return buf[:, :, :end]
 
     def update_and_fetch(
         self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (Hkv, T, hd) at positions [start, start+T) of `layer`; return keys/values [0, start+T)."""
         end = start + k.shape[1]
-        if end > self.max_len:
-            raise ValueError(f"sequence of {end} positions exceeds the context length {self.max_len}")
-        if start > self.offset:
-            raise ValueError(f"position {start} skips ahead of the cache (holds {self.offset} positions)")
-        self._ensure(layer, end)
-        keys, values = self.keys[layer], self.values[layer]
-        keys[:, start:end] = k
-        values[:, start:end] = v
-        return keys[:, :end], values[:, :end]
+        self._check(start, end)
+        buf = self._buffer(layer, end)
+        buf[0, :, start:end] = k
+        buf[1, :, start:end] = v
+        return buf[0, :, :end], buf[1, :, :end]
 
     def advance(self, start: int, length: int) -> None:
         """Record that positions [start, start+length) are now valid in every layer."""
@@ -83,6 +106,5 @@ class KVCache:
 
     def free(self) -> None:
         """Release the buffers (the sequence is finished or cancelled)."""
-        self.keys = [None] * self.num_layers
-        self.values = [None] * self.num_layers
+        self.buffer = None
         self.offset = 0

@@ -53,12 +53,19 @@ def _weight_set(quant: str, total_bytes: int) -> list:
     """
     import torch
 
-    from .quant import Int8Linear
+    from .quant import Int8Linear, _amx_kernels
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(1024, 2048, generator=g) * 0.02
     if quant in ("int4", "int8"):
-        proto = _random_int4(1024, 2048) if quant == "int4" else Int8Linear.from_float(w)
+        if quant == "int4":
+            proto = _random_int4(1024, 2048)
+        elif _amx_kernels():  # the layer a stage builds here (node/amx.py), so the rate is the node's own
+            from .amx import AmxInt8Linear
+
+            proto = AmxInt8Linear.from_float(w)
+        else:
+            proto = Int8Linear.from_float(w)
         return [proto] + [_clone_module(proto) for _ in range(max(2, total_bytes // proto.weight_bytes) - 1)]
     dtype = torch.bfloat16 if quant == "bf16" else torch.float32
     w = w.to(dtype)
@@ -66,15 +73,18 @@ def _weight_set(quant: str, total_bytes: int) -> list:
 
 
 def _random_int4(out_features: int, in_features: int):
-    """An `Int4Linear` of random 4-bit codes (packing codes directly skips the slow float quantization)."""
+    """An int4 layer of random 4-bit codes (packing codes directly skips the slow float quantization)."""
     import torch
 
-    from .quant import GROUP_SIZE, Int4Linear
+    from .quant import GROUP_SIZE, Int4Linear, _amx_kernels
 
     g = torch.Generator().manual_seed(out_features * 7919 + in_features)
     codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=g)
     scale = torch.full((out_features, in_features // GROUP_SIZE), 0.01)
-    return Int4Linear.from_codes(iter([(codes, scale, -8 * scale)]), in_features, out_features)
+    cls = Int4Linear
+    if _amx_kernels():  # the layer a stage builds here (node/amx.py)
+        from .amx import AmxInt4Linear as cls
+    return cls.from_codes(iter([(codes, scale, -8 * scale)]), in_features, out_features)
 
 
 def _clone_module(module):

@@ -244,6 +244,7 @@ class Int4Linear(_FixedFormat):
     """
 
     bits = 4
+    kernel = "torch"  # which low-bit kernels run it (shard metadata); node/amx.py's layers say "amx"
     # From this many input rows on, forward dequantizes and runs a bf16 matmul (module docstring). Crossover
     # of `python benchmarks/kernels.py --crossover` on SmolLM2's shapes, 1 thread (AVX-512): 48-96 rows.
     dense_min_rows = 64
@@ -396,6 +397,7 @@ class Int8Linear(_FixedFormat):
     """
 
     bits = 8
+    kernel = "torch"
     # See Int4Linear.dense_min_rows; int8 converts to bf16 in one cheap pass, so it crosses over earlier
     # (16-32 rows measured).
     dense_min_rows = 24
@@ -442,6 +444,10 @@ class Int8Linear(_FixedFormat):
         """Quantize a float (out, in) weight symmetrically per output row."""
         chunks = (_quantize_int8_rows(c.float()) for c in _chunks_of(weight.detach(), weight.shape[1]))
         return cls(*_collect(chunks, weight.shape[0], "weight"), bias)
+
+    def dequantize_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(int8 codes (out, in), bf16 scales (out,))."""
+        return self.weight, self.scales
 
     def dequantize(self) -> torch.Tensor:
         """The weight (out, in) as float32 (int8 codes times the bf16 row scales)."""
@@ -852,13 +858,30 @@ def make_linear(src: WeightSource, bias: torch.Tensor | None, quant: str) -> nn.
     """
     _check_quant(quant)
     out_f, in_f = _check_source(src)
+    amx = _amx_kernels() and in_f % GROUP_SIZE == 0  # node/amx.py: AMX layers where the CPU has them
     if quant == "int4":
+        if amx:
+            from .amx import AmxInt4Linear
+
+            return AmxInt4Linear.from_codes(_int4_code_chunks(src, bf16_params=False), in_f, out_f, bias)
         return Int4Linear.from_codes(_int4_code_chunks(src, bf16_params=True), in_f, out_f, bias)
     if quant == "int8":
-        return Int8Linear(*_collect(_int8_row_chunks(src), out_f, src.name), bias)
+        rows = _collect(_int8_row_chunks(src), out_f, src.name)
+        if amx:
+            from .amx import AmxInt8Linear
+
+            return AmxInt8Linear.from_rows(*rows, bias)
+        return Int8Linear(*rows, bias)
     dtype = compute_dtype(quant)
     (weight,) = _collect(((w.to(dtype),) for w in _dense_chunks(src)), out_f, src.name)
     return DenseLinear(weight, bias)
+
+
+def _amx_kernels() -> bool:
+    """Whether int4/int8 layers are built for the node's own AMX kernels (node/native.py) in this process."""
+    from . import native
+
+    return native.available()
 
 
 def make_head(src: WeightSource, quant: str) -> nn.Module:

@@ -52,6 +52,10 @@ class Sampler:
         """
         p = self.params
         if p.greedy:
+            if logits.dtype == torch.float32:
+                # numpy's argmax: ~8 us over a 49152-entry vocabulary where torch.argmax takes ~110 (1 thread);
+                # the same answer (the first maximum; a NaN counts as the maximum)
+                return int(logits.detach().numpy().argmax())
             return int(torch.argmax(logits))
         if position is not None:
             self.generator.manual_seed((self.seed * 1_000_003 + position) % 2**63)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grpc
 
+from . import native
 from .advertise import package_version, start_advertising
 from .capability import Capability, fill_wire, measure, parse_size, start_remeasuring
 from .identity import claim_identity
@@ -235,11 +236,12 @@ async def serve(options: NodeOptions, ready_out=sys.stdout) -> None:
     watchdog = asyncio.create_task(_watch_parent(stop))
     print(f"{READY_PREFIX} port={port} name={options.name}", file=ready_out, flush=True)
     log.info(
-        "node %s listening on %s:%d (%s)",
+        "node %s listening on %s:%d (%s; low-bit layers on %s)",
         options.name,
         options.host,
         port,
         "INSECURE" if security is INSECURE else f"TLS, cluster key id {security.fingerprint}",
+        native.status(),
     )
     advertiser = await start_advertising(servicer, port) if options.advertise else None
     remeasure = start_remeasuring(servicer, options.benchmark_every)
