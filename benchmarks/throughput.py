@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --quant default     # the checkpoint's own format (int4) only
     python benchmarks/throughput.py --compare-compute   # the nodes' compute thread against inline compute
     python benchmarks/throughput.py --quick             # CI smoke: 1 and 4 requests, 16 tokens, 1 run
+    python benchmarks/throughput.py --layers even       # 15 + 15 layers instead of the planner's split
 
 Requests take the serving path, as `edgeshard serve --peers` runs them (serving.deployment_engine): Engine
 (admission) -> generate() -> the ring driver (RemotePipeline) -> the nodes, each with one torch thread. Every
@@ -36,6 +37,7 @@ from rich.table import Table
 
 from edgeshard.coordinator.cluster import LocalCluster
 from edgeshard.coordinator.engine import GenerationRequest
+from edgeshard.coordinator.placement import plan_for_args
 from edgeshard.coordinator.remote_run import deploy
 from edgeshard.coordinator.serving import deployment_engine
 from edgeshard.node.models import resolve_model
@@ -107,12 +109,25 @@ class Ring:
         }
 
 
-async def open_ring(cluster: LocalCluster, path: Path, quant: str | None, mode: str) -> Ring:
-    """Load the model over the cluster's nodes and build the engine `serve` would; named format/compute."""
-    deployment = await deploy(cluster.addresses, path.name, 30, quant)
+async def open_ring(cluster: LocalCluster, path: Path, quant: str | None, mode: str, layers: str) -> Ring:
+    """Load the model over the cluster's nodes and build the engine `serve` would; named format/compute/split.
+
+    layers "auto": the planner places the layers as `serve --peers ... --layers auto --objective throughput`
+    does (the least loaded bottleneck stage, counting the head on the last node); "even": an even split.
+    """
+    addresses, specs = cluster.addresses, None
+    if layers == "auto":
+        plan_args = argparse.Namespace(
+            peers=",".join(cluster.addresses), model=str(path), quant=quant, layers="auto",
+            objective="throughput", context=2048, sessions=16, mdns_interface=[], cluster="default", timeout=2.0,
+        )  # fmt: skip
+        plan = await plan_for_args(plan_args, path, show=False)
+        addresses, specs = plan.addresses(), plan.specs()
+    deployment = await deploy(addresses, path.name, 30, quant, specs=specs)
     pipeline = await deployment.pipeline()
     served = deployment_engine(deployment, pipeline, path, "smollm2-135m", max_running=64, max_queued=64)
-    return Ring(f"{deployment.shards[0].quant}/{mode}", cluster, deployment, served)
+    split = "+".join(str(s.end_layer - s.start_layer) for s in deployment.shards)
+    return Ring(f"{deployment.shards[0].quant}/{mode}/{split}", cluster, deployment, served)
 
 
 async def measure(rings: list[Ring], levels: list[int], tokens: int, runs: int) -> dict[str, dict]:
@@ -143,6 +158,7 @@ def table(results: dict[str, dict], title: str) -> Table:
     cols = (
         "format",
         "compute",
+        "layers",
         "concurrent",
         "tok/s",
         "x vs 1",
@@ -154,13 +170,14 @@ def table(results: dict[str, dict], title: str) -> Table:
     for col in cols:
         t.add_column(col, justify="right")
     for name, levels in results.items():
-        quant, mode = name.split("/")
+        quant, mode, split = name.split("/")
         base = levels.get("1", {}).get("tok_s")
         for n, r in levels.items():
             nodes = r["nodes"]
             t.add_row(
                 quant,
                 mode,
+                split,
                 n,
                 f"{r['tok_s']:.1f}",
                 f"{r['tok_s'] / base:.2f}" if base else "-",
@@ -184,7 +201,8 @@ async def main_async(args: argparse.Namespace) -> dict:
                 )
                 cluster.start()
                 clusters.append(cluster)
-                rings.append(await open_ring(cluster, path, None if quant == "default" else quant, mode))
+                fmt = None if quant == "default" else quant
+                rings.append(await open_ring(cluster, path, fmt, mode, args.layers))
         return await measure(rings, args.levels, args.tokens, args.runs)
     finally:
         for ring in rings:
@@ -205,6 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         help="shard formats, comma-separated: default (the checkpoint's own: int4) and/or f32, bf16, int8",
     )
     p.add_argument("--compute", default="thread", choices=("thread", "inline"), help="the nodes' --compute")
+    p.add_argument(
+        "--layers",
+        default="auto",
+        choices=("auto", "even"),
+        help="auto: the planner's split for throughput (default, as `serve --layers auto --objective "
+        "throughput`); even: 15 + 15",
+    )
     p.add_argument("--compare-compute", action="store_true", help="measure both --compute modes")
     p.add_argument("--quick", action="store_true", help="CI smoke: levels 1,4, 16 tokens, 1 run")
     p.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
@@ -223,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "nodes": 2,
         "threads_per_node": 1,
         "tokens_per_request": args.tokens,
+        "layers": args.layers,
         "runs": args.runs,
         "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
         "load_average": os.getloadavg(),  # other work on the machine when the run ended

@@ -5,9 +5,11 @@ Messages arrive on the node's Forward streams while its stage computes and wait 
 
 * at most one step per session, in arrival order: a session's next step needs the cache its previous one
   writes, so it waits for the next batch;
-* at most one multi-row step (a prefill chunk) and at most `max_rows` rows: a long prompt delays the decodes
-  that share its batch by one chunk's compute, never by the whole prompt. The first step queued always runs,
-  whatever its size, so nothing starves;
+* at most `max_prefill_rows` rows of multi-row steps (prefill chunks; 128, the coordinator's chunk) and at
+  most `max_rows` rows: a long prompt delays the decodes that share its batch by one chunk's compute, never
+  by the whole prompt, while short prompts that arrive together (a class sending its questions at once)
+  prefill in one forward instead of one each. The first step queued always runs, whatever its size, so
+  nothing starves;
 * at most `max_seqs` sequences: a node of an N-node ring takes at most 1/N of its sessions at once
   (`group_size`), so the sequences circulate as N groups, one at each node, and every stage computes at the
   same time. Without the cap the groups merge whenever two meet in a queue and end as one, which the nodes
@@ -35,6 +37,7 @@ from .wire_tensors import WireError
 STEP_KINDS = ("tokens", "hidden")  # payloads that run the stage; the others are control messages
 # upper bounds of the batch-size histogram buckets (sequences per step); one more bucket counts the rest
 HIST_BOUNDS = (1, 2, 4, 8, 16, 32, 64)
+PREFILL_ROWS = 128  # prefill rows one batch takes at most (coordinator.generate.PREFILL_CHUNK: one chunk)
 
 
 @dataclass
@@ -60,7 +63,7 @@ def group_size(sessions: int, stages: int) -> int | None:
 
 
 def take_batch(
-    inbox: deque[Pending], max_rows: int, max_seqs: int | None = None
+    inbox: deque[Pending], max_rows: int, max_seqs: int | None = None, max_prefill_rows: int = PREFILL_ROWS
 ) -> tuple[list[Pending], list[Pending]]:
     """Take one batch's work out of `inbox`: (controls to run first, steps to run in one forward).
 
@@ -71,7 +74,7 @@ def take_batch(
     keep: deque[Pending] = deque()
     waiting: set[str] = set()  # sessions with an earlier message left in the inbox
     stepping: set[str] = set()  # sessions with a step in this batch
-    rows, prefill, controls_wait = 0, False, False
+    rows, prefill_rows, controls_wait = 0, 0, False
     for item in inbox:
         sid = item.msg.session_id
         if sid in waiting:
@@ -82,7 +85,7 @@ def take_batch(
             n = item.req.length
             fits = not steps or (
                 rows + n <= max_rows
-                and not (prefill and n > 1)
+                and (n == 1 or prefill_rows + n <= max_prefill_rows)
                 and (max_seqs is None or len(steps) < max_seqs)
             )
             if sid in stepping or not fits:
@@ -92,7 +95,7 @@ def take_batch(
             steps.append(item)
             stepping.add(sid)
             rows += n
-            prefill |= n > 1
+            prefill_rows += n if n > 1 else 0
         elif sid in stepping or controls_wait:
             waiting.add(sid)
             controls_wait = True  # later controls of every session wait too (End before a later Open)

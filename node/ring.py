@@ -9,7 +9,7 @@ The gRPC servicer (node/server.py) is a thin layer over it. The data path:
                 -> encode -> next_hop.send (middle node) / Result to the subscriber (last node)
 
 Continuous batching: while the stage computes, messages keep arriving and queue in the inbox; when it is free
-it takes everything ready (at most one step per session, one prefill chunk, `max_batch_rows` rows and 1/N of
+it takes everything ready (at most one step per session, one chunk of prefill rows, `max_batch_rows` rows and 1/N of
 its sessions on an N-node ring) and runs one forward, so with many sequences in flight every node computes a
 group of them at the same time (see node/batching.py and coordinator/groups.py).
 

@@ -84,6 +84,14 @@ def test_controls_keep_their_session_order_and_their_own():
     assert _names(controls) == ["end:a", "open:d"] and steps == []
 
 
+def test_short_prompts_prefill_together_up_to_one_chunk():
+    inbox = deque([_step("a", 20), _step("b", 30), _step("c"), _step("d", 100), _step("e", 70)])
+    _, steps = take_batch(inbox, max_rows=256)
+    assert _names(steps) == ["tokens:a", "tokens:b", "tokens:c", "tokens:e"]  # 120 prefill rows; d: 220
+    _, steps = take_batch(inbox, max_rows=256)
+    assert _names(steps) == ["tokens:d"]
+
+
 def test_one_prefill_chunk_per_batch_and_the_row_cap():
     inbox = deque([_step("a", 100), _step("b"), _step("c", 50), _step("d"), _step("e", 300)])
     _, steps = take_batch(inbox, max_rows=256)

@@ -47,47 +47,48 @@ static inline float bf(uint16_t h) {
     return f;
 }
 
-/* out (bf16, D) = x / sqrt(mean(x^2) + eps) * w, in float32 */
+/* out (bf16, D) = x / sqrt(mean(x^2) + eps) * w, in float32 (D % 16 == 0) */
 static void rms_norm(const float *x, const float *w, int64_t D, float eps, uint16_t *out) {
     __m512 acc = _mm512_setzero_ps();
-    int64_t d = 0;
-    for (; d + 16 <= D; d += 16) {
+    for (int64_t d = 0; d < D; d += 16) {
         const __m512 v = _mm512_loadu_ps(x + d);
         acc = _mm512_fmadd_ps(v, v, acc);
     }
-    float ss = _mm512_reduce_add_ps(acc);
-    for (; d < D; d++) ss += x[d] * x[d];
-    const float r = 1.0f / sqrtf(ss / (float)D + eps);
-    for (d = 0; d < D; d++) out[d] = f32_to_bf16(x[d] * r * w[d]);
+    const __m512 r = _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)D + eps));
+    for (int64_t d = 0; d < D; d += 16)
+        store_bf16(out + d, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + d), r), _mm512_loadu_ps(w + d)), 0xffff);
 }
 
 /* q and k heads of one row, in place: v * cos + roll(v, hd/2) * signed_sin (model.apply_rotary). */
 static void rotary(uint16_t *heads, int64_t count, int64_t hd, const uint16_t *cos, const uint16_t *ssin) {
-    float tmp[ATT_MAX_HD];
+    const int vecs = (int)(hd / 16);
+    __m512 c[ATT_MAX_HD / 16], sn[ATT_MAX_HD / 16], v[ATT_MAX_HD / 16];
+    for (int i = 0; i < vecs; i++) {
+        c[i] = bf16_to_ps(_mm256_loadu_si256((const __m256i *)(cos + 16 * i)));
+        sn[i] = bf16_to_ps(_mm256_loadu_si256((const __m256i *)(ssin + 16 * i)));
+    }
     for (int64_t h = 0; h < count; h++) {
-        uint16_t *v = heads + h * hd;
-        for (int64_t d = 0; d < hd; d++) tmp[d] = bf(v[d]);
-        for (int64_t d = 0; d < hd; d++)
-            v[d] = f32_to_bf16(tmp[d] * bf(cos[d]) + tmp[(d + hd / 2) % hd] * bf(ssin[d]));
+        uint16_t *p = heads + h * hd;
+        for (int i = 0; i < vecs; i++) v[i] = bf16_to_ps(_mm256_loadu_si256((const __m256i *)(p + 16 * i)));
+        for (int i = 0; i < vecs; i++) /* roll by hd/2 = vecs/2 whole vectors */
+            store_bf16(p + 16 * i, _mm512_fmadd_ps(v[(i + vecs / 2) % vecs], sn[i], _mm512_mul_ps(v[i], c[i])), 0xffff);
     }
 }
 
-/* act (bf16, F) = silu(g) * u for gu = [g | u] (bf16, 2F) */
+/* act (bf16, F) = silu(g) * u for gu = [g | u] (bf16, 2F), F % 16 == 0 */
 static void silu_mul(const uint16_t *gu, int64_t F, uint16_t *act) {
-    int64_t j = 0;
-    for (; j + 16 <= F; j += 16) { /* exp_ps is exact to ~2e-7: far below the bf16 rounding that follows */
+    for (int64_t j = 0; j < F; j += 16) { /* exp_ps is exact to ~2e-7: far below the bf16 rounding that follows */
         const __m512 g = bf16_to_ps(_mm256_loadu_si256((const __m256i *)(gu + j)));
         const __m512 u = bf16_to_ps(_mm256_loadu_si256((const __m256i *)(gu + F + j)));
         const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
-        const __m512 y = _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
-        float tmp[16];
-        _mm512_storeu_ps(tmp, y);
-        for (int i = 0; i < 16; i++) act[j + i] = f32_to_bf16(tmp[i]);
+        store_bf16(act + j, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u), 0xffff);
     }
-    for (; j < F; j++) {
-        const float g = bf(gu[j]), u = bf(gu[F + j]);
-        act[j] = f32_to_bf16(g / (1.0f + expf(-g)) * u);
-    }
+}
+
+/* x (float32, n) += y (bf16, n), n % 16 == 0 */
+static void add_bf16(float *x, const uint16_t *y, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16)
+        _mm512_storeu_ps(x + i, _mm512_add_ps(_mm512_loadu_ps(x + i), bf16_to_ps(_mm256_loadu_si256((const __m256i *)(y + i)))));
 }
 #endif
 
@@ -135,12 +136,12 @@ int es_decode_stage(const es_layer *layer_weights, int64_t layers, int64_t S, in
         }
         _tile_release();
         linear(&w->o, att, S, xs, h, threads); /* (S, D) */
-        for (int64_t i = 0; i < S * D; i++) x[i] += bf(h[i]);
+        add_bf16(x, h, S * D);
         for (int64_t s = 0; s < S; s++) rms_norm(x + s * D, w->norm2, D, eps, h + s * D);
         linear(&w->gate_up, h, S, xs, wide, threads); /* (S, 2F) */
         for (int64_t s = 0; s < S; s++) silu_mul(wide + s * 2 * F, F, h + s * F);
         linear(&w->down, h, S, xs, wide, threads); /* (S, D) */
-        for (int64_t i = 0; i < S * D; i++) x[i] += bf(wide[i]);
+        add_bf16(x, wide, S * D);
     }
     free(h), free(wide), free(att), free(xs), free(scores);
     return rc;

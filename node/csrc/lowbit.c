@@ -75,6 +75,11 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN stay
 
 static inline __m512 bf16_to_ps(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
+/* 16 floats -> bf16 (round to nearest even, as torch; the instruction flushes denormals), lanes in `keep` */
+static inline void store_bf16(uint16_t *dst, __m512 v, __mmask16 keep) {
+    _mm256_mask_storeu_epi16(dst, keep, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
 /* xs[m * groups + g] = sum of x[m, 32g .. 32g+31] in fp32 (fixed order). */
 static void group_sums(const uint16_t *x, int64_t M, int64_t K, float *xs) {
     const int64_t groups = K / 32;
@@ -216,17 +221,11 @@ static void run_blocks(int int8, const uint16_t *x, int64_t M, int64_t K, const 
             }
             for (int b = 0; b < nblk; b++, nb++) {
                 const int64_t n_end = (nb + 1) * 16 <= N ? 16 : N - nb * 16;
+                const __mmask16 keep = (__mmask16)((1u << n_end) - 1);
+                const __m512 scale = int8 ? bf16_to_ps(_mm256_maskz_loadu_epi16(keep, scales + nb * 16))
+                                          : _mm512_set1_ps(1.0f);
                 for (int m = 0; m < rows; m++)
-                    for (int64_t n = 0; n < n_end; n++) {
-                        float v = out[b][m][n];
-                        if (int8) {
-                            uint32_t u = (uint32_t)scales[nb * 16 + n] << 16;
-                            float s;
-                            memcpy(&s, &u, 4);
-                            v *= s;
-                        }
-                        y[(m0 + m) * N + nb * 16 + n] = f32_to_bf16(v);
-                    }
+                    store_bf16(y + (m0 + m) * N + nb * 16, _mm512_mul_ps(_mm512_load_ps(out[b][m]), scale), keep);
             }
         }
     }
@@ -346,11 +345,7 @@ static void attend_group(const uint16_t *q, int group, int64_t hd, const uint16_
         }
     }
     for (int h = 0; h < group; h++)
-        for (int c = 0; c < vecs; c++) {
-            float tmp[16];
-            _mm512_storeu_ps(tmp, acc[h][c]);
-            for (int i = 0; i < 16; i++) out[h * hd + 16 * c + i] = f32_to_bf16(tmp[i]);
-        }
+        for (int c = 0; c < vecs; c++) store_bf16(out + h * hd + 16 * c, acc[h][c], 0xffff);
 }
 #endif /* ES_AMX */
 
