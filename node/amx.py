@@ -12,7 +12,7 @@ Q4_1 exact), where the torch kernel rounds them to bf16.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -25,7 +25,6 @@ from .quant import (
     _bias_buffer,
     _collect,
     _FixedFormat,
-    _own_bytes,
 )
 
 
@@ -34,6 +33,16 @@ def _pad_rows(t: torch.Tensor, rows: int, value: float = 0) -> torch.Tensor:
     if t.shape[0] == rows:
         return t
     return torch.cat([t, t.new_full((rows - t.shape[0], *t.shape[1:]), value)])
+
+
+def _forward(layer, x: torch.Tensor, matmul: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The AMX layers' forward around their kernel call: input checks, leading dims, bias."""
+    if x.dtype != torch.bfloat16 or x.shape[-1] != layer.in_features:
+        raise _bad_input(layer, x, layer.in_features, torch.bfloat16)
+    y = matmul(x.reshape(-1, layer.in_features).contiguous())  # (M, out) bf16
+    if (bias := layer._buffers["bias"]) is not None:
+        y = y + bias
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], layer.out_features)
 
 
 class AmxInt4Linear(Int4Linear):
@@ -63,13 +72,9 @@ class AmxInt4Linear(Int4Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) bf16 -> (..., out) bf16, any number of rows."""
         buf = self._buffers  # see Int4Linear.forward
-        if x.dtype != torch.bfloat16 or x.shape[-1] != self.in_features:
-            raise _bad_input(self, x, self.in_features, torch.bfloat16)
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        y = native.int4_mm(x2.contiguous(), buf["codes"], buf["params"], self.out_features)
-        if (bias := buf["bias"]) is not None:
-            y = y + bias
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+        return _forward(
+            self, x, lambda x2: native.int4_mm(x2, buf["codes"], buf["params"], self.out_features)
+        )
 
     @classmethod
     def from_codes(
@@ -130,36 +135,16 @@ class AmxInt8Linear(Int8Linear):
         out_f, in_f = q.shape
         return cls(native.pack_int8(_pad_rows(q, native.padded(out_f))), scales, in_f, bias)
 
-    @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> AmxInt8Linear:
-        q, scales = Int8Linear.from_float(weight).dequantize_parts()
-        return cls.from_rows(q, scales, bias)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) bf16 -> (..., out) bf16, any number of rows."""
         buf = self._buffers
-        if x.dtype != torch.bfloat16 or x.shape[-1] != self.in_features:
-            raise _bad_input(self, x, self.in_features, torch.bfloat16)
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-        y = native.int8_mm(x2.contiguous(), buf["codes"], buf["scales"])
-        if (bias := buf["bias"]) is not None:
-            y = y + bias
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
-
-    def dequantize_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 codes (out, in), bf16 scales (out,))."""
-        nb, groups = self.codes.shape[:2]
-        q = self.codes.view(nb, groups, 16, native.BLOCK_N, 2).permute(0, 3, 1, 2, 4).reshape(nb * 16, -1)
-        return q[: self.out_features], self.scales
+        return _forward(self, x, lambda x2: native.int8_mm(x2, buf["codes"], buf["scales"]))
 
     def dequantize(self) -> torch.Tensor:
         """The weight (out, in) as float32 (int8 codes times the bf16 row scales)."""
-        q, scales = self.dequantize_parts()
-        return q.float() * scales.float()[:, None]
-
-    @property
-    def weight_bytes(self) -> int:
-        return _own_bytes(self)
+        nb, groups = self.codes.shape[:2]
+        q = self.codes.view(nb, groups, 16, native.BLOCK_N, 2).permute(0, 3, 1, 2, 4).reshape(nb * 16, -1)
+        return q[: self.out_features].float() * self.scales.float()[:, None]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", kernel=amx"

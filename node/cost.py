@@ -28,13 +28,11 @@ END_QUANT = {"int4": "int8"}
 
 
 def linear_bytes(
-    out_features: int, in_features: int, quant: str, bias: bool = False, amx: bool | None = None
+    out_features: int, in_features: int, quant: str, bias: bool = False, amx: bool = False
 ) -> int:
-    """Bytes a linear layer (out, in) holds in format `quant`, as node/quant.py builds it: with the AMX
-    kernels' layout (node/amx.py: int8 rows padded to 16) when `amx`, else torch's; None: whichever this
-    process builds."""
-    if amx is None:
-        amx = quant in ("int4", "int8") and in_features % _GROUP == 0 and _amx_here()
+    """Bytes a linear layer (out, in) holds in format `quant`, as node/quant.py builds it: torch's kernels'
+    layout, or with `amx` node/amx.py's (int8 rows padded to 16 as well). The planner prices remote nodes
+    with the default: the layouts differ only for int8 layers whose out_features is not a multiple of 16."""
     out16 = -(-out_features // _INT4_ROW_PAD) * _INT4_ROW_PAD
     if quant == "f32":
         return 4 * out_features * (in_features + bias)
@@ -42,18 +40,9 @@ def linear_bytes(
         return 2 * out_features * (in_features + bias)
     if quant == "int8":
         return (out16 if amx else out_features) * in_features + 2 * out_features + 2 * out_features * bias
-    if quant == "int4":
-        param_bytes = 4  # (scale, min) per group: float16 for AMX, bf16 for torch's kernel
-        return (
-            out16 * in_features // 2 + (in_features // _GROUP) * out16 * param_bytes + 2 * out_features * bias
-        )
+    if quant == "int4":  # codes + (scale, min) per group of 32: bf16 for torch's kernel, fp16 for AMX
+        return out16 * in_features // 2 + (in_features // _GROUP) * out16 * 4 + 2 * out_features * bias
     raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
-
-
-def _amx_here() -> bool:
-    from .native import available
-
-    return available()
 
 
 def embedding_bytes(vocab: int, dim: int, quant: str) -> int:

@@ -46,27 +46,27 @@ def _linear(module) -> _Linear | None:
     """The C view of an AMX layer, or None for any other kind of layer."""
     from .amx import AmxInt4Linear, AmxInt8Linear
 
+    kinds = {
+        AmxInt4Linear: (4, "params"),
+        AmxInt8Linear: (8, "scales"),
+    }  # int4: fp16 params; int8: row scales
+    if type(module) not in kinds:
+        return None
+    kind, params = kinds[type(module)]
     bias = module._buffers.get("bias")
-    bias_ptr = None if bias is None else bias.data_ptr()
-    if type(module) is AmxInt4Linear:
-        return _Linear(
-            4,
-            module.codes.data_ptr(),
-            module.params.data_ptr(),
-            bias_ptr,
-            module.out_features,
-            module.in_features,
-        )
-    if type(module) is AmxInt8Linear:
-        return _Linear(
-            8,
-            module.codes.data_ptr(),
-            module.scales.data_ptr(),
-            bias_ptr,
-            module.out_features,
-            module.in_features,
-        )
-    return None
+    return _Linear(
+        kind, module.codes.data_ptr(), module._buffers[params].data_ptr(),
+        None if bias is None else bias.data_ptr(), module.out_features, module.in_features,
+    )  # fmt: skip
+
+
+def _shapes_supported(cfg) -> bool:
+    """The limits node/csrc/decode.c checks (es_decode_stage returns -1 outside them)."""
+    group, hd = cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
+    return (
+        cfg.num_attention_heads % cfg.num_key_value_heads == 0 and group <= 16 and hd % 32 == 0 and hd <= 256
+        and cfg.hidden_size % 32 == 0 and cfg.intermediate_size % 32 == 0
+    )  # fmt: skip
 
 
 class FusedDecode:
@@ -79,6 +79,8 @@ class FusedDecode:
     def build(cls, stage) -> FusedDecode | None:
         """For a loaded stage, or None when it cannot run fused (see the module docstring)."""
         if stage.dtype != torch.bfloat16 or not native.available() or not len(stage.layers):
+            return None
+        if not _shapes_supported(stage.config):
             return None
         layers, keep = [], []
         for block in stage.layers.values():
@@ -99,10 +101,10 @@ class FusedDecode:
         positions: list[int],
         cos: torch.Tensor,
         sin: torch.Tensor,
-    ) -> bool:
+    ) -> None:
         """Advance the residual rows x (S, D) float32 (contiguous, updated in place) through every layer, one
         row per sequence: row s is at positions[s] of caches[s]. cos/sin: (S, hd) bf16 rotary tables of those
-        positions. False when the kernel declined (nothing was written; use the module path)."""
+        positions."""
         cfg, s = self.stage.config, x.shape[0]
         buffers = [c.reserve(p) for c, p in zip(caches, positions)]  # (layers, 2, Hkv, cap, hd) each
         arr = ctypes.c_int64 * s
@@ -112,4 +114,5 @@ class FusedDecode:
             arr(*[b.data_ptr() for b in buffers]), arr(*[b.shape[3] for b in buffers]), arr(*positions),
             torch.get_num_threads(),
         )  # fmt: skip
-        return rc == 0
+        if rc:  # shapes were checked at build: only its scratch allocation can fail
+            raise MemoryError(f"the native decode step could not allocate its scratch buffers for {s} rows")

@@ -51,10 +51,6 @@ class KVCache:
         if start > self.offset:
             raise ValueError(f"position {start} skips ahead of the cache (holds {self.offset} positions)")
 
-    def _buffer(self, layer: int, end: int) -> torch.Tensor:
-        """`layer`'s (2, Hkv, capacity, hd) buffer, all layers grown to hold at least `end` positions."""
-        return self.grow(end)[layer]
-
     def grow(self, end: int) -> torch.Tensor:
         """The whole (layers, 2, Hkv, capacity, hd) buffer, grown to hold at least `end` positions."""
         buf = self.buffer
@@ -69,8 +65,8 @@ class KVCache:
         return new
 
     def reserve(self, start: int, length: int = 1) -> torch.Tensor:
-        """The whole buffer, grown to hold positions [start, start+length), for a writer that fills them itself
-        (node/csrc/decode.c)."""
+        """The whole buffer, grown to hold positions [start, start+length), which must continue the cache
+        (start <= offset) within the context; the caller writes them (update_and_fetch_kv, node/csrc/decode.c)."""
         self._check(start, start + length)
         return self.grow(start + length)
 
@@ -78,21 +74,9 @@ class KVCache:
         """Write kv (2, Hkv, T, hd), keys then values, at positions [start, start+T) of `layer`; return the
         keys and values of positions [0, start+T) as one view (2, Hkv, start+T, hd)."""
         end = start + kv.shape[2]
-        self._check(start, end)
-        buf = self._buffer(layer, end)
+        buf = self.reserve(start, kv.shape[2])[layer]
         buf[:, :, start:end] = kv
         return buf[:, :, :end]
-
-    def update_and_fetch(
-        self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (Hkv, T, hd) at positions [start, start+T) of `layer`; return keys/values [0, start+T)."""
-        end = start + k.shape[1]
-        self._check(start, end)
-        buf = self._buffer(layer, end)
-        buf[0, :, start:end] = k
-        buf[1, :, start:end] = v
-        return buf[0, :, :end], buf[1, :, :end]
 
     def advance(self, start: int, length: int) -> None:
         """Record that positions [start, start+length) are now valid in every layer."""

@@ -53,19 +53,12 @@ def _weight_set(quant: str, total_bytes: int) -> list:
     """
     import torch
 
-    from .quant import Int8Linear, _amx_kernels
+    from .quant import lowbit_classes
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(1024, 2048, generator=g) * 0.02
-    if quant in ("int4", "int8"):
-        if quant == "int4":
-            proto = _random_int4(1024, 2048)
-        elif _amx_kernels():  # the layer a stage builds here (node/amx.py), so the rate is the node's own
-            from .amx import AmxInt8Linear
-
-            proto = AmxInt8Linear.from_float(w)
-        else:
-            proto = Int8Linear.from_float(w)
+    if quant in ("int4", "int8"):  # the layers a stage builds here, so the rate is the node's own
+        proto = _random_int4(1024, 2048) if quant == "int4" else lowbit_classes(2048)[1].from_float(w)
         return [proto] + [_clone_module(proto) for _ in range(max(2, total_bytes // proto.weight_bytes) - 1)]
     dtype = torch.bfloat16 if quant == "bf16" else torch.float32
     w = w.to(dtype)
@@ -76,15 +69,13 @@ def _random_int4(out_features: int, in_features: int):
     """An int4 layer of random 4-bit codes (packing codes directly skips the slow float quantization)."""
     import torch
 
-    from .quant import GROUP_SIZE, Int4Linear, _amx_kernels
+    from .quant import GROUP_SIZE, lowbit_classes
 
     g = torch.Generator().manual_seed(out_features * 7919 + in_features)
     codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=g)
     scale = torch.full((out_features, in_features // GROUP_SIZE), 0.01)
-    cls = Int4Linear
-    if _amx_kernels():  # the layer a stage builds here (node/amx.py)
-        from .amx import AmxInt4Linear as cls
-    return cls.from_codes(iter([(codes, scale, -8 * scale)]), in_features, out_features)
+    int4_cls = lowbit_classes(in_features)[0]
+    return int4_cls.from_codes(iter([(codes, scale, -8 * scale)]), in_features, out_features)
 
 
 def _clone_module(module):

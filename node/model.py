@@ -266,7 +266,7 @@ class Stage(nn.Module):
             x = inputs.float()  # (N, D)
         fused = self.fused_decode()
         if fused is not None and any(seg.length == 1 for seg in segments):
-            x = self._forward_split(fused, x if x is not inputs else x.clone(), segments)
+            x = self._forward_split(fused, x, segments, owned=x is not inputs)
         else:
             x = self._forward_modules(x, segments)
         for seg in segments:
@@ -286,19 +286,21 @@ class Stage(nn.Module):
             x = block.forward(x, cos, sin, segments, local)  # .forward: see Block.forward
         return x
 
-    def _forward_split(self, fused: FusedDecode, x: torch.Tensor, segments: list[Segment]) -> torch.Tensor:
-        """Decode rows (length-1 segments) through the native stage call, the others through the modules."""
+    def _forward_split(
+        self, fused: FusedDecode, x: torch.Tensor, segments: list[Segment], owned: bool
+    ) -> torch.Tensor:
+        """Decode rows (length-1 segments) through the native stage call, the others through the modules.
+        The native call updates its rows in place: `owned` says x is not the caller's tensor."""
         starts = [0]
         for seg in segments:
             starts.append(starts[-1] + seg.length)
         decode = [i for i, seg in enumerate(segments) if seg.length == 1]
         rest = [i for i, seg in enumerate(segments) if seg.length != 1]
         rows = [starts[i] for i in decode]
-        xd = x if not rest else x[rows]  # (S, D), a copy when rows are picked
+        xd = x[rows] if rest else (x if owned else x.clone())  # (S, D): picking rows copies already
         dsegs = [segments[i] for i in decode]
         cos, sin = (t.reshape(len(dsegs), -1).contiguous() for t in self.rotary.tables(dsegs, self.dtype))
-        if not fused.run(xd, [s.cache for s in dsegs], [s.start for s in dsegs], cos, sin):
-            return self._forward_modules(x, segments)  # the kernel declined: nothing was written
+        fused.run(xd, [s.cache for s in dsegs], [s.start for s in dsegs], cos, sin)
         if not rest:
             return xd
         rest_rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in rest])

@@ -31,7 +31,7 @@ GROUP = 32  # k per block (one AMX tile's depth in bf16); the int4 scale group
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "es_int4_mm": ([_P, _I, _I, _P, _P, _P, _I, _P, ctypes.c_int], None),
+    "es_int4_mm": ([_P, _I, _I, _P, _P, _I, _P, ctypes.c_int], ctypes.c_int),
     "es_int8_mm": ([_P, _I, _I, _P, _P, _I, _P, ctypes.c_int], None),
     "es_supported": ([], ctypes.c_int),
     # layers, count, S, D, H, Hkv, hd, F, eps, x, cos, sin, kv buffers, caps, positions, threads
@@ -49,7 +49,8 @@ def _cache_dir() -> Path:
 
 
 def _build(cc: str) -> Path:
-    """Compile lowbit.c into the cache (an atomic rename: nodes starting together may race) and return it."""
+    """Compile decode.c (which includes lowbit.c) into the cache (an atomic rename: nodes starting together
+    may race) and return it."""
     flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-march=native"]
     sources = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.c")))
     key = hashlib.sha256(sources + " ".join([cc, *flags, platform.machine()]).encode())
@@ -155,11 +156,18 @@ def int4_mm(x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, n: int) 
     k = codes.shape[1] * GROUP
     _check(x, k)
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    sums = torch.empty(x.shape[0], k // GROUP, dtype=torch.float32)  # scratch: x's group sums
-    library().es_int4_mm(
-        x.data_ptr(), x.shape[0], k, codes.data_ptr(), params.data_ptr(), sums.data_ptr(), n, y.data_ptr(),
+    rc = library().es_int4_mm(
+        x.data_ptr(),
+        x.shape[0],
+        k,
+        codes.data_ptr(),
+        params.data_ptr(),
+        n,
+        y.data_ptr(),
         torch.get_num_threads(),
-    )  # fmt: skip
+    )
+    if rc:
+        raise MemoryError(f"the int4 kernel could not allocate its scratch for {x.shape[0]} rows")
     return y
 
 

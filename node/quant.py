@@ -443,11 +443,12 @@ class Int8Linear(_FixedFormat):
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
         """Quantize a float (out, in) weight symmetrically per output row."""
         chunks = (_quantize_int8_rows(c.float()) for c in _chunks_of(weight.detach(), weight.shape[1]))
-        return cls(*_collect(chunks, weight.shape[0], "weight"), bias)
+        return cls.from_rows(*_collect(chunks, weight.shape[0], "weight"), bias)
 
-    def dequantize_parts(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int8 codes (out, in), bf16 scales (out,))."""
-        return self.weight, self.scales
+    @classmethod
+    def from_rows(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> Int8Linear:
+        """int8 codes (out, in) and their row scales (out,)."""
+        return cls(q, scales, bias)
 
     def dequantize(self) -> torch.Tensor:
         """The weight (out, in) as float32 (int8 codes times the bf16 row scales)."""
@@ -858,20 +859,13 @@ def make_linear(src: WeightSource, bias: torch.Tensor | None, quant: str) -> nn.
     """
     _check_quant(quant)
     out_f, in_f = _check_source(src)
-    amx = _amx_kernels() and in_f % GROUP_SIZE == 0  # node/amx.py: AMX layers where the CPU has them
+    int4_cls, int8_cls = lowbit_classes(in_f)
     if quant == "int4":
-        if amx:
-            from .amx import AmxInt4Linear
-
-            return AmxInt4Linear.from_codes(_int4_code_chunks(src, bf16_params=False), in_f, out_f, bias)
-        return Int4Linear.from_codes(_int4_code_chunks(src, bf16_params=True), in_f, out_f, bias)
+        # the torch kernel takes bf16 scale/zero: quantize with those already rounded (AMX keeps fp16)
+        chunks = _int4_code_chunks(src, bf16_params=int4_cls is Int4Linear)
+        return int4_cls.from_codes(chunks, in_f, out_f, bias)
     if quant == "int8":
-        rows = _collect(_int8_row_chunks(src), out_f, src.name)
-        if amx:
-            from .amx import AmxInt8Linear
-
-            return AmxInt8Linear.from_rows(*rows, bias)
-        return Int8Linear(*rows, bias)
+        return int8_cls.from_rows(*_collect(_int8_row_chunks(src), out_f, src.name), bias)
     dtype = compute_dtype(quant)
     (weight,) = _collect(((w.to(dtype),) for w in _dense_chunks(src)), out_f, src.name)
     return DenseLinear(weight, bias)
@@ -882,6 +876,16 @@ def _amx_kernels() -> bool:
     from . import native
 
     return native.available()
+
+
+def lowbit_classes(in_features: int) -> tuple[type[Int4Linear], type[Int8Linear]]:
+    """The (int4, int8) linear classes this process builds for `in_features` inputs: node/amx.py's where the
+    AMX kernels run (they need in_features % 32 == 0), else the torch-kernel ones."""
+    if _amx_kernels() and in_features % GROUP_SIZE == 0:
+        from .amx import AmxInt4Linear, AmxInt8Linear
+
+        return AmxInt4Linear, AmxInt8Linear
+    return Int4Linear, Int8Linear
 
 
 def make_head(src: WeightSource, quant: str) -> nn.Module:

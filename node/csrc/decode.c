@@ -32,19 +32,8 @@ static void linear(const es_linear *l, const uint16_t *x, int64_t M, float *xs, 
         l->n, y, threads);
     if (l->bias)
         for (int64_t m = 0; m < M; m++)
-            for (int64_t j = 0; j < l->n; j++) {
-                uint32_t a = (uint32_t)y[m * l->n + j] << 16, b = (uint32_t)l->bias[j] << 16;
-                float fa, fb;
-                memcpy(&fa, &a, 4), memcpy(&fb, &b, 4);
-                y[m * l->n + j] = f32_to_bf16(fa + fb);
-            }
-}
-
-static inline float bf(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
+            for (int64_t j = 0; j < l->n; j++)
+                y[m * l->n + j] = f32_to_bf16(bf16_to_f32(y[m * l->n + j]) + bf16_to_f32(l->bias[j]));
 }
 
 /* out (bf16, D) = x / sqrt(mean(x^2) + eps) * w, in float32 (D % 16 == 0) */
@@ -115,13 +104,7 @@ int es_decode_stage(const es_layer *layer_weights, int64_t layers, int64_t S, in
         const es_layer *w = layer_weights + l;
         for (int64_t s = 0; s < S; s++) rms_norm(x + s * D, w->norm1, D, eps, h + s * D);
         linear(&w->qkv, h, S, xs, wide, threads); /* (S, (H + 2Hkv) * hd) */
-        tile_config cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.palette_id = 1;
-        cfg.rows[0] = 16, cfg.colsb[0] = 64;
-        cfg.rows[1] = 16, cfg.colsb[1] = (uint16_t)(ATT_MAX_GROUP * 4);
-        cfg.rows[3] = 16, cfg.colsb[3] = (uint16_t)(ATT_MAX_GROUP * 4);
-        _tile_loadconfig(&cfg);
+        configure_attention();
         for (int64_t s = 0; s < S; s++) {
             uint16_t *row = wide + s * qkv_n;
             rotary(row, H + Hkv, hd, cos + s * hd, ssin + s * hd);

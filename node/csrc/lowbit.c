@@ -73,6 +73,13 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN stay
     return (uint16_t)(u >> 16);
 }
 
+static inline float bf16_to_f32(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 static inline __m512 bf16_to_ps(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
 /* 16 floats -> bf16 (round to nearest even, as torch; the instruction flushes denormals), lanes in `keep` */
@@ -275,6 +282,17 @@ static inline __m512 exp_ps(__m512 x) {
 #define ATT_MAX_GROUP 16 /* query heads per kv head */
 #define ATT_MAX_HD 256
 
+/* Tiles for attend_group: 0 = 16 keys x 32 dims; 1 = q^T, 16 dim pairs x heads; 3 = scores, 16 keys x heads */
+static void configure_attention(void) {
+    tile_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    cfg.rows[0] = 16, cfg.colsb[0] = 64;
+    cfg.rows[1] = 16, cfg.colsb[1] = (uint16_t)(ATT_MAX_GROUP * 4);
+    cfg.rows[3] = 16, cfg.colsb[3] = (uint16_t)(ATT_MAX_GROUP * 4);
+    _tile_loadconfig(&cfg);
+}
+
 /* Attend the `group` query heads q (group, hd) bf16 to keys/values (len, hd) bf16 of one kv head;
  * out (group, hd) bf16. scores: float scratch of group * len. */
 static void attend_group(const uint16_t *q, int group, int64_t hd, const uint16_t *k, const uint16_t *v,
@@ -302,12 +320,7 @@ static void attend_group(const uint16_t *q, int group, int64_t hd, const uint16_
     for (int64_t j = full; j < len; j++) /* the last < 16 keys: the same products, in fp32 */
         for (int h = 0; h < group; h++) {
             float acc = 0.0f;
-            for (int64_t d = 0; d < hd; d++) {
-                uint32_t a = (uint32_t)q[h * hd + d] << 16, b = (uint32_t)k[j * hd + d] << 16;
-                float fa, fb;
-                memcpy(&fa, &a, 4), memcpy(&fb, &b, 4);
-                acc += fa * fb;
-            }
+            for (int64_t d = 0; d < hd; d++) acc += bf16_to_f32(q[h * hd + d]) * bf16_to_f32(k[j * hd + d]);
             scores[h * len + j] = acc * scale;
         }
     for (int h = 0; h < group; h++) { /* softmax in place */
@@ -360,12 +373,16 @@ int es_supported(void) {
 #endif
 }
 
-/* xs: scratch float (M, K/32). */
-void es_int4_mm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *params,
-                float *xs, int64_t N, uint16_t *y, int threads) {
+/* Returns 0, or -1 when its scratch (the input rows' group sums) cannot be allocated. */
+int es_int4_mm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *params, int64_t N,
+               uint16_t *y, int threads) {
 #if ES_AMX
+    float *xs = malloc((size_t)(M * (K / 32)) * sizeof(float));
+    if (!xs) return -1;
     run(0, x, M, K, codes, params, 0, xs, N, y, threads);
+    free(xs);
 #endif
+    return 0;
 }
 
 void es_int8_mm(const uint16_t *x, int64_t M, int64_t K, const int8_t *codes, const uint16_t *scales,
