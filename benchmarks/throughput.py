@@ -60,7 +60,9 @@ class Ring:
     async def stats(self) -> list[dict]:
         """Each node's counters now, and its process's CPU seconds."""
         infos = await asyncio.gather(*(c.info() for c in self.deployment.clients))
-        cpu = [sum(psutil.Process(p.pid).cpu_times()[:2]) for p in self.cluster.procs]
+        pids = dict(zip(self.cluster.addresses, (p.pid for p in self.cluster.procs), strict=True))
+        # in pipeline order, as the counters: the planner may order the nodes differently from the cluster
+        cpu = [sum(psutil.Process(pids[c.address]).cpu_times()[:2]) for c in self.deployment.clients]
         return [{**{f: getattr(i.stats, f) for f in STAT_FIELDS}, "cpu_s": c} for i, c in zip(infos, cpu)]
 
     async def run(self, n: int, tokens: int) -> dict:
@@ -113,12 +115,13 @@ async def open_ring(cluster: LocalCluster, path: Path, quant: str | None, mode: 
     """Load the model over the cluster's nodes and build the engine `serve` would; named format/compute/split.
 
     layers "auto": the planner places the layers as `serve --peers ... --layers auto --objective throughput`
-    does (the least loaded bottleneck stage, counting the head on the last node); "even": an even split.
+    does (the least loaded bottleneck stage, counting the head on the last node); "even": an even split;
+    "19,11": those counts, in the cluster's order.
     """
     addresses, specs = cluster.addresses, None
-    if layers == "auto":
+    if layers != "even":
         plan_args = argparse.Namespace(
-            peers=",".join(cluster.addresses), model=str(path), quant=quant, layers="auto",
+            peers=",".join(cluster.addresses), model=str(path), quant=quant, layers=layers,
             objective="throughput", context=2048, sessions=16, mdns_interface=[], cluster="default", timeout=2.0,
         )  # fmt: skip
         plan = await plan_for_args(plan_args, path, show=False)
@@ -226,9 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--layers",
         default="auto",
-        choices=("auto", "even"),
         help="auto: the planner's split for throughput (default, as `serve --layers auto --objective "
-        "throughput`); even: 15 + 15",
+        "throughput`); even: 15 + 15; or counts such as 19,11",
     )
     p.add_argument("--compare-compute", action="store_true", help="measure both --compute modes")
     p.add_argument("--quick", action="store_true", help="CI smoke: levels 1,4, 16 tokens, 1 run")

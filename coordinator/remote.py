@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from edgeshard.node.ring import now_us
+from edgeshard.node.next_hop import coalesce, drain, now_us
 from edgeshard.node.sampling import SamplingParams
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire_tensors import sampling_to_wire, status_code
@@ -164,9 +164,10 @@ class RemotePipeline:
 
     async def _write_loop(self) -> None:
         while True:
-            msg = await self.outbox.get()
+            queued = drain(self.outbox, await self.outbox.get())  # a group's burst goes as one message
             try:
-                await self.stream.write(msg)
+                for msg in coalesce(queued, pb.ForwardMessage, now_us()):
+                    await self.stream.write(msg)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the stream is gone
@@ -175,7 +176,8 @@ class RemotePipeline:
                     NodeUnavailableError(self.clients[0].address, (detail or "").splitlines()[0][:200])
                 )
             finally:
-                self.outbox.task_done()
+                for _ in queued:
+                    self.outbox.task_done()
 
     async def _send_and_wait(self, session_id: str, key: int, msg: pb.ForwardMessage) -> pb.Result:
         fut = self._expect(session_id, key)
@@ -199,24 +201,28 @@ class RemotePipeline:
 
     async def _read_results(self, results) -> None:
         try:
-            async for r in results:
-                if r.session_id not in self.pending or (r.plan_id and r.plan_id != self.plan_id):
-                    # another coordinator's session, an end ack, one we stopped waiting for, or an older
-                    # plan's (epoch fencing: a session replayed after a failure must not fail by its past)
-                    continue
-                if r.kind == pb.RESULT_TOKEN:
-                    if r.sent_at_us:
-                        self.return_hop_s += max(0, now_us() - r.sent_at_us) / 1e6
-                        self.return_hops += 1
-                    self._resolve(r.session_id, r.start, r)
-                    self.groups.returned(r.session_id)
-                elif r.kind == pb.RESULT_OPENED:
-                    self._resolve(r.session_id, _OPEN, r)
-                elif r.kind == pb.RESULT_ERROR:
-                    self._fail_session(r.session_id, RemoteStepError(r.error))
+            async for message in results:
+                for r in message.batch or [message]:  # several results in one (see the proto)
+                    self._take_result(r)
             self._fail_all(ClusterError(f"node {self.clients[-1].address} closed the Results stream"))
         except ClusterError as e:
             self._fail_all(e)
+
+    def _take_result(self, r: pb.Result) -> None:
+        if r.session_id not in self.pending or (r.plan_id and r.plan_id != self.plan_id):
+            # another coordinator's session, an end ack, one we stopped waiting for, or an older plan's
+            # (epoch fencing: a session replayed after a failure must not fail by its past)
+            return
+        if r.kind == pb.RESULT_TOKEN:
+            if r.sent_at_us:
+                self.return_hop_s += max(0, now_us() - r.sent_at_us) / 1e6
+                self.return_hops += 1
+            self._resolve(r.session_id, r.start, r)
+            self.groups.returned(r.session_id)
+        elif r.kind == pb.RESULT_OPENED:
+            self._resolve(r.session_id, _OPEN, r)
+        elif r.kind == pb.RESULT_ERROR:
+            self._fail_session(r.session_id, RemoteStepError(r.error))
 
     async def _read_replies(self) -> None:
         try:

@@ -139,6 +139,7 @@ class RingNode:
         self.route: dict[str, str] = {}  # session -> subscriber its results go to
         self.upstream: dict[str, ReplyFn] = {}  # session -> the stream its messages came from
         self.messages = 0
+        self.frames = 0  # gRPC messages: a batch counts once
         self.errors = 0
         self.network_s = 0.0
 
@@ -198,7 +199,21 @@ class RingNode:
 
     async def handle(self, msg: pb.ForwardMessage, reply: ReplyFn) -> None:
         """Take one Forward message that arrived on a stream whose error replies go to `reply`: refuse it at
-        once if it is not for this ring, else queue it for the stage loop (it runs in the next batch)."""
+        once if it is not for this ring, else queue it for the stage loop (it runs in the next batch). A
+        batch (several messages in one, see the proto) is taken message by message."""
+        self.frames += 1
+        if not msg.batch:
+            await self._take(msg, reply)
+            return
+        for one in msg.batch:
+            if one.batch:
+                self._refuse(
+                    one, invalid("a batch inside a batch: send the messages in one flat batch"), reply
+                )
+                continue
+            await self._take(one, reply)
+
+    async def _take(self, msg: pb.ForwardMessage, reply: ReplyFn) -> None:
         self.messages += 1
         which = msg.WhichOneof("payload") or ""
         t0 = time.perf_counter()
@@ -387,6 +402,7 @@ class RingNode:
         return pb.NodeStats(
             steps=ex.steps if ex else 0,
             messages=self.messages,
+            frames=self.frames,
             compute_ms=(ex.compute_s if ex else 0.0) * 1e3,
             network_ms=self.network_s * 1e3,
             errors=self.errors,

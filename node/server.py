@@ -29,6 +29,7 @@ from .advertise import package_version, start_advertising
 from .capability import Capability, fill_wire, measure, parse_size, start_remeasuring
 from .identity import claim_identity
 from .limits import SERVER_OPTIONS, check_subscriber
+from .next_hop import coalesce, drain, now_us
 from .ring import COMPUTE_MODES, GRPC_OPTIONS, MAX_BATCH_ROWS, RingNode
 from .security import (
     INSECURE,
@@ -176,8 +177,13 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.streams.add(queue)
         try:
             yield pb.Result(kind=pb.RESULT_READY, plan_id=self.node.shard.plan_id if self.node.shard else 0)
-            while (result := await queue.get()) is not None:
-                yield result
+            while True:  # what queued up meanwhile (a batched forward's results) goes as one message
+                results = drain(queue, await queue.get())
+                end = next((i for i, r in enumerate(results) if r is None), None)  # None: unsubscribed
+                for result in coalesce(results[:end], pb.Result, now_us()):
+                    yield result
+                if end is not None:
+                    break
         finally:
             self.streams.discard(queue)
             self.node.unsubscribe(subscriber, queue)

@@ -162,22 +162,26 @@ def test_kv_capacity_is_the_tightest_node():
 
 
 async def _ring_generate(
-    node: RingNode, prompts: list[list[int]], tokens: int
+    node: RingNode, prompts: list[list[int]], tokens: int, batched: bool = False
 ) -> tuple[list[list[int]], list]:
-    """Greedy generation of all prompts at once through a one-node ring, driven like RemotePipeline does."""
+    """Greedy generation of all prompts at once through a one-node ring, driven like RemotePipeline does.
+    batched: the opens and prompts arrive as one message (ForwardMessage.batch), as a coordinator's writer
+    sends what queued up while its last write was in flight."""
     results = node.subscribe("coord")
     replies: list = []
     out: list[list[int]] = [[] for _ in prompts]
     plan = node.shard.plan_id
+    first: list[pb.ForwardMessage] = []
     for i, ids in enumerate(prompts):
-        await node.handle(
+        first.append(
             pb.ForwardMessage(
                 plan_id=plan, session_id=f"s{i}", open=pb.OpenSession(reply_to="coord", max_len=64)
-            ),
-            replies.append,
+            )
         )
         msg = pb.ForwardMessage(plan_id=plan, session_id=f"s{i}", start=0, sample=True)
         msg.tokens.ids.extend(ids)
+        first.append(msg)
+    for msg in [pb.ForwardMessage(batch=first)] if batched else first:
         await node.handle(msg, replies.append)
     while sum(map(len, out)) < tokens * len(prompts):
         r = await asyncio.wait_for(results.get(), 30)
@@ -198,8 +202,8 @@ async def _ring_generate(
     return out, replies
 
 
-@pytest.mark.parametrize("compute", ["thread", "inline"])
-def test_stage_loop_batches_and_matches_one_at_a_time(compute):
+@pytest.mark.parametrize("compute,batched", [("thread", False), ("inline", False), ("thread", True)])
+def test_stage_loop_batches_and_matches_one_at_a_time(compute, batched):
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8, 9, 7, 9], [3, 2]]
     stage = tiny_stage()
     reference = []
@@ -217,7 +221,7 @@ def test_stage_loop_batches_and_matches_one_at_a_time(compute):
             LoadedShard(ShardExecutor(stage, kv_budget=1 << 20), "tiny", "f32", 7, LAST, 0, 0.0)
         )
         try:
-            got, replies = await _ring_generate(node, prompts, 12)
+            got, replies = await _ring_generate(node, prompts, 12, batched)
             for _ in range(100):  # the End messages are queued behind the last steps
                 if not node.shard.executor.sessions:
                     break
@@ -232,6 +236,51 @@ def test_stage_loop_batches_and_matches_one_at_a_time(compute):
         assert stats.sequences > stats.steps  # the four sequences shared forwards
     assert stats.sessions == 0 and stats.kv_bytes == 0 and stats.kv_reserved == 0
     assert sum(stats.batch_hist) == stats.steps and stats.wall_ms >= stats.compute_ms > 0
+
+
+def test_a_batch_inside_a_batch_is_refused_and_the_rest_taken():
+    async def run():
+        node = RingNode("tiny")
+        await node.install(LoadedShard(ShardExecutor(tiny_stage()), "tiny", "f32", 7, LAST, 0, 0.0))
+        results, replies = node.subscribe("coord"), []
+        try:
+            nested = pb.ForwardMessage(session_id="n", batch=[pb.ForwardMessage(session_id="m")])
+            opening = pb.ForwardMessage(plan_id=7, session_id="a", open=pb.OpenSession(reply_to="coord"))
+            await node.handle(pb.ForwardMessage(batch=[nested, opening]), replies.append)
+            return await asyncio.wait_for(results.get(), 10), replies, node.stats()
+        finally:
+            await node.unload()
+
+    opened, replies, stats = asyncio.run(run())
+    assert opened.kind == pb.RESULT_OPENED and opened.session_id == "a"
+    assert [r.session_id for r in replies] == ["n"] and "batch inside a batch" in replies[0].error.message
+    assert stats.frames == 1
+
+
+def test_coalesce_packs_runs_in_order_under_the_size_cap(monkeypatch):
+    from edgeshard.node import next_hop
+
+    def step(sid: str, floats: int) -> pb.ForwardMessage:
+        msg = pb.ForwardMessage(session_id=sid)
+        msg.hidden.data = bytes(4 * floats)
+        return msg
+
+    assert next_hop.coalesce([], pb.ForwardMessage, 1) == []
+    lone = step("a", 8)
+    assert next_hop.coalesce([lone], pb.ForwardMessage, 1) == [lone]  # a lone message goes as it is
+    msgs = [step(s, 100) for s in "abcde"]
+    (one,) = next_hop.coalesce(msgs, pb.ForwardMessage, 42)
+    assert [m.session_id for m in one.batch] == list("abcde") and one.sent_at_us == 42
+    monkeypatch.setattr(next_hop, "MAX_BATCH_BYTES", 2 * msgs[0].ByteSize())
+    packed = next_hop.coalesce(msgs, pb.ForwardMessage, 42)
+    assert [[m.session_id for m in p.batch] or [p.session_id] for p in packed] == [
+        ["a", "b"],
+        ["c", "d"],
+        ["e"],
+    ]
+    results = [pb.Result(session_id=s, token=i) for i, s in enumerate("xy")]
+    (both,) = next_hop.coalesce(results, pb.Result, 7)
+    assert [(r.session_id, r.token) for r in both.batch] == [("x", 0), ("y", 1)]
 
 
 def test_stage_loop_refuses_beyond_the_kv_budget():

@@ -305,24 +305,25 @@ static void attend_group(const uint16_t *q, int group, int64_t hd, const uint16_
         for (int i = 0; i < 16; i++)
             for (int h = 0; h < group; h++) qt[c][i][h] = q32[h * (hd / 2) + c * 16 + i];
     float blk[16][ATT_MAX_GROUP] __attribute__((aligned(64)));
-    const int64_t full = len / 16 * 16;
-    for (int64_t j0 = 0; j0 < full; j0 += 16) { /* C (16 keys x group) = K rows . q^T */
+    uint16_t last[16 * ATT_MAX_HD] __attribute__((aligned(64))); /* the last < 16 keys, zero-padded */
+    for (int64_t j0 = 0; j0 < len; j0 += 16) { /* C (16 keys x group) = K rows . q^T */
+        const int64_t keys = len - j0 < 16 ? len - j0 : 16;
+        const uint16_t *kb = k + j0 * hd;
+        if (keys < 16) { /* the same tile products as a full block: a key's score never depends on len */
+            memcpy(last, kb, keys * hd * 2);
+            memset(last + keys * hd, 0, (16 - keys) * hd * 2);
+            kb = last;
+        }
         _tile_zero(3);
         for (int c = 0; c < chunks; c++) {
-            _tile_loadd(0, k + j0 * hd + c * 32, hd * 2);
+            _tile_loadd(0, kb + c * 32, hd * 2);
             _tile_loadd(1, qt[c], ATT_MAX_GROUP * 4);
             _tile_dpbf16ps(3, 0, 1);
         }
         _tile_stored(3, blk, ATT_MAX_GROUP * 4);
-        for (int j = 0; j < 16; j++)
+        for (int j = 0; j < keys; j++)
             for (int h = 0; h < group; h++) scores[h * len + j0 + j] = blk[j][h] * scale;
     }
-    for (int64_t j = full; j < len; j++) /* the last < 16 keys: the same products, in fp32 */
-        for (int h = 0; h < group; h++) {
-            float acc = 0.0f;
-            for (int64_t d = 0; d < hd; d++) acc += bf16_to_f32(q[h * hd + d]) * bf16_to_f32(k[j * hd + d]);
-            scores[h * len + j] = acc * scale;
-        }
     for (int h = 0; h < group; h++) { /* softmax in place */
         float *sc = scores + h * len;
         __m512 vmax = _mm512_set1_ps(-INFINITY);

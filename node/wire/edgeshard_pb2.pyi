@@ -132,7 +132,7 @@ class ShardInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_hop: _Optional[str] = ..., load_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_bytes_per_position: _Optional[int] = ..., kv_budget: _Optional[int] = ...) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("steps", "messages", "compute_ms", "network_ms", "errors", "sessions", "kv_bytes", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences", "batch_hist", "kv_reserved")
+    __slots__ = ("steps", "messages", "compute_ms", "network_ms", "errors", "sessions", "kv_bytes", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences", "batch_hist", "kv_reserved", "frames")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class NodeStats(_message.Message):
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     BATCH_HIST_FIELD_NUMBER: _ClassVar[int]
     KV_RESERVED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     steps: int
     messages: int
     compute_ms: float
@@ -161,7 +162,8 @@ class NodeStats(_message.Message):
     sequences: int
     batch_hist: _containers.RepeatedScalarFieldContainer[int]
     kv_reserved: int
-    def __init__(self, steps: _Optional[int] = ..., messages: _Optional[int] = ..., compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., errors: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., wall_ms: _Optional[float] = ..., idle_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., rows: _Optional[int] = ..., sequences: _Optional[int] = ..., batch_hist: _Optional[_Iterable[int]] = ..., kv_reserved: _Optional[int] = ...) -> None: ...
+    frames: int
+    def __init__(self, steps: _Optional[int] = ..., messages: _Optional[int] = ..., compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., errors: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., wall_ms: _Optional[float] = ..., idle_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., rows: _Optional[int] = ..., sequences: _Optional[int] = ..., batch_hist: _Optional[_Iterable[int]] = ..., kv_reserved: _Optional[int] = ..., frames: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "name", "protocol_version", "capabilities", "loaded", "shard", "max_sessions", "stats", "address", "cluster", "clock_unix_s", "version")
@@ -260,7 +262,7 @@ class EndSession(_message.Message):
     def __init__(self) -> None: ...
 
 class ForwardMessage(_message.Message):
-    __slots__ = ("plan_id", "session_id", "start", "sample", "tokens", "hidden", "open", "end", "error", "sent_at_us", "burst_left")
+    __slots__ = ("plan_id", "session_id", "start", "sample", "tokens", "hidden", "open", "end", "error", "sent_at_us", "burst_left", "batch")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +274,7 @@ class ForwardMessage(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_US_FIELD_NUMBER: _ClassVar[int]
     BURST_LEFT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     plan_id: int
     session_id: str
     start: int
@@ -283,7 +286,8 @@ class ForwardMessage(_message.Message):
     error: Error
     sent_at_us: int
     burst_left: int
-    def __init__(self, plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sample: _Optional[bool] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., end: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., burst_left: _Optional[int] = ...) -> None: ...
+    batch: _containers.RepeatedCompositeFieldContainer[ForwardMessage]
+    def __init__(self, plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sample: _Optional[bool] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., end: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., burst_left: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[ForwardMessage, _Mapping]]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("plan_id", "session_id", "start", "error")
@@ -306,7 +310,7 @@ class ResultsRequest(_message.Message):
     def __init__(self, subscriber: _Optional[str] = ..., plan_id: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("kind", "plan_id", "session_id", "start", "sampled", "token", "error", "sent_at_us")
+    __slots__ = ("kind", "plan_id", "session_id", "start", "sampled", "token", "error", "sent_at_us", "batch")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -315,6 +319,7 @@ class Result(_message.Message):
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_US_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     kind: ResultKind
     plan_id: int
     session_id: str
@@ -323,7 +328,8 @@ class Result(_message.Message):
     token: int
     error: Error
     sent_at_us: int
-    def __init__(self, kind: _Optional[_Union[ResultKind, str]] = ..., plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sampled: _Optional[bool] = ..., token: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ...) -> None: ...
+    batch: _containers.RepeatedCompositeFieldContainer[Result]
+    def __init__(self, kind: _Optional[_Union[ResultKind, str]] = ..., plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sampled: _Optional[bool] = ..., token: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[Result, _Mapping]]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ("reply_bytes", "payload")
