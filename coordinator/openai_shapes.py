@@ -38,9 +38,9 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: 1.0, OpenAI's default
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)  # not OpenAI's; vLLM and llama.cpp servers accept it too
+    top_k: int | None = Field(None, ge=0, lt=2**32)  # not OpenAI's; vLLM and llama.cpp servers accept it too
     ignore_eos: bool = False  # not OpenAI's (vLLM's): end tokens do not stop it (benchmarks)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # 64 bits on the wire to the nodes
     stop: str | list[str] | None = Field(None)
     n: int | None = None
     stream: bool = False

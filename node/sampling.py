@@ -27,8 +27,10 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.top_k < 2**32:  # the wire's uint32
+            raise ValueError(f"top_k must be in [0, 2**32), got {self.top_k}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:  # the wire's int64
+            raise ValueError(f"seed must fit in 64 bits (-2**63 to 2**63-1), got {self.seed}")
 
     @property
     def greedy(self) -> bool:

@@ -125,6 +125,7 @@ BAD = [
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": -(2**63) - 1}, "seed"),  # was a 503 (fuzz)
 ]
 
 

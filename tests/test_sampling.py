@@ -46,10 +46,22 @@ def test_temperature_distribution_follows_softmax():
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2]), atol=0.04, rtol=0)
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -3}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": -1},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -3},
+        {"top_k": 2**32},  # the wire's uint32
+        {"seed": -(2**63) - 1},  # the wire's int64 (found by the HTTP fuzz test: it was a 503)
+        {"seed": 2**63},
+    ],
+)
 def test_bad_params_are_refused(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+    SamplingParams(seed=-(2**63)), SamplingParams(seed=2**63 - 1), SamplingParams(top_k=2**32 - 1)
 
 
 def test_positional_draws_do_not_depend_on_history():

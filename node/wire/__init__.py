@@ -4,4 +4,5 @@
 `python scripts/gen_proto.py` after changing the proto.
 """
 
-PROTOCOL_VERSION = 1  # the wire protocol a node speaks; bump only for incompatible changes
+PROTOCOL_VERSION = 2  # the wire protocol a node speaks; bump only for incompatible changes
+# v2: ForwardMessage.batch and Result.batch (a v1 peer would drop the messages inside a batch)
