@@ -293,6 +293,17 @@ static void configure_attention(void) {
     _tile_loadconfig(&cfg);
 }
 
+#define ATT_AHEAD 64 /* keys prefetched ahead of the q.K tile products */
+
+/* Prefetch the key and value rows [from, to) of one kv head, (len, hd) bf16 each. */
+static inline void prefetch_rows(const uint16_t *k, const uint16_t *v, int64_t from, int64_t to, int64_t hd) {
+    const char *kb = (const char *)(k + from * hd), *vb = (const char *)(v + from * hd);
+    for (int64_t off = 0; off < (to - from) * hd * 2; off += 64) {
+        _mm_prefetch(kb + off, _MM_HINT_T0);
+        _mm_prefetch(vb + off, _MM_HINT_T0);
+    }
+}
+
 /* Attend the `group` query heads q (group, hd) bf16 to keys/values (len, hd) bf16 of one kv head;
  * out (group, hd) bf16. scores: float scratch of group * len. */
 static void attend_group(const uint16_t *q, int group, int64_t hd, const uint16_t *k, const uint16_t *v,
@@ -306,7 +317,11 @@ static void attend_group(const uint16_t *q, int group, int64_t hd, const uint16_
             for (int h = 0; h < group; h++) qt[c][i][h] = q32[h * (hd / 2) + c * 16 + i];
     float blk[16][ATT_MAX_GROUP] __attribute__((aligned(64)));
     uint16_t last[16 * ATT_MAX_HD] __attribute__((aligned(64))); /* the last < 16 keys, zero-padded */
+    /* The cache comes from DRAM (a step streams all the stage's weights between two visits of a layer),
+     * and tile loads touch 16 strided lines at once: ask for the keys and values ATT_AHEAD keys early. */
+    prefetch_rows(k, v, 0, ATT_AHEAD < len ? ATT_AHEAD : len, hd);
     for (int64_t j0 = 0; j0 < len; j0 += 16) { /* C (16 keys x group) = K rows . q^T */
+        if (j0 + ATT_AHEAD < len) prefetch_rows(k, v, j0 + ATT_AHEAD, j0 + ATT_AHEAD + 16 < len ? j0 + ATT_AHEAD + 16 : len, hd);
         const int64_t keys = len - j0 < 16 ? len - j0 : 16;
         const uint16_t *kb = k + j0 * hd;
         if (keys < 16) { /* the same tile products as a full block: a key's score never depends on len */
