@@ -209,6 +209,7 @@ class RemotePipeline:
             self._fail_all(e)
 
     def _take_result(self, r: pb.Result) -> None:
+        """Resolve or fail the session one result is about."""
         if r.session_id not in self.pending or (r.plan_id and r.plan_id != self.plan_id):
             # another coordinator's session, an end ack, one we stopped waiting for, or an older plan's
             # (epoch fencing: a session replayed after a failure must not fail by its past)

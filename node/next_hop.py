@@ -29,7 +29,7 @@ GRPC_OPTIONS = [
 MAX_BATCH_BYTES = 4 * 1024 * 1024  # a coalesced message stays far below MAX_MESSAGE_BYTES
 
 
-def drain(queue: asyncio.Queue, first):
+def drain(queue: asyncio.Queue, first) -> list:
     """`first` and everything else waiting in `queue` now (without waiting for more)."""
     items = [first]
     while not queue.empty():

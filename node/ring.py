@@ -205,6 +205,13 @@ class RingNode:
         if not msg.batch:
             await self._take(msg, reply)
             return
+        if msg.WhichOneof("payload"):
+            self._refuse(
+                msg,
+                invalid("a message with a batch carries no payload of its own: put it in the batch"),
+                reply,
+            )
+            return
         for one in msg.batch:
             if one.batch:
                 self._refuse(

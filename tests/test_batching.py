@@ -238,7 +238,7 @@ def test_stage_loop_batches_and_matches_one_at_a_time(compute, batched):
     assert sum(stats.batch_hist) == stats.steps and stats.wall_ms >= stats.compute_ms > 0
 
 
-def test_a_batch_inside_a_batch_is_refused_and_the_rest_taken():
+def test_malformed_batches_are_refused_and_the_rest_taken():
     async def run():
         node = RingNode("tiny")
         await node.install(LoadedShard(ShardExecutor(tiny_stage()), "tiny", "f32", 7, LAST, 0, 0.0))
@@ -247,14 +247,19 @@ def test_a_batch_inside_a_batch_is_refused_and_the_rest_taken():
             nested = pb.ForwardMessage(session_id="n", batch=[pb.ForwardMessage(session_id="m")])
             opening = pb.ForwardMessage(plan_id=7, session_id="a", open=pb.OpenSession(reply_to="coord"))
             await node.handle(pb.ForwardMessage(batch=[nested, opening]), replies.append)
+            both = pb.ForwardMessage(session_id="p", end=pb.EndSession(), batch=[opening])
+            await node.handle(both, replies.append)
             return await asyncio.wait_for(results.get(), 10), replies, node.stats()
         finally:
             await node.unload()
 
     opened, replies, stats = asyncio.run(run())
     assert opened.kind == pb.RESULT_OPENED and opened.session_id == "a"
-    assert [r.session_id for r in replies] == ["n"] and "batch inside a batch" in replies[0].error.message
-    assert stats.frames == 1
+    assert [r.session_id for r in replies] == ["n", "p"] and "batch inside a batch" in replies[
+        0
+    ].error.message
+    assert "no payload of its own" in replies[1].error.message
+    assert stats.frames == 2 and stats.messages == 1  # only the first batch's open was taken
 
 
 def test_coalesce_packs_runs_in_order_under_the_size_cap(monkeypatch):

@@ -321,7 +321,8 @@ static void attend_group(const uint16_t *q, int group, int64_t hd, const uint16_
      * and tile loads touch 16 strided lines at once: ask for the keys and values ATT_AHEAD keys early. */
     prefetch_rows(k, v, 0, ATT_AHEAD < len ? ATT_AHEAD : len, hd);
     for (int64_t j0 = 0; j0 < len; j0 += 16) { /* C (16 keys x group) = K rows . q^T */
-        if (j0 + ATT_AHEAD < len) prefetch_rows(k, v, j0 + ATT_AHEAD, j0 + ATT_AHEAD + 16 < len ? j0 + ATT_AHEAD + 16 : len, hd);
+        if (j0 + ATT_AHEAD < len)
+            prefetch_rows(k, v, j0 + ATT_AHEAD, j0 + ATT_AHEAD + 16 < len ? j0 + ATT_AHEAD + 16 : len, hd);
         const int64_t keys = len - j0 < 16 ? len - j0 : 16;
         const uint16_t *kb = k + j0 * hd;
         if (keys < 16) { /* the same tile products as a full block: a key's score never depends on len */
