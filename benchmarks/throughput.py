@@ -48,7 +48,10 @@ TOPICS = [
     "a train", "a mountain", "a garden", "a clock", "a river", "a city", "a desert", "a violin",
 ]  # fmt: skip
 TARGET_RATIO = 4.0  # tok/s at 8 concurrent requests over tok/s at 1
-STAT_FIELDS = ("steps", "compute_ms", "network_ms", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences")
+STAT_FIELDS = (
+    "steps", "compute_ms", "network_ms", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences", "messages",
+    "frames",
+)  # fmt: skip
 
 
 class Ring:
@@ -100,6 +103,7 @@ class Ring:
                     "rows_per_step": d["rows"] / max(1, d["steps"]),
                     "compute_ms_per_step": d["compute_ms"] / max(1, d["steps"]),
                     "queue_ms_per_sequence": d["queue_ms"] / max(1, d["sequences"]),
+                    "messages_per_frame": d["messages"] / max(1, d["frames"]),  # ForwardMessage.batch
                 }
             )
         return {

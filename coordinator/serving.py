@@ -129,6 +129,8 @@ def node_status(entry: dict, reply: Any) -> dict:
         "rows_per_step": round(s.rows / steps, 2),
         "sequences_per_step": round(s.sequences / steps, 2),
         "batch_hist": list(s.batch_hist),  # steps of 1, 2, 3-4, 5-8, ... 65+ sequences
+        # messages one gRPC message brought in (a group's steps travel as one: ForwardMessage.batch)
+        "messages_per_frame": round(s.messages / s.frames, 2) if s.frames else 0.0,
         "utilization": round(s.compute_ms / s.wall_ms, 3) if s.wall_ms else 0.0,
         "idle_ms": round(s.idle_ms, 1),
         "queue_ms_per_step": round(s.queue_ms / max(1, s.sequences), 3),

@@ -160,6 +160,7 @@ def test_http_concurrent_requests_match_one_at_a_time(api):
     info = openai.OpenAI(base_url=api.url + "/v1", api_key="x").get("/cluster", cast_to=object)
     assert all(n["sequences_per_step"] > 1 for n in info["nodes"]), info["nodes"]
     assert all(0 < n["utilization"] < 1 and len(n["batch_hist"]) == 8 for n in info["nodes"])
+    assert all(n["messages_per_frame"] > 1 for n in info["nodes"]), info["nodes"]  # batched hops
 
 
 def test_http_stream_disconnect_frees_the_sequence_on_every_node(api, node_cluster):
