@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgeshard.node.sampling import SEED_LIMIT, TOP_K_LIMIT
+
 from .engine import GenerationRequest
 from .errors import BadRequestError
 
@@ -38,9 +40,9 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: 1.0, OpenAI's default
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0, lt=2**32)  # not OpenAI's; vLLM and llama.cpp servers accept it too
+    top_k: int | None = Field(None, ge=0, lt=TOP_K_LIMIT)  # not OpenAI's; vLLM and llama.cpp servers take it
     ignore_eos: bool = False  # not OpenAI's (vLLM's): end tokens do not stop it (benchmarks)
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # 64 bits on the wire to the nodes
+    seed: int | None = Field(None, ge=-SEED_LIMIT, lt=SEED_LIMIT)  # 64 bits on the wire to the nodes
     stop: str | list[str] | None = Field(None)
     n: int | None = None
     stream: bool = False

@@ -57,7 +57,6 @@ __all__ = [
     "LoadedShard",
     "NextHop",
     "RingNode",
-    "now_us",
 ]  # GRPC_OPTIONS: re-exported
 
 

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+TOP_K_LIMIT = 2**32  # top_k < this: a uint32 on the wire (SamplingParams in the proto)
+SEED_LIMIT = 2**63  # -SEED_LIMIT <= seed < SEED_LIMIT: an int64 on the wire
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -27,9 +30,9 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.top_k < 2**32:  # the wire's uint32
+        if not 0 <= self.top_k < TOP_K_LIMIT:
             raise ValueError(f"top_k must be in [0, 2**32), got {self.top_k}")
-        if self.seed is not None and not -(2**63) <= self.seed < 2**63:  # the wire's int64
+        if self.seed is not None and not -SEED_LIMIT <= self.seed < SEED_LIMIT:
             raise ValueError(f"seed must fit in 64 bits (-2**63 to 2**63-1), got {self.seed}")
 
     @property

@@ -13,24 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
+from weights import FloatSrc
 
 from edgeshard.node import native, quant
 from edgeshard.node.quant import Int4Linear, Int8Linear, make_linear
 
 amx = pytest.mark.skipif(not native.available(), reason=f"no AMX kernels here: {native.status()}")
-
-
-class FloatSrc:
-    """A float weight as the loader hands it over (no GGUF blocks)."""
-
-    def __init__(self, w: torch.Tensor) -> None:
-        self.name, self.shape, self.ggml_type, self._w = "w", tuple(w.shape), None, w
-
-    def raw(self):
-        raise AssertionError("not a GGUF source")
-
-    def dense(self) -> torch.Tensor:
-        return self._w
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

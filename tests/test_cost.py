@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from weights import FloatSrc
 
 from edgeshard.node.config import ModelConfig, ShardSpec
 from edgeshard.node.cost import QUANTS, ModelCost, linear_bytes
 from edgeshard.node.quant import make_linear, module_weight_bytes
-
-
-class FloatSrc:
-    """A float weight as a WeightSource (what a safetensors checkpoint hands the loader)."""
-
-    def __init__(self, w: torch.Tensor) -> None:
-        self.name, self.shape, self.ggml_type, self._w = "w", tuple(w.shape), None, w
-
-    def raw(self):
-        raise AssertionError("not a GGUF weight")
-
-    def dense(self) -> torch.Tensor:
-        return self._w
 
 
 @pytest.mark.parametrize("quant", QUANTS)

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
+from weights import FloatSrc
 
 from edgeshard.node import quant
 from edgeshard.node.quant import (
@@ -48,19 +49,6 @@ class Src:
 
     def dense(self) -> torch.Tensor:
         return torch.from_numpy(gguf.quants.dequantize(self.data, self.ggml_type))
-
-
-class FloatSrc:
-    """A WeightSource for a safetensors-style float weight (no GGUF blocks)."""
-
-    def __init__(self, w: torch.Tensor, name: str = "w") -> None:
-        self.name, self.shape, self.ggml_type, self._w = name, tuple(w.shape), None, w
-
-    def raw(self) -> np.ndarray:
-        raise AssertionError("raw() must not be used for non-GGUF sources")
-
-    def dense(self) -> torch.Tensor:
-        return self._w
 
 
 @pytest.fixture(autouse=True)
