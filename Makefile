@@ -16,7 +16,7 @@ test-fast:
 	$(PY) -m pytest -q -m "not slow"
 
 lint:
-	ruff check . && ruff format --check .
+	ruff check . && ruff format --check . && $(PY) scripts/check_layers.py
 
 proto:
 	$(PY) scripts/gen_proto.py

@@ -41,14 +41,14 @@ from pathlib import Path
 
 import torch
 
-from edgeshard.coordinator.generate import AsyncLocalPipeline, Sequence, generate
-from edgeshard.node.checkpoint import open_checkpoint
-from edgeshard.node.config import ShardSpec
-from edgeshard.node.executor import LocalPipeline, ShardExecutor
-from edgeshard.node.loader import load_stage, shard_metadata
-from edgeshard.node.models import resolve_model
-from edgeshard.node.sampling import SamplingParams
-from edgeshard.node.tokenizer import Tokenizer
+from edgeshard.coordinator.pipeline.generate import AsyncLocalPipeline, Sequence, generate
+from edgeshard.node.model.config import ShardSpec
+from edgeshard.node.model.executor import LocalPipeline, ShardExecutor
+from edgeshard.node.model.sampling import SamplingParams
+from edgeshard.node.weights.checkpoint import open_checkpoint
+from edgeshard.node.weights.loader import load_stage, shard_metadata
+from edgeshard.node.weights.registry import resolve_model
+from edgeshard.node.weights.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode.json"
 PROMPT_TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "perplexity.txt"

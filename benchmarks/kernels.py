@@ -97,7 +97,7 @@ def _make_kernels(in_f: int, out_f: int, batch: int) -> dict[str, Callable[[], o
         "fbgemm_int8": lambda: torch.ops.quantized.linear_dynamic(x32, packed_fbgemm),
         "int4pack": lambda: torch._weight_int4pack_mm_for_cpu(x16, packed4, GROUP, sz),
     }
-    from edgeshard.node import native
+    from edgeshard.node.lowbit import native
 
     if native.available():
         codes8, (codes4, params4) = native.pack_int8(q8), native.pack_int4(q4, scale, lo)
@@ -115,7 +115,7 @@ def crossover(min_time_s: float, repeats: int, out: Path) -> None:
     Process CPU time, not wall time: on a shared machine it leaves out the time other processes hold the
     core (the run is single-threaded, so CPU time is the work done).
     """
-    from edgeshard.node import quant
+    from edgeshard.node.lowbit import layers as quant
 
     print(f"ms per forward (CPU time), {torch.get_num_threads()} thread(s): kernel / dequantize+bf16 matmul")
     print(f"{'shape':<20}{'fmt':>6}" + "".join(f"{r:>14}" for r in CROSSOVER_ROWS))
@@ -158,7 +158,7 @@ def main() -> None:
         crossover(min_time_s, repeats, args.out.with_name("crossover.json"))
         return
 
-    from edgeshard.node import native
+    from edgeshard.node.lowbit import native
 
     names = KERNELS + (AMX_KERNELS if native.available() else ())
     rows = []

@@ -30,15 +30,15 @@ from types import SimpleNamespace
 
 import torch
 
-from edgeshard.coordinator.cluster import LocalCluster
-from edgeshard.coordinator.generate import AsyncLocalPipeline, Sequence, generate
-from edgeshard.coordinator.remote_run import deploy
-from edgeshard.node.checkpoint import open_checkpoint
-from edgeshard.node.config import ShardSpec
-from edgeshard.node.executor import LocalPipeline, ShardExecutor
-from edgeshard.node.loader import load_stage
-from edgeshard.node.models import resolve_model
-from edgeshard.node.sampling import SamplingParams
+from edgeshard.coordinator.pipeline.deploy import deploy
+from edgeshard.coordinator.pipeline.generate import AsyncLocalPipeline, Sequence, generate
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.node.model.config import ShardSpec
+from edgeshard.node.model.executor import LocalPipeline, ShardExecutor
+from edgeshard.node.model.sampling import SamplingParams
+from edgeshard.node.weights.checkpoint import open_checkpoint
+from edgeshard.node.weights.loader import load_stage
+from edgeshard.node.weights.registry import resolve_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline.json"
 # A fixed prompt of token ids (a chat turn of SmolLM2), so every configuration prefills the same 30 tokens.
@@ -154,7 +154,7 @@ async def node_config(
 ) -> Config:
     """`n` node processes on 127.0.0.1 with an even split, kept up until `stack` closes."""
     num_layers = open_checkpoint(path).config.num_hidden_layers
-    cluster = stack.enter_context(LocalCluster(n, model_dir=path.parent, threads=threads, name=f"bench{n}-"))
+    cluster = stack.enter_context(LocalNodes(n, model_dir=path.parent, threads=threads, name=f"bench{n}-"))
     d = await deploy(cluster.addresses, path.name, num_layers, quant)
     stack.push_async_callback(d.close)
     pipe = await d.pipeline()

@@ -36,11 +36,11 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from edgeshard.coordinator.cluster import LocalCluster
-from edgeshard.coordinator.generate import Sequence, generate
-from edgeshard.coordinator.remote_run import deploy
-from edgeshard.node.models import resolve_model
-from edgeshard.node.sampling import SamplingParams
+from edgeshard.coordinator.pipeline.deploy import deploy
+from edgeshard.coordinator.pipeline.generate import Sequence, generate
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.node.model.sampling import SamplingParams
+from edgeshard.node.weights.registry import resolve_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "planner.json"
 # (name, threads, memory limit): only "big" can hold the whole model (about 137 MiB with the KV cache)
@@ -81,7 +81,7 @@ CONTEXT = 512
 REMEASURE_S = 3.0  # nodes re-measure themselves this often while idle; the planner sees the median of 5 runs
 
 
-class UnequalNode(LocalCluster):
+class UnequalNode(LocalNodes):
     """One node process with its own thread count and memory limit."""
 
     def __init__(self, name: str, threads: int, limit: str, model_dir: Path) -> None:
@@ -144,17 +144,17 @@ def _summary(plan, runs: list[dict]) -> dict:
 
 async def bench(args: argparse.Namespace, model: str, addresses: list[str]) -> dict:
     """Plan, run both plans in turns, and summarise."""
-    from edgeshard.coordinator.discovery import StaticDiscovery
-    from edgeshard.coordinator.links import measure_links
-    from edgeshard.coordinator.placement import plan_node, usable
-    from edgeshard.coordinator.planner import make_plan
-    from edgeshard.node.checkpoint import open_checkpoint
-    from edgeshard.node.config import even_split
-    from edgeshard.node.cost import ModelCost
-    from edgeshard.node.loader import default_quant
+    from edgeshard.coordinator.discovery.mdns import StaticDiscovery
+    from edgeshard.coordinator.placement.gather import plan_node, usable
+    from edgeshard.coordinator.placement.links import measure_links
+    from edgeshard.coordinator.placement.planner import make_plan
+    from edgeshard.node.model.config import even_split
+    from edgeshard.node.model.cost import ModelCost
+    from edgeshard.node.weights.checkpoint import open_checkpoint
+    from edgeshard.node.weights.loader import checkpoint_quant
 
     ckpt = open_checkpoint(resolve_model(model))
-    cost = ModelCost.of(ckpt.config, default_quant(ckpt))
+    cost = ModelCost.of(ckpt.config, checkpoint_quant(ckpt))
     members = usable(await StaticDiscovery(addresses).browse())
     links = await measure_links(addresses)
     nodes = [plan_node(m, links[m.address]) for m in members]  # one snapshot: both plans see the same inputs

@@ -31,19 +31,19 @@ from pathlib import Path
 
 import torch
 
-from edgeshard.coordinator.cluster import LocalCluster
-from edgeshard.coordinator.generate import Sequence, generate
-from edgeshard.coordinator.recovery import resilient
-from edgeshard.coordinator.remote_run import deploy
-from edgeshard.node.config import even_split
-from edgeshard.node.models import resolve_model
-from edgeshard.node.sampling import SamplingParams
+from edgeshard.coordinator.pipeline.deploy import deploy
+from edgeshard.coordinator.pipeline.generate import Sequence, generate
+from edgeshard.coordinator.recovery.resilient import resilient
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.node.model.config import even_split
+from edgeshard.node.model.sampling import SamplingParams
+from edgeshard.node.weights.registry import resolve_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "recovery.json"
 PROMPT = list(range(1000, 1100))  # 100 token ids: a prefill of one chunk and a bit
 
 
-async def run_trial(pipe, cluster: LocalCluster, tokens: int, stage: int, after: int) -> dict:
+async def run_trial(pipe, cluster: LocalNodes, tokens: int, stage: int, after: int) -> dict:
     """One generation that loses the node of `stage` after `after` tokens; timings of the recovery."""
     victim = cluster.addresses.index(pipe.deployment.plan[stage]["address"])
     out, times, killed = [], [], [0.0]
@@ -69,7 +69,7 @@ async def run_trial(pipe, cluster: LocalCluster, tokens: int, stage: int, after:
     }
 
 
-async def main_async(args: argparse.Namespace, path: Path, cluster: LocalCluster) -> dict:
+async def main_async(args: argparse.Namespace, path: Path, cluster: LocalNodes) -> dict:
     rng = random.Random(args.seed)
     spare = args.mode == "spare"
     specs = even_split(30, 3)
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     path = resolve_model(args.model)
     nodes = 4 if args.mode == "spare" else 3
-    with LocalCluster(nodes, model_dir=path.parent, name="recov", node_args=["--no-benchmark"]) as cluster:
+    with LocalNodes(nodes, model_dir=path.parent, name="recov", node_args=["--no-benchmark"]) as cluster:
         result = asyncio.run(main_async(args, path, cluster))
     trials = result["trials"]
     from rich.console import Console

@@ -35,12 +35,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from edgeshard.coordinator.cluster import LocalCluster
-from edgeshard.coordinator.engine import GenerationRequest
-from edgeshard.coordinator.placement import plan_for_args
-from edgeshard.coordinator.remote_run import deploy
-from edgeshard.coordinator.serving import deployment_engine
-from edgeshard.node.models import resolve_model
+from edgeshard.coordinator.pipeline.deploy import deploy
+from edgeshard.coordinator.placement.gather import PlacementOptions, plan_for
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.coordinator.serving.assemble import deployment_engine
+from edgeshard.coordinator.serving.engine import GenerationRequest
+from edgeshard.node.weights.registry import resolve_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "throughput.json"
 TOPICS = [
@@ -57,7 +57,7 @@ STAT_FIELDS = (
 class Ring:
     """A deployed 2-node ring and the serving engine over it."""
 
-    def __init__(self, name: str, cluster: LocalCluster, deployment, served) -> None:
+    def __init__(self, name: str, cluster: LocalNodes, deployment, served) -> None:
         self.name, self.cluster, self.deployment, self.served = name, cluster, deployment, served
 
     async def stats(self) -> list[dict]:
@@ -115,7 +115,7 @@ class Ring:
         }
 
 
-async def open_ring(cluster: LocalCluster, path: Path, quant: str | None, mode: str, layers: str) -> Ring:
+async def open_ring(cluster: LocalNodes, path: Path, quant: str | None, mode: str, layers: str) -> Ring:
     """Load the model over the cluster's nodes and build the engine `serve` would; named format/compute/split.
 
     layers "auto": the planner places the layers as `serve --peers ... --layers auto --objective throughput`
@@ -124,11 +124,14 @@ async def open_ring(cluster: LocalCluster, path: Path, quant: str | None, mode: 
     """
     addresses, specs = cluster.addresses, None
     if layers != "even":
-        plan_args = argparse.Namespace(
-            peers=",".join(cluster.addresses), model=str(path), quant=quant, layers=layers,
-            objective="throughput", context=2048, sessions=16, mdns_interface=[], cluster="default", timeout=2.0,
-        )  # fmt: skip
-        plan = await plan_for_args(plan_args, path, show=False)
+        opts = PlacementOptions(
+            peers=",".join(cluster.addresses),
+            layers=layers,
+            objective="throughput",
+            context=2048,
+            sessions=16,
+        )
+        plan = await plan_for(opts, str(path), path, quant, show=False)
         addresses, specs = plan.addresses(), plan.specs()
     deployment = await deploy(addresses, path.name, 30, quant, specs=specs)
     pipeline = await deployment.pipeline()
@@ -203,7 +206,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     try:
         for quant in args.quant:
             for mode in modes:
-                cluster = LocalCluster(
+                cluster = LocalNodes(
                     2, model_dir=path.parent, threads=1, name=mode, node_args=["--compute", mode]
                 )
                 cluster.start()

@@ -1,36 +1,17 @@
-"""The errors of the serving path, shared by the engine, the HTTP API and the SDK.
+"""The coordinator's errors: the serving path's (engine, HTTP API, SDK), the cluster's and the user's.
 
 One class per thing a caller can do something about. Each knows its HTTP status and its OpenAI error fields
 (`type`, `param`, `code`), so the server turns it into `{"error": {...}}` and the SDK turns that JSON back into
 the same class: `except ClusterBusyError` works the same against an in-process `Engine` and a remote server.
-This module imports nothing heavy (the SDK depends on it).
+This module imports nothing heavy (the SDK depends on it). The root, `EdgeshardError`, is node/errors.py's:
+one tree for the whole package.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-
-class EdgeshardError(Exception):
-    """Base of the serving errors; `message` says what went wrong and what to do."""
-
-    status = 500
-    type = "server_error"
-    default_code: str | None = None
-
-    def __init__(
-        self, message: str, *, param: str | None = None, code: str | None = None, status: int | None = None
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code or self.default_code
-        if status is not None:
-            self.status = status
-
-    def to_dict(self) -> dict[str, Any]:
-        """The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+from edgeshard.node.errors import EdgeshardError
 
 
 class BadRequestError(EdgeshardError):
@@ -83,6 +64,38 @@ class ServerUnavailableError(EdgeshardError):
     status = 503
     type = "service_unavailable"
     default_code = "no_plan"
+
+
+class UserError(EdgeshardError):
+    """A mistake on the command line the user can fix (exit code 2); printed as one line."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class ClusterError(ServerUnavailableError):
+    """The cluster cannot do what was asked (a node refused a load or failed a step); the message says why."""
+
+    default_code = "cluster_error"
+
+
+class PlanError(ClusterError):
+    """No placement fits (or an explicit one does not); the message says what is missing and what to add.
+
+    `missing_bytes` is the memory a node to add needs at least (0 when it is not memory that is missing).
+    """
+
+    default_code = "no_plan"
+
+    def __init__(self, message: str, missing_bytes: int = 0) -> None:
+        super().__init__(message)
+        self.missing_bytes = missing_bytes
+
+
+class CapacityError(PlanError):
+    """After a failure, the nodes left cannot hold the model; the message names them and what to add."""
+
+    default_code = "insufficient_memory"
 
 
 _BY_STATUS: dict[int, type[EdgeshardError]] = {

@@ -14,7 +14,7 @@ def smollm2_path() -> Path:
     It lives in the normal model cache ($EDGESHARD_HOME/models or ~/.cache/edgeshard/models), so every test session
     and every engineer's run shares one copy. Tests must not modify it: copy it into tmp_path first.
     """
-    from edgeshard.node.models import pull
+    from edgeshard.node.weights.registry import pull
 
     return pull("smollm2-135m", progress=False)
 
@@ -23,9 +23,9 @@ def smollm2_path() -> Path:
 def node_cluster(smollm2_path):
     """Three `edgeshard node` processes on 127.0.0.1 (port 0, 1 torch thread each) serving the demo model's
     directory; shared by the pipeline tests (each test loads the plan it needs). Stopped at the end."""
-    from edgeshard.coordinator.cluster import LocalCluster
+    from edgeshard.coordinator.sdk.local_nodes import LocalNodes
 
-    with LocalCluster(3, model_dir=Path(smollm2_path).parent, threads=1, name="test-node") as cluster:
+    with LocalNodes(3, model_dir=Path(smollm2_path).parent, threads=1, name="test-node") as cluster:
         yield cluster
 
 
@@ -33,8 +33,8 @@ def node_cluster(smollm2_path):
 def api_server(smollm2_path):
     """The OpenAI-compatible HTTP API on 127.0.0.1 (free port) over the demo model in this process (one torch
     thread, one worker thread); `.url` and `.served.engine`. Shared by the HTTP API and SDK tests."""
-    from edgeshard.coordinator.http_server import BackgroundServer
-    from edgeshard.coordinator.serving import local_engine
+    from edgeshard.coordinator.serving.assemble import local_engine
+    from edgeshard.coordinator.serving.http_server import BackgroundServer
 
     server = BackgroundServer(lambda: local_engine(str(smollm2_path), threads=1, max_running=4, max_queued=4))
     server.start()

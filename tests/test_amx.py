@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 from weights import FloatSrc
 
-from edgeshard.node import native, quant
-from edgeshard.node.quant import Int4Linear, Int8Linear, make_linear
+from edgeshard.node.lowbit import factory, native
+from edgeshard.node.lowbit import layers as quant
+from edgeshard.node.lowbit.factory import make_linear
+from edgeshard.node.lowbit.layers import Int4Linear, Int8Linear
 
 amx = pytest.mark.skipif(not native.available(), reason=f"no AMX kernels here: {native.status()}")
 
@@ -28,7 +30,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def q4_1_source(smollm2_path):
     """A real Q4_1 tensor of the demo model (ffn_down: 576 x 1536) as a WeightSource."""
-    from edgeshard.node.checkpoint import open_checkpoint
+    from edgeshard.node.weights.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(smollm2_path)
     src = ckpt.weight("model.layers.3.mlp.down_proj.weight")
@@ -74,7 +76,7 @@ def test_same_weights_as_torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(1)
     w = torch.randn(64, 128)
     amx8, amx4 = make_linear(FloatSrc(w), None, "int8"), make_linear(FloatSrc(w), None, "int4")
-    monkeypatch.setattr(quant, "_amx_kernels", lambda: False)
+    monkeypatch.setattr(factory, "_amx_kernels", lambda: False)
     t8, t4 = make_linear(FloatSrc(w), None, "int8"), make_linear(FloatSrc(w), None, "int4")
     assert type(t8) is Int8Linear and type(t4) is Int4Linear
     assert torch.equal(amx8.dequantize(), t8.dequantize())
@@ -125,14 +127,15 @@ def test_bytes_and_errors() -> None:
 def test_fallback_without_native_kernels() -> None:
     """EDGESHARD_NATIVE=0 (or a CPU without AMX) builds the torch-kernel layers and says why."""
     code = (
-        "from edgeshard.node import native, quant\n"
+        "from edgeshard.node.lowbit import factory, native\n"
+        "from edgeshard.node.lowbit import layers as quant\n"
         "import torch\n"
         "print(native.status())\n"
         "print(type(quant.Int8Linear.from_float(torch.randn(32, 64))).__name__)\n"
         "class S:\n"
         "    name, shape, ggml_type = 'w', (32, 64), None\n"
         "    def dense(self): return torch.randn(32, 64)\n"
-        "print(type(quant.make_linear(S(), None, 'int4')).__name__)\n"
+        "print(type(factory.make_linear(S(), None, 'int4')).__name__)\n"
     )
     env = {**os.environ, "EDGESHARD_NATIVE": "0"}
     out = subprocess.run(
@@ -148,14 +151,14 @@ def test_fallback_without_native_kernels() -> None:
 
 @pytest.fixture(scope="module")
 def int4_ckpt(smollm2_path):
-    from edgeshard.node.checkpoint import open_checkpoint
+    from edgeshard.node.weights.checkpoint import open_checkpoint
 
     return open_checkpoint(smollm2_path)
 
 
 def _decode(stages, prompt: list[int], steps: list[int]) -> torch.Tensor:
     """Prefill `prompt` through the stages, then one decode row per id of `steps`: (len(steps), V) logits."""
-    from edgeshard.node.model import Segment
+    from edgeshard.node.model.decoder import Segment
 
     caches = [s.new_cache(256) for s in stages]
 
@@ -171,8 +174,8 @@ def _decode(stages, prompt: list[int], steps: list[int]) -> torch.Tensor:
 
 @amx
 def test_fused_decode_matches_the_modules(int4_ckpt) -> None:
-    from edgeshard.node.config import ShardSpec
-    from edgeshard.node.loader import load_stage
+    from edgeshard.node.model.config import ShardSpec
+    from edgeshard.node.weights.loader import load_stage
 
     stage = load_stage(int4_ckpt, ShardSpec.full(30), quant="int4")
     assert stage.fused_decode() is not None
@@ -190,9 +193,9 @@ def test_fused_decode_matches_the_modules(int4_ckpt) -> None:
 def test_decode_rows_do_not_depend_on_their_batch_or_split(int4_ckpt) -> None:
     """A decode row gives bit-identical logits alone, batched with other decode rows and a prefill chunk,
     and with the layers split over three stages."""
-    from edgeshard.node.config import ShardSpec, even_split
-    from edgeshard.node.loader import load_stage
-    from edgeshard.node.model import Segment
+    from edgeshard.node.model.config import ShardSpec, even_split
+    from edgeshard.node.model.decoder import Segment
+    from edgeshard.node.weights.loader import load_stage
 
     stage = load_stage(int4_ckpt, ShardSpec.full(30), quant="int4")
     a, b, c = [1, 504, 3458, 282], [1, 22, 2113, 17, 990], [1, 3458, 30, 378, 260, 5112, 314]

@@ -9,16 +9,16 @@ from collections import deque
 import pytest
 import torch
 
-from edgeshard.coordinator.admission import Admission, kv_capacity
-from edgeshard.coordinator.groups import StepGroups
-from edgeshard.node.batching import Pending, StageTimes, group_size, take_batch
-from edgeshard.node.config import ModelConfig, ShardSpec
-from edgeshard.node.executor import LocalPipeline, ShardExecutor, StepError, StepRequest
-from edgeshard.node.model import Stage
-from edgeshard.node.ring import LAST, LoadedShard, RingNode
-from edgeshard.node.sampling import SamplingParams
+from edgeshard.coordinator.pipeline.groups import StepGroups
+from edgeshard.coordinator.serving.admission import Admission, kv_capacity
+from edgeshard.node.model.config import ModelConfig, ShardSpec
+from edgeshard.node.model.decoder import Stage
+from edgeshard.node.model.executor import LocalPipeline, ShardExecutor, StepError, StepRequest
+from edgeshard.node.model.sampling import SamplingParams
+from edgeshard.node.service.batching import Pending, StageTimes, group_size, take_batch
+from edgeshard.node.service.ring import LAST, LoadedShard, RingNode
 from edgeshard.node.wire import edgeshard_pb2 as pb
-from edgeshard.node.wire_tensors import invalid
+from edgeshard.node.wire.tensors import invalid
 
 torch.set_num_threads(1)
 TINY = ModelConfig(
@@ -263,7 +263,7 @@ def test_malformed_batches_are_refused_and_the_rest_taken():
 
 
 def test_coalesce_packs_runs_in_order_under_the_size_cap(monkeypatch):
-    from edgeshard.node import next_hop
+    from edgeshard.node.service import next_hop
 
     def step(sid: str, floats: int) -> pb.ForwardMessage:
         msg = pb.ForwardMessage(session_id=sid)

@@ -8,11 +8,12 @@ import time
 import pytest
 import torch
 
-from edgeshard.node.advertise import Advert, instance_name
-from edgeshard.node.capability import Capability, fill_wire, format_bytes, from_wire, measure, parse_size
-from edgeshard.node.config import ModelConfig
-from edgeshard.node.cost import ModelCost
-from edgeshard.node.identity import claim_identity
+from edgeshard.node.model.config import ModelConfig
+from edgeshard.node.model.cost import ModelCost
+from edgeshard.node.presence.advertise import Advert, instance_name
+from edgeshard.node.presence.capability import Capability, fill_wire, format_bytes, from_wire, parse_size
+from edgeshard.node.presence.identity import claim_identity
+from edgeshard.node.presence.microbench import measure
 from edgeshard.node.wire import edgeshard_pb2 as pb
 
 
@@ -65,10 +66,10 @@ def test_estimates_grow_with_the_work(cap):
 def test_predicted_layer_time_is_close_to_a_real_layer(cap):
     """A decoder layer at a mid-size shape: the estimate is within a factor of 3 of the measured time (this
     is a shared CI machine; benchmarks/planner.py holds the 20% target on whole pipelines)."""
-    from edgeshard.node.config import ShardSpec
-    from edgeshard.node.microbench import _median_ms
-    from edgeshard.node.model import Segment, Stage
-    from edgeshard.node.quant import Int4Linear
+    from edgeshard.node.lowbit.layers import Int4Linear
+    from edgeshard.node.model.config import ShardSpec
+    from edgeshard.node.model.decoder import Segment, Stage
+    from edgeshard.node.presence.microbench import _median_ms
 
     cfg = ModelConfig(
         vocab_size=1000,
@@ -164,7 +165,7 @@ def test_node_id_is_kept_and_claimed_by_one_process(tmp_path):
 
 
 def test_monitor_reports_the_median_of_recent_runs():
-    from edgeshard.node.capability import CapabilityMonitor
+    from edgeshard.node.presence.monitor import CapabilityMonitor
 
     runs = [
         Capability(int4_gbps=g, mem_gbps=10.0, layer_overhead_ms=0.1) for g in (1.0, 9.0, 2.0, 3.0, 50.0, 4.0)

@@ -11,13 +11,13 @@ import openai
 import pytest
 import torch
 
-from edgeshard.coordinator.cluster import LocalCluster
-from edgeshard.coordinator.generate import Sequence, generate
-from edgeshard.coordinator.http_server import BackgroundServer
-from edgeshard.coordinator.remote_run import deploy
-from edgeshard.coordinator.serving import peers_engine
-from edgeshard.coordinator.stage_client import connect
-from edgeshard.node.sampling import SamplingParams
+from edgeshard.coordinator.pipeline.deploy import deploy
+from edgeshard.coordinator.pipeline.generate import Sequence, generate
+from edgeshard.coordinator.pipeline.stage_client import connect
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.coordinator.serving.assemble import peers_engine
+from edgeshard.coordinator.serving.http_server import BackgroundServer
+from edgeshard.node.model.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)
@@ -188,9 +188,7 @@ def test_full_kv_budget_is_429_and_admitted_requests_are_right(smollm2_path):
     prompt = [1, 504, 3458, 282, 4649, 314, 8411, 30]  # 8 tokens + 16 generated: 24 positions a request
     per_position = 15 * 2 * 3 * 64 * 4  # 15 f32 layers of SmolLM2 on each node, K and V
     budget = 60 * per_position  # two requests fit (48 positions), a third waits
-    with LocalCluster(
-        2, model_dir=smollm2_path.parent, name="kv", node_args=["--kv-budget", str(budget)]
-    ) as c:
+    with LocalNodes(2, model_dir=smollm2_path.parent, name="kv", node_args=["--kv-budget", str(budget)]) as c:
         server = BackgroundServer(
             lambda: peers_engine(
                 c.addresses, "smollm2-135m", QUANT, node_model=smollm2_path.name, max_running=8, max_queued=1

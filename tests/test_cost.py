@@ -6,9 +6,10 @@ import pytest
 import torch
 from weights import FloatSrc
 
-from edgeshard.node.config import ModelConfig, ShardSpec
-from edgeshard.node.cost import QUANTS, ModelCost, linear_bytes
-from edgeshard.node.quant import make_linear, module_weight_bytes
+from edgeshard.node.lowbit.factory import make_linear
+from edgeshard.node.lowbit.layers import module_weight_bytes
+from edgeshard.node.model.config import ModelConfig, ShardSpec
+from edgeshard.node.model.cost import QUANTS, ModelCost, linear_bytes
 
 
 @pytest.mark.parametrize("quant", QUANTS)
@@ -41,8 +42,8 @@ def test_model_cost_of_a_config():
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["int4", "int8", "bf16"])
 def test_shard_bytes_match_the_loader(smollm2_path, quant):
-    from edgeshard.node.checkpoint import open_checkpoint
-    from edgeshard.node.loader import load_stage, stage_weight_bytes
+    from edgeshard.node.weights.checkpoint import open_checkpoint
+    from edgeshard.node.weights.loader import load_stage, stage_weight_bytes
 
     torch.set_num_threads(1)
     ckpt = open_checkpoint(smollm2_path)

@@ -18,16 +18,16 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from edgeshard.coordinator.cluster import LocalCluster
-from edgeshard.coordinator.discovery import ZeroconfDiscovery
-from edgeshard.coordinator.remote_run import deploy
-from edgeshard.node.security import for_local_nodes
+from edgeshard.coordinator.discovery.mdns import ZeroconfDiscovery
+from edgeshard.coordinator.pipeline.deploy import deploy
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.node.security.channels import for_local_nodes
 
 pytestmark = pytest.mark.slow
 LOOPBACK = ["--mdns-interface", "127.0.0.1"]
 
 
-class AdvertisedNodes(LocalCluster):
+class AdvertisedNodes(LocalNodes):
     """Local node processes that announce themselves on mDNS (127.0.0.1 only), with per-node extra flags."""
 
     def __init__(
@@ -50,7 +50,7 @@ class AdvertisedNodes(LocalCluster):
 def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "edgeshard.coordinator.cli", *args],
+        [sys.executable, "-m", "edgeshard.coordinator.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

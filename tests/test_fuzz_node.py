@@ -18,17 +18,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeshard.coordinator.cluster import LocalCluster
-from edgeshard.coordinator.generate import Sequence, generate
-from edgeshard.coordinator.remote_run import deploy
-from edgeshard.node.model_dir import resolve_in_model_dir
-from edgeshard.node.models import REGISTRY
-from edgeshard.node.sampling import SamplingParams
-from edgeshard.node.security import ClusterKey, channel
-from edgeshard.node.shard_load import _HOST_PORT
+from edgeshard.coordinator.pipeline.deploy import deploy
+from edgeshard.coordinator.pipeline.generate import Sequence, generate
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.node.model.sampling import SamplingParams
+from edgeshard.node.security.channels import ClusterKey, channel
+from edgeshard.node.service.shard_load import _HOST_PORT
+from edgeshard.node.weights.model_dir import resolve_in_model_dir
+from edgeshard.node.weights.registry import REGISTRY
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire import edgeshard_pb2_grpc as pb_grpc
-from edgeshard.node.wire_tensors import status_code
+from edgeshard.node.wire.tensors import status_code
 
 pytestmark = pytest.mark.slow
 S = grpc.StatusCode
@@ -93,7 +93,7 @@ def fuzz_node(tmp_path_factory, smollm2_path):
     models = _model_dir(tmp_path_factory.mktemp("fuzz"), smollm2_path)
     key = ClusterKey.generate()
     loop = LoopThread()
-    with LocalCluster(1, model_dir=models, name="fuzz", max_sessions=8, security=key) as cluster:
+    with LocalNodes(1, model_dir=models, name="fuzz", max_sessions=8, security=key) as cluster:
         ch = loop.run(_open_channel(cluster.addresses[0], key))
         node = FuzzNode(cluster, key, loop, pb_grpc.NodeStub(ch))
         node.models, node.model_file = models, (models / "model.gguf").resolve()
@@ -111,7 +111,7 @@ async def _open_channel(address: str, key: ClusterKey):
 class FuzzNode:
     """The node under fuzzing and what the targets need of it."""
 
-    def __init__(self, cluster: LocalCluster, key: ClusterKey, loop: LoopThread, stub) -> None:
+    def __init__(self, cluster: LocalNodes, key: ClusterKey, loop: LoopThread, stub) -> None:
         self.cluster, self.key, self.loop, self.stub = cluster, key, loop, stub
         self.address = cluster.addresses[0]
         self.reference: list[int] = []

@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from edgeshard.node.gguf_file import GGUFFile, GGUFFormatError
+from edgeshard.node.weights.gguf_file import GGUFFile, GGUFFormatError
 
 
 def test_fields_and_tensors_match_gguf_reader(smollm2_path):

@@ -11,8 +11,8 @@ import openai
 import pytest
 import torch
 
-from edgeshard.coordinator.generate import AsyncLocalPipeline, Sequence, generate
-from edgeshard.node.sampling import SamplingParams
+from edgeshard.coordinator.pipeline.generate import AsyncLocalPipeline, Sequence, generate
+from edgeshard.node.model.sampling import SamplingParams
 
 CHAT = [{"role": "user", "content": "Name three colors."}]
 

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgeshard.coordinator.errors import AuthenticationError
-from edgeshard.coordinator.http_security import HttpSecurity
-from edgeshard.coordinator.http_server import BackgroundServer
 from edgeshard.coordinator.sdk import Client
-from edgeshard.coordinator.serving import local_engine
+from edgeshard.coordinator.serving.assemble import local_engine
+from edgeshard.coordinator.serving.http_security import HttpSecurity
+from edgeshard.coordinator.serving.http_server import BackgroundServer
 
 KEY = "sk-edgeshard-test-0123456789"
 ALLOWED = "https://classroom.example"

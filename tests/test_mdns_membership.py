@@ -14,16 +14,16 @@ import uuid
 import pytest
 from zeroconf.asyncio import AsyncServiceInfo
 
-from edgeshard.coordinator.cluster import LocalCluster
-from edgeshard.coordinator.discovery import ZeroconfDiscovery
-from edgeshard.node.advert_proof import sign_txt
-from edgeshard.node.advertise import SERVICE_TYPE, Advert, make_zeroconf
-from edgeshard.node.cluster_key import ClusterKey
+from edgeshard.coordinator.discovery.mdns import ZeroconfDiscovery
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.node.presence.advertise import SERVICE_TYPE, Advert, make_zeroconf
+from edgeshard.node.security.advert_proof import sign_txt
+from edgeshard.node.security.cluster_key import ClusterKey
 
 pytestmark = pytest.mark.slow
 
 
-class AdvertisedNode(LocalCluster):
+class AdvertisedNode(LocalNodes):
     """One node process announcing itself on mDNS, 127.0.0.1 only, in `cluster`."""
 
     def __init__(self, cluster: str, key: ClusterKey) -> None:

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from edgeshard.node.checkpoint import CheckpointError, open_checkpoint
-from edgeshard.node.config import ShardSpec, UnsupportedModelError, even_split
-from edgeshard.node.loader import load_stage, stage_weight_bytes
-from edgeshard.node.model import Segment, Stage
+from edgeshard.node.model.config import ShardSpec, UnsupportedModelError, even_split
+from edgeshard.node.model.decoder import Segment, Stage
+from edgeshard.node.weights.checkpoint import CheckpointError, open_checkpoint
+from edgeshard.node.weights.loader import load_stage, stage_weight_bytes
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -105,8 +105,8 @@ def test_gguf_logits_match_transformers(full_f32, hf_reference, ids):
 
 @pytest.mark.slow
 def test_greedy_tokens_match_transformers(full_f32, hf_reference):
-    from edgeshard.node.executor import LocalPipeline, ShardExecutor
-    from edgeshard.node.sampling import SamplingParams
+    from edgeshard.node.model.executor import LocalPipeline, ShardExecutor
+    from edgeshard.node.model.sampling import SamplingParams
 
     prompt = PROMPTS[1]
     with torch.no_grad():

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeshard.node.checkpoint import open_checkpoint
-from edgeshard.node.model_dir import resolve_in_model_dir
-from edgeshard.node.wire_tensors import WireError
+from edgeshard.node.weights.checkpoint import open_checkpoint
+from edgeshard.node.weights.model_dir import resolve_in_model_dir
+from edgeshard.node.wire.tensors import WireError
 
 _RECORD: list[list[str]] = []  # while non-empty, the audit hook appends what is opened or listed to [-1]
 

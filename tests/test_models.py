@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from edgeshard.node import models
-from edgeshard.node.models import (
+from edgeshard.node.weights import registry as models
+from edgeshard.node.weights.registry import (
     REGISTRY,
-    ModelNotFoundError,
+    ModelFileNotFoundError,
     ModelPullError,
     ModelRefError,
     RegistryEntry,
@@ -194,7 +194,11 @@ def test_resolve_model_paths(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("make", "error", "pattern"),
     [
-        (lambda p: p / "missing.gguf", ModelNotFoundError, "neither an existing path nor a known model name"),
+        (
+            lambda p: p / "missing.gguf",
+            ModelFileNotFoundError,
+            "neither an existing path nor a known model name",
+        ),
         (lambda p: p / "text.gguf", ModelRefError, "not a GGUF checkpoint"),
         (lambda p: p, ModelRefError, "directory without config.json and \\*.safetensors"),
     ],
@@ -204,7 +208,7 @@ def test_resolve_model_errors_are_clear(tmp_path: Path, make, error: type, patte
     with pytest.raises(error, match=pattern) as err:
         resolve_model(make(tmp_path), cache_dir=tmp_path / "cache")
     assert "a .gguf file" in str(err.value) and "registry name" in str(err.value)
-    if error is ModelNotFoundError:
+    if error is ModelFileNotFoundError:
         assert isinstance(err.value, FileNotFoundError) and "smollm2-135m" in str(err.value)
     else:
         assert isinstance(err.value, ValueError)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from edgeshard.coordinator.cluster import LocalCluster
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
 SUBNET = "10.77.0"  # private /24, inside the test's namespaces only
@@ -102,7 +102,7 @@ def lab():
     lab.destroy()
 
 
-class NamespacedNodes(LocalCluster):
+class NamespacedNodes(LocalNodes):
     """One node process per namespace host, each announcing on its own eth0 address."""
 
     def __init__(
@@ -133,7 +133,7 @@ def test_generation_across_three_hosts(lab, smollm2_path):
                 [
                     sys.executable,
                     "-m",
-                    "edgeshard.coordinator.cli",
+                    "edgeshard.coordinator.cli.main",
                     "run",
                     "--model",
                     str(smollm2_path),
@@ -170,7 +170,7 @@ def test_generation_across_three_hosts(lab, smollm2_path):
         [
             sys.executable,
             "-m",
-            "edgeshard.coordinator.cli",
+            "edgeshard.coordinator.cli.main",
             "run",
             "--model",
             str(smollm2_path),

@@ -14,16 +14,16 @@ import psutil
 import pytest
 import torch
 
-from edgeshard.coordinator.cluster import LocalCluster
-from edgeshard.coordinator.generate import Sequence, generate
-from edgeshard.coordinator.remote import RemoteStepError
-from edgeshard.coordinator.remote_run import deploy
-from edgeshard.node.ring import GRPC_OPTIONS
-from edgeshard.node.sampling import SamplingParams
-from edgeshard.node.security import ClusterKey, channel
+from edgeshard.coordinator.pipeline.deploy import deploy
+from edgeshard.coordinator.pipeline.generate import Sequence, generate
+from edgeshard.coordinator.pipeline.remote import RemoteStepError
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.node.model.sampling import SamplingParams
+from edgeshard.node.security.channels import ClusterKey, channel
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire import edgeshard_pb2_grpc as pb_grpc
-from edgeshard.node.wire_tensors import MAX_MESSAGE_BYTES, MAX_STEP_ROWS, tensor_to_wire
+from edgeshard.node.wire.options import GRPC_OPTIONS, MAX_MESSAGE_BYTES
+from edgeshard.node.wire.tensors import MAX_STEP_ROWS, tensor_to_wire
 
 pytestmark = pytest.mark.slow
 PROMPT = [1, 504, 3458, 282, 4649, 314, 8411, 30]
@@ -169,7 +169,7 @@ def test_load_refuses_paths_outside_the_model_dir(node_cluster):
 
 
 def test_sigterm_stops_a_node_cleanly(smollm2_path):
-    with LocalCluster(1, model_dir=smollm2_path.parent, name="term") as cluster:
+    with LocalNodes(1, model_dir=smollm2_path.parent, name="term") as cluster:
         proc = cluster.procs[0]
 
         async def hold_stream_then_term():
@@ -193,7 +193,7 @@ def _free_port() -> int:
 
 def _cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "edgeshard.coordinator.cli", *args],
+        [sys.executable, "-m", "edgeshard.coordinator.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -236,7 +236,7 @@ def test_cluster_children_die_with_a_killed_parent(smollm2_path):
         [
             sys.executable,
             "-m",
-            "edgeshard.coordinator.cli",
+            "edgeshard.coordinator.cli.main",
             "cluster",
             "--nodes",
             "2",
@@ -253,7 +253,7 @@ def test_cluster_children_die_with_a_killed_parent(smollm2_path):
         children: list[psutil.Process] = []
         while time.monotonic() < deadline and parent.poll() is None:
             children = psutil.Process(parent.pid).children()
-            infos = [c for c in children if "edgeshard.node.server" in " ".join(c.cmdline())]
+            infos = [c for c in children if "edgeshard.node.service.server" in " ".join(c.cmdline())]
             if len(infos) == 2:
                 break
             time.sleep(0.5)
@@ -268,7 +268,7 @@ def test_cluster_children_die_with_a_killed_parent(smollm2_path):
 
 
 def test_a_dead_middle_node_fails_the_step_fast_with_its_address(smollm2_path):
-    with LocalCluster(3, model_dir=smollm2_path.parent, name="dies") as cluster:
+    with LocalNodes(3, model_dir=smollm2_path.parent, name="dies") as cluster:
 
         async def run():
             d = await deploy(cluster.addresses, smollm2_path.name, 30)

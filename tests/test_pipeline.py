@@ -11,14 +11,14 @@ import sys
 import pytest
 import torch
 
-from edgeshard.coordinator.cli import prompt_ids
-from edgeshard.coordinator.generate import AsyncLocalPipeline, Sequence, generate
-from edgeshard.coordinator.remote_run import deploy
-from edgeshard.node.checkpoint import open_checkpoint
-from edgeshard.node.config import ShardSpec
-from edgeshard.node.executor import LocalPipeline, ShardExecutor
-from edgeshard.node.loader import load_stage
-from edgeshard.node.sampling import SamplingParams
+from edgeshard.coordinator.cli.run import prompt_ids
+from edgeshard.coordinator.pipeline.deploy import deploy
+from edgeshard.coordinator.pipeline.generate import AsyncLocalPipeline, Sequence, generate
+from edgeshard.node.model.config import ShardSpec
+from edgeshard.node.model.executor import LocalPipeline, ShardExecutor
+from edgeshard.node.model.sampling import SamplingParams
+from edgeshard.node.weights.checkpoint import open_checkpoint
+from edgeshard.node.weights.loader import load_stage
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)  # the nodes run 1 thread each; the reference must too (same kernels, same sums)
@@ -37,7 +37,7 @@ PROMPTS = [  # (text, chat)
 
 @pytest.fixture(scope="module")
 def tokenizer(smollm2_path):
-    from edgeshard.node.tokenizer import Tokenizer
+    from edgeshard.node.weights.tokenizer import Tokenizer
 
     return Tokenizer.from_checkpoint(smollm2_path)
 
@@ -118,7 +118,7 @@ def test_concurrent_sessions_share_the_ring(node_cluster, smollm2_path, prompts,
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "edgeshard.coordinator.cli", *args],
+        [sys.executable, "-m", "edgeshard.coordinator.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

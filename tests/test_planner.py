@@ -9,12 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeshard.coordinator.links import Link
-from edgeshard.coordinator.plan import Plan, PlanError
-from edgeshard.coordinator.planner import PlanNode, evaluate, make_plan
-from edgeshard.node.capability import Capability
-from edgeshard.node.config import ModelConfig
-from edgeshard.node.cost import QUANTS, ModelCost
+from edgeshard.coordinator.errors import PlanError
+from edgeshard.coordinator.placement.links import Link
+from edgeshard.coordinator.placement.plan import Plan
+from edgeshard.coordinator.placement.planner import PlanNode, evaluate, make_plan
+from edgeshard.node.model.config import ModelConfig
+from edgeshard.node.model.cost import QUANTS, ModelCost
+from edgeshard.node.presence.capability import Capability
 
 GIB = 1 << 30
 

@@ -18,19 +18,15 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as QT
 from weights import FloatSrc
 
-from edgeshard.node import quant
-from edgeshard.node.quant import (
-    DenseLinear,
+from edgeshard.node.lowbit import factory
+from edgeshard.node.lowbit import layers as quant
+from edgeshard.node.lowbit.factory import make_embedding, make_head, make_linear
+from edgeshard.node.lowbit.formats import QUANT_FORMATS, WeightSource, compute_dtype, default_quant
+from edgeshard.node.lowbit.layers import (
     Int4Embedding,
     Int4Linear,
     Int8Embedding,
     Int8Linear,
-    WeightSource,
-    compute_dtype,
-    default_quant,
-    make_embedding,
-    make_head,
-    make_linear,
     module_weight_bytes,
 )
 
@@ -54,7 +50,7 @@ class Src:
 @pytest.fixture(autouse=True)
 def torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests cover the torch-kernel layers; tests/test_amx.py covers the AMX ones (node/amx.py)."""
-    monkeypatch.setattr(quant, "_amx_kernels", lambda: False)
+    monkeypatch.setattr(factory, "_amx_kernels", lambda: False)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +78,7 @@ def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
 
 def test_protocol_and_tables() -> None:
     assert isinstance(FloatSrc(torch.zeros(2, 2)), WeightSource)
-    assert quant.QUANT_FORMATS == ("f32", "bf16", "int8", "int4")
+    assert QUANT_FORMATS == ("f32", "bf16", "int8", "int4")
     assert compute_dtype("f32") == torch.float32
     assert {compute_dtype(q) for q in ("bf16", "int8", "int4")} == {torch.bfloat16}
     assert [default_quant(t) for t in (QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q8_0, QT.F16, QT.BF16, QT.F32)] == [
@@ -243,7 +239,7 @@ def test_dense_formats(tensors: dict) -> None:
     w = src.dense()
     x = torch.randn(2, 576)
     f32 = make_linear(src, None, "f32")
-    assert isinstance(f32, DenseLinear) and torch.allclose(f32(x), x @ w.T, rtol=1e-5, atol=1e-5)
+    assert isinstance(f32, torch.nn.Linear) and torch.allclose(f32(x), x @ w.T, rtol=1e-5, atol=1e-5)
     bf = make_linear(src, None, "bf16")
     assert bf.weight.dtype == torch.bfloat16 and rel(bf(x.bfloat16()), x @ w.T) < 1e-2
 
@@ -275,7 +271,7 @@ def test_bias_and_leading_dims(fmt: str) -> None:
     assert torch.allclose(y.float(), no_bias(x).float() + b, atol=3e-2)
     assert layer(x[0, 0]).shape == (48,)  # 1-D input
     assert layer(x.transpose(0, 1)).shape == (3, 2, 48)  # non-contiguous input
-    assert layer.weight_bytes > no_bias.weight_bytes
+    assert module_weight_bytes(layer) > module_weight_bytes(no_bias)
 
 
 def test_wrong_inputs_raise_clear_errors(tensors: dict) -> None:

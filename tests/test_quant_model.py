@@ -26,14 +26,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgeshard.node import quant
-from edgeshard.node.checkpoint import open_checkpoint
-from edgeshard.node.config import ShardSpec
-from edgeshard.node.executor import LocalPipeline, ShardExecutor
-from edgeshard.node.loader import load_stage, shard_metadata, stage_weight_bytes
-from edgeshard.node.model import Segment, Stage
-from edgeshard.node.sampling import SamplingParams
-from edgeshard.node.tokenizer import Tokenizer
+from edgeshard.node.lowbit import layers as quant
+from edgeshard.node.model.config import ShardSpec
+from edgeshard.node.model.decoder import Segment, Stage
+from edgeshard.node.model.executor import LocalPipeline, ShardExecutor
+from edgeshard.node.model.sampling import SamplingParams
+from edgeshard.node.weights.checkpoint import open_checkpoint
+from edgeshard.node.weights.loader import load_stage, shard_metadata, stage_weight_bytes
+from edgeshard.node.weights.tokenizer import Tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)

@@ -21,18 +21,17 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from edgeshard.coordinator.cluster import LocalCluster
-from edgeshard.coordinator.engine import Engine, GenerationRequest
-from edgeshard.coordinator.errors import ServerUnavailableError
-from edgeshard.coordinator.generate import Sequence, generate
-from edgeshard.coordinator.recovery import RecoveryPolicy, resilient
-from edgeshard.coordinator.remote import RemotePipeline, RemoteStepError
-from edgeshard.coordinator.remote_run import deploy
-from edgeshard.coordinator.replan import CapacityError
-from edgeshard.coordinator.serving import resilient_info
-from edgeshard.coordinator.stage_client import connect
-from edgeshard.node.config import even_split
-from edgeshard.node.sampling import SamplingParams
+from edgeshard.coordinator.errors import CapacityError, ServerUnavailableError
+from edgeshard.coordinator.pipeline.deploy import deploy
+from edgeshard.coordinator.pipeline.generate import Sequence, generate
+from edgeshard.coordinator.pipeline.remote import RemotePipeline, RemoteStepError
+from edgeshard.coordinator.pipeline.stage_client import connect
+from edgeshard.coordinator.recovery.resilient import RecoveryPolicy, resilient
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.coordinator.serving.assemble import resilient_info
+from edgeshard.coordinator.serving.engine import Engine, GenerationRequest
+from edgeshard.node.model.config import even_split
+from edgeshard.node.model.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)
@@ -58,7 +57,7 @@ def cluster(smollm2_path):
     """Five nodes (three stages, two spares). Restarts run on one long-lived thread: a node gets SIGTERM
     when the thread that started it ends (the parent-death signal, see coordinator/cluster.py)."""
     args = ["--no-benchmark", "--memory-limit", LIMIT]
-    with LocalCluster(5, model_dir=smollm2_path.parent, name="rec", node_args=args) as c:
+    with LocalNodes(5, model_dir=smollm2_path.parent, name="rec", node_args=args) as c:
         c.restarter = ThreadPoolExecutor(1, thread_name_prefix="restarter")
         try:
             yield c
@@ -69,7 +68,7 @@ def cluster(smollm2_path):
 
 @pytest.fixture(scope="module")
 def prompt(smollm2_path):
-    from edgeshard.node.tokenizer import Tokenizer
+    from edgeshard.node.weights.tokenizer import Tokenizer
 
     ids = Tokenizer.from_checkpoint(smollm2_path).encode(TEXT)
     assert len(ids) > 250  # a prefill long enough (hundreds of ms) for a kill to land in it
@@ -280,7 +279,7 @@ def test_every_sequence_in_flight_is_replayed_and_new_ones_wait(aio, cluster, sm
     # short prompts: every batch stays under 24 rows, where a batched row computes exactly as a lone one
     # (int4/int8 kernels switch to a dense matmul for more rows, node/quant.py), so concurrent sequences
     # must match their runs alone
-    from edgeshard.node.tokenizer import Tokenizer
+    from edgeshard.node.weights.tokenizer import Tokenizer
 
     tok = Tokenizer.from_checkpoint(smollm2_path)
     a, b, c = (tok.encode(t) for t in ("The capital of France is", "def fibonacci(n):", "Once upon a time"))
@@ -329,7 +328,7 @@ def test_seeded_sampling_survives_a_kill(aio, cluster, smollm2_path, prompt, ref
 
 
 def test_too_few_nodes_fail_clearly_and_serving_resumes(aio, cluster, smollm2_path, prompt, reference):
-    from edgeshard.node.tokenizer import Tokenizer
+    from edgeshard.node.weights.tokenizer import Tokenizer
 
     greedy, _ = reference
     tokenizer = Tokenizer.from_checkpoint(smollm2_path)

@@ -11,7 +11,6 @@ cluster name no one else uses), and /v1/cluster reports the recovery.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -23,15 +22,16 @@ import uuid
 import pytest
 import torch
 
-from edgeshard.coordinator.cli import prompt_ids
-from edgeshard.coordinator.cluster import LocalCluster
-from edgeshard.coordinator.generate import AsyncLocalPipeline, Sequence, generate
-from edgeshard.node.checkpoint import open_checkpoint
-from edgeshard.node.config import ShardSpec
-from edgeshard.node.executor import LocalPipeline, ShardExecutor
-from edgeshard.node.loader import load_stage
-from edgeshard.node.sampling import SamplingParams
-from edgeshard.node.tokenizer import Tokenizer
+from edgeshard.coordinator.cli.run import prompt_ids
+from edgeshard.coordinator.pipeline.generate import AsyncLocalPipeline, Sequence, generate
+from edgeshard.coordinator.placement.gather import PlacementOptions
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.node.model.config import ShardSpec
+from edgeshard.node.model.executor import LocalPipeline, ShardExecutor
+from edgeshard.node.model.sampling import SamplingParams
+from edgeshard.node.weights.checkpoint import open_checkpoint
+from edgeshard.node.weights.loader import load_stage
+from edgeshard.node.weights.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)  # as the nodes: the same kernels, the same sums
@@ -61,9 +61,9 @@ def local_tokens(path) -> list[int]:
 def test_run_json_survivors_resplit_and_match_one_process(smollm2_path):
     want = local_tokens(smollm2_path)
     assert len(want) > 20  # long enough to be killed in the middle
-    with LocalCluster(3, model_dir=smollm2_path.parent, name="cli", node_args=["--no-benchmark"]) as cluster:
+    with LocalNodes(3, model_dir=smollm2_path.parent, name="cli", node_args=["--no-benchmark"]) as cluster:
         cmd = [
-            *(sys.executable, "-m", "edgeshard.coordinator.cli", "run", "--model", str(smollm2_path)),
+            *(sys.executable, "-m", "edgeshard.coordinator.cli.main", "run", "--model", str(smollm2_path)),
             *("--peers", ",".join(cluster.addresses), "--quant", "f32", "--prompt", PROMPT, "--chat"),
             *("--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--json"),
             *cluster.security_args(),
@@ -88,7 +88,7 @@ def test_run_json_survivors_resplit_and_match_one_process(smollm2_path):
     assert "recovered in" in err.decode()  # the one log line a user sees
 
 
-class AdvertisedNodes(LocalCluster):
+class AdvertisedNodes(LocalNodes):
     """Local nodes that announce themselves on mDNS, on 127.0.0.1 only, in one cluster."""
 
     def __init__(self, n: int, model_dir, cluster: str) -> None:
@@ -101,27 +101,17 @@ class AdvertisedNodes(LocalCluster):
 
 
 def test_serve_discover_replans_over_the_nodes_mdns_knows(smollm2_path):
-    from edgeshard.coordinator.http_server import BackgroundServer
     from edgeshard.coordinator.sdk import Client, ServerUnavailableError
-    from edgeshard.coordinator.serving import discovered_engine
-    from edgeshard.node.security import for_local_nodes
+    from edgeshard.coordinator.serving.assemble import discovered_engine
+    from edgeshard.coordinator.serving.http_server import BackgroundServer
+    from edgeshard.node.security.channels import for_local_nodes
 
     cluster = f"test-recovery-{uuid.uuid4().hex[:8]}"
-    args = argparse.Namespace(
-        model="smollm2-135m",
-        quant=None,
-        peers=None,
-        discover=True,
-        timeout=1.0,
-        mdns_interface=["127.0.0.1"],
-        cluster=cluster,
-        layers=None,
-        context=1024,
-        sessions=1,
-        objective="latency",
-    )
+    opts = PlacementOptions(timeout=1.0, mdns_interfaces=("127.0.0.1",), cluster=cluster, context=1024)
     for_local_nodes()  # this process's cluster key: the nodes below get it too
-    server = BackgroundServer(lambda: discovered_engine(args, retry_s=0.5, max_running=1))
+    server = BackgroundServer(
+        lambda: discovered_engine("smollm2-135m", None, opts, retry_s=0.5, max_running=1)
+    )
     server.start()
     try:
         with AdvertisedNodes(3, smollm2_path.parent, cluster) as nodes, Client(server.url) as client:

@@ -7,16 +7,15 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from edgeshard.coordinator.errors import ServerUnavailableError
-from edgeshard.coordinator.members import Member
-from edgeshard.coordinator.recovery_log import RecoveryEvent, RecoveryPolicy, SessionHistory
-from edgeshard.coordinator.remote import RemoteStepError
-from edgeshard.coordinator.replan import CapacityError, Replanner
-from edgeshard.coordinator.stage_client import ClusterError
-from edgeshard.coordinator.watchdog import about_the_request
-from edgeshard.node.capability import Capability
-from edgeshard.node.cost import ModelCost
-from edgeshard.node.sampling import SamplingParams
+from edgeshard.coordinator.discovery.members import Member
+from edgeshard.coordinator.errors import CapacityError, ClusterError, ServerUnavailableError
+from edgeshard.coordinator.pipeline.remote import RemoteStepError
+from edgeshard.coordinator.recovery.log import RecoveryEvent, RecoveryPolicy, SessionHistory
+from edgeshard.coordinator.recovery.replan import Replanner
+from edgeshard.coordinator.recovery.watchdog import about_the_request
+from edgeshard.node.model.cost import ModelCost
+from edgeshard.node.model.sampling import SamplingParams
+from edgeshard.node.presence.capability import Capability
 from edgeshard.node.wire import edgeshard_pb2 as pb
 
 MIB = 1 << 20
@@ -47,7 +46,7 @@ def test_deadline_grows_with_the_rows_fed():
 
 @pytest.fixture(scope="module")
 def cost(smollm2_path):
-    from edgeshard.node.checkpoint import open_checkpoint
+    from edgeshard.node.weights.checkpoint import open_checkpoint
 
     return ModelCost.of(open_checkpoint(smollm2_path).config, "int4")
 

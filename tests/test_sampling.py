@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edgeshard.node.sampling import Sampler, SamplingParams
+from edgeshard.node.model.sampling import Sampler, SamplingParams
 
 
 def test_greedy_is_argmax():

@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from edgeshard.coordinator import AsyncClient, Client
+from edgeshard.coordinator.cli.serve import chat_repl
 from edgeshard.coordinator.sdk import (
     BadRequestError,
     ContextLengthError,
@@ -17,7 +18,6 @@ from edgeshard.coordinator.sdk import (
     Result,
     ServerUnavailableError,
 )
-from edgeshard.coordinator.serve_cli import chat_repl
 
 MESSAGES = [{"role": "user", "content": "What is the capital of Italy?"}]
 

@@ -13,13 +13,13 @@ import grpc
 import pytest
 import torch
 
-from edgeshard.coordinator.cluster import LocalCluster
-from edgeshard.coordinator.stage_client import GrpcStageClient, NotAMemberError
-from edgeshard.node.advert_proof import sign_txt, verify_txt
-from edgeshard.node.call_auth import TokenPlugin, TokenVerifier, make_token
-from edgeshard.node.cluster_key import ClusterKey, ClusterKeyError
-from edgeshard.node.sampling import Sampler, SamplingParams
-from edgeshard.node.security import INSECURE, channel, connection_problem
+from edgeshard.coordinator.pipeline.stage_client import GrpcStageClient, NotAMemberError
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.node.model.sampling import Sampler, SamplingParams
+from edgeshard.node.security.advert_proof import sign_txt, verify_txt
+from edgeshard.node.security.call_auth import TokenPlugin, TokenVerifier, make_token
+from edgeshard.node.security.channels import INSECURE, channel, connection_problem
+from edgeshard.node.security.cluster_key import ClusterKey, ClusterKeyError
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire import edgeshard_pb2_grpc as pb_grpc
 
@@ -57,7 +57,7 @@ def test_key_file_is_private_and_never_silently_replaced(tmp_path):
 @pytest.mark.slow  # starts CLI processes
 def test_cli_makes_a_key_and_a_node_without_one_refuses_to_start(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "EDGESHARD_CLUSTER_KEY"}
-    cli = [sys.executable, "-m", "edgeshard.coordinator.cli"]
+    cli = [sys.executable, "-m", "edgeshard.coordinator.cli.main"]
     made = subprocess.run(
         [*cli, "secret", "new", "--out", str(tmp_path / "k")], capture_output=True, text=True
     )
@@ -132,7 +132,7 @@ def test_advert_proof_detects_strangers_tampering_other_keys_and_replays():
 def keyed_node():
     """One node process holding a fresh cluster key (the cluster's current one, after a rotation)."""
     key = ClusterKey.generate()
-    with LocalCluster(1, threads=1, name="keyed", security=key) as cluster:
+    with LocalNodes(1, threads=1, name="keyed", security=key) as cluster:
         yield cluster, key
 
 

@@ -4,33 +4,23 @@ mDNS runs on 127.0.0.1 only, under a cluster name no one else uses."""
 
 from __future__ import annotations
 
-import argparse
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from edgeshard.coordinator.cluster import LocalCluster as NodeProcesses
-from edgeshard.coordinator.http_server import BackgroundServer
+from edgeshard.coordinator.placement.gather import PlacementOptions
 from edgeshard.coordinator.sdk import Client, ServerUnavailableError
-from edgeshard.coordinator.serving import discovered_engine
-from edgeshard.node.security import for_local_nodes
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes as NodeProcesses
+from edgeshard.coordinator.serving.assemble import discovered_engine
+from edgeshard.coordinator.serving.http_server import BackgroundServer
+from edgeshard.node.security.channels import for_local_nodes
 
 
-def _args(cluster: str) -> argparse.Namespace:
-    return argparse.Namespace(
-        model="smollm2-135m",
-        quant=None,
-        peers=None,
-        discover=True,
-        timeout=1.0,
-        mdns_interface=["127.0.0.1"],
-        cluster=cluster,
-        layers=None,
-        context=1024,
-        sessions=2,
-        objective="latency",
+def _opts(cluster: str) -> PlacementOptions:
+    return PlacementOptions(
+        timeout=1.0, mdns_interfaces=("127.0.0.1",), cluster=cluster, context=1024, sessions=2
     )
 
 
@@ -50,7 +40,9 @@ class AdvertisedNodes(NodeProcesses):
 def discover_server():
     cluster = f"test-serve-{uuid.uuid4().hex[:8]}"
     for_local_nodes()  # this process's cluster key (ephemeral unless configured): the nodes below get it too
-    server = BackgroundServer(lambda: discovered_engine(_args(cluster), retry_s=0.5, max_running=2))
+    server = BackgroundServer(
+        lambda: discovered_engine("smollm2-135m", None, _opts(cluster), retry_s=0.5, max_running=2)
+    )
     server.start()
     yield server, cluster
     server.stop()

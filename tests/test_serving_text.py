@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from edgeshard.coordinator.cli.serve import parse_http_address
 from edgeshard.coordinator.errors import (
     BadRequestError,
     ClusterBusyError,
@@ -14,9 +15,12 @@ from edgeshard.coordinator.errors import (
     ServerUnavailableError,
     error_from_body,
 )
-from edgeshard.coordinator.openai_shapes import ChatCompletionRequest, CompletionRequest, validation_error
-from edgeshard.coordinator.serve_cli import parse_http_address
-from edgeshard.coordinator.text import StopMatcher, message_text
+from edgeshard.coordinator.serving.openai_shapes import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    validation_error,
+)
+from edgeshard.coordinator.serving.text import StopMatcher, message_text
 
 
 def _run(stops, pieces):

@@ -17,8 +17,8 @@ from tokenizers import Tokenizer as Backend  # noqa: E402
 from tokenizers import models as tk_models  # noqa: E402
 from tokenizers import pre_tokenizers, processors  # noqa: E402
 
-from edgeshard.node.config import UnsupportedModelError  # noqa: E402
-from edgeshard.node.tokenizer import NoChatTemplateError, Tokenizer, TokenizerLike  # noqa: E402
+from edgeshard.node.model.config import UnsupportedModelError  # noqa: E402
+from edgeshard.node.weights.tokenizer import NoChatTemplateError, Tokenizer, TokenizerLike  # noqa: E402
 
 TEXTS = [
     "Hello, world!",
@@ -198,7 +198,7 @@ def test_chat_template_helpers_and_errors(ours: Tokenizer) -> None:
 def test_pre_tokenizer_table_matches_transformers() -> None:
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
-    from edgeshard.node.tokenizer import _SPLITS
+    from edgeshard.node.weights.tokenizer import _SPLITS
 
     assert (
         _SPLITS == GGUF_PRE_TOKENIZER_SPLITS

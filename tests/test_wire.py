@@ -11,9 +11,9 @@ import grpc
 import pytest
 import torch
 
-from edgeshard.node.model_dir import resolve_in_model_dir
+from edgeshard.node.weights.model_dir import resolve_in_model_dir
 from edgeshard.node.wire import edgeshard_pb2 as pb
-from edgeshard.node.wire_tensors import (
+from edgeshard.node.wire.tensors import (
     WireError,
     sampling_from_wire,
     sampling_to_wire,
@@ -116,7 +116,7 @@ def test_step_payload_must_match_the_stage():
 
 
 def test_sampling_params_round_trip_exactly():
-    from edgeshard.node.sampling import SamplingParams
+    from edgeshard.node.model.sampling import SamplingParams
 
     for p in (SamplingParams(), SamplingParams(0.7, 40, 0.9, 1234), SamplingParams(1.3, 0, 0.95, None)):
         assert sampling_from_wire(pb.SamplingParams.FromString(sampling_to_wire(p).SerializeToString())) == p

@@ -10,11 +10,11 @@ import contextlib
 import pytest
 from rich.console import Console
 
-from edgeshard.coordinator.cluster import LocalCluster
-from edgeshard.coordinator.generate import Sequence, generate
-from edgeshard.coordinator.remote_run import deploy
-from edgeshard.node.sampling import SamplingParams
-from edgeshard.node.security import INSECURE, ClusterKey
+from edgeshard.coordinator.pipeline.deploy import deploy
+from edgeshard.coordinator.pipeline.generate import Sequence, generate
+from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.node.model.sampling import SamplingParams
+from edgeshard.node.security.channels import INSECURE, ClusterKey
 from edgeshard.node.wire import edgeshard_pb2 as pb
 
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def _markers(wire_dtype: int, model: str) -> dict[str, bytes]:
 @pytest.mark.parametrize("mode", ["key", "insecure"])
 def test_node_traffic_is_opaque_with_a_key_and_plain_without(smollm2_path, mode):
     security = ClusterKey.generate() if mode == "key" else INSECURE
-    with LocalCluster(2, model_dir=smollm2_path.parent, name=f"wire-{mode}", security=security) as nodes:
+    with LocalNodes(2, model_dir=smollm2_path.parent, name=f"wire-{mode}", security=security) as nodes:
 
         async def run():
             relays = [Relay(a) for a in nodes.addresses]

@@ -1,0 +1,116 @@
+"""The flags that several commands share, and their parsing into the small option values the library takes.
+
+Every flag of a command is added where its parser is built (main.py's table names the builders); the
+library below the CLI never sees an `argparse.Namespace`: it gets `PlacementOptions`, `SamplingParams`, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from edgeshard.coordinator.errors import UserError
+from edgeshard.coordinator.placement.gather import DEFAULT_TIMEOUT_S, PlacementOptions
+from edgeshard.coordinator.placement.planner import DEFAULT_CONTEXT, OBJECTIVES
+from edgeshard.node.lowbit.formats import QUANT_FORMATS
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model and --quant."""
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a .gguf file, a Hugging Face model directory, or a name from `models list`",
+    )
+    p.add_argument(
+        "--quant", choices=QUANT_FORMATS, help="weight format of the shards (default: the checkpoint's own)"
+    )
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """--max-tokens, --temperature, --top-p, --top-k, --seed."""
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy decoding")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def add_where_args(p: argparse.ArgumentParser, local_help: str) -> None:
+    """--local | --peers | --discover: where the layers run."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help=local_help)
+    where.add_argument("--peers", help="comma-separated node addresses host:port, in pipeline order")
+    where.add_argument("--discover", action="store_true", help="find nodes with mDNS and plan the layers")
+
+
+def add_mdns_args(p: argparse.ArgumentParser) -> None:
+    """--timeout, --mdns-interface, --cluster: where and how long to look for nodes."""
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        metavar="S",
+        help=f"seconds to listen for mDNS announcements (default {DEFAULT_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--mdns-interface",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="IPv4 address of an interface to run mDNS on (repeatable; default: all interfaces)",
+    )
+    p.add_argument("--cluster", default="default", help="only nodes of this cluster name (default: default)")
+
+
+def add_placement_args(p: argparse.ArgumentParser) -> None:
+    """The planner's flags (for `plan`, `run` and `serve`; the mDNS flags included)."""
+    add_mdns_args(p)
+    p.add_argument(
+        "--layers",
+        default=None,
+        metavar="N,N,...|auto|even",
+        help="layers per node in node order (0 leaves one out), 'auto' for the planner, 'even' for an "
+        "even split (default: auto with --discover and for `plan`; --peers alone splits evenly)",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=DEFAULT_CONTEXT,
+        metavar="N",
+        help=f"positions of KV cache to budget per sequence (default {DEFAULT_CONTEXT})",
+    )
+    p.add_argument("--sessions", type=int, default=1, metavar="N", help="sequences to budget KV cache for")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default="latency",
+        help="latency: fastest single sequence; throughput: smallest bottleneck stage (many sequences)",
+    )
+
+
+def placement_options(args: argparse.Namespace, **override) -> PlacementOptions:
+    """The placement flags of `args` as a `PlacementOptions` (flags a command lacks keep their defaults)."""
+    fields = {
+        "peers": getattr(args, "peers", None),
+        "timeout": getattr(args, "timeout", DEFAULT_TIMEOUT_S),
+        "mdns_interfaces": tuple(getattr(args, "mdns_interface", ()) or ()),
+        "cluster": getattr(args, "cluster", "default"),
+        "layers": getattr(args, "layers", None),
+        "context": getattr(args, "context", DEFAULT_CONTEXT),
+        "sessions": getattr(args, "sessions", 1),
+        "objective": getattr(args, "objective", "latency"),
+    }
+    fields.update(override)
+    return PlacementOptions(**fields)
+
+
+def sampling_params(args: argparse.Namespace):
+    """`SamplingParams` of the sampling flags; a bad value is a `UserError`."""
+    from edgeshard.node.model.sampling import SamplingParams
+
+    try:
+        return SamplingParams(
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from e

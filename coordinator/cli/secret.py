@@ -1,0 +1,81 @@
+"""The `secret` subcommand: cluster keys.
+
+edgeshard secret new --out cluster.key     # a new cluster key, written readable by you only
+edgeshard secret id --cluster-key-file cluster.key   # its public id: compare it across machines
+
+Every command that talks to nodes takes `--cluster-key-file`/`--insecure` (main.py's table says which; `node`
+has its own; `cluster` and `demo` make an ephemeral key for the nodes they start). See docs/security.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edgeshard.coordinator.errors import UserError
+from edgeshard.node.security.channels import add_security_args, security_from_args
+from edgeshard.node.security.cluster_key import ENV_VAR, ClusterKey
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`secret new|id`."""
+    secret = sub.add_parser("secret", help="make a cluster key (only nodes and coordinators holding it join)")
+    ssub = secret.add_subparsers(dest="secret_command", required=True)
+    new = ssub.add_parser("new", help="make a new cluster key")
+    new.add_argument("--out", type=Path, default=None, help="write it to FILE (mode 0600) instead of stdout")
+    new.add_argument("--force", action="store_true", help="replace FILE if it exists (the old key is lost)")
+    new.set_defaults(func=cmd_secret_new)
+    show = ssub.add_parser("id", help="print the public id of a cluster key (safe to compare and share)")
+    add_security_args(show)
+    show.set_defaults(func=cmd_secret_id)
+    return secret
+
+
+def how_to_share(where: str, key: ClusterKey) -> str:
+    """What to do with a new key: give it to every member."""
+    return f"""\
+A new cluster key ({where}; id {key.fingerprint}). Whoever holds it is a member of the cluster: keep it
+secret. Give it to every node and coordinator, for example:
+
+  scp cluster.key pi@board1:cluster.key                      # copy the file to each machine
+  edgeshard node --cluster-key-file cluster.key              # on each board
+  edgeshard serve --model smollm2-135m --discover --cluster-key-file cluster.key
+
+or set {ENV_VAR} to the key's text (es1-...) in each one's environment. `edgeshard secret id` prints the
+id to compare. To rotate, make a new key and restart every member with it: the old key is then refused."""
+
+
+def cmd_secret_new(args: argparse.Namespace) -> int:
+    """`edgeshard secret new`."""
+    key = ClusterKey.generate()
+    if args.out is None:
+        print(key.text)
+        print(
+            how_to_share("printed above", key).replace("cluster.key", "FILE")
+            + "\nTip: `--out FILE` writes it readable by you only.",
+            file=sys.stderr,
+        )
+        return 0
+    try:
+        path = key.save(args.out, overwrite=args.force)
+    except FileExistsError:
+        raise UserError(
+            f"{args.out} exists; it may hold the key of a running cluster. Pass --force to replace it"
+        ) from None
+    except OSError as e:
+        raise UserError(f"cannot write {args.out}: {e.strerror}") from None
+    print(path)
+    print(
+        how_to_share(f"written to {path}, mode 0600", key).replace("cluster.key", str(path)), file=sys.stderr
+    )
+    return 0
+
+
+def cmd_secret_id(args: argparse.Namespace) -> int:
+    """`edgeshard secret id`: the fingerprint of the key the flags (or the environment) name."""
+    security = security_from_args(args, required=True)
+    if not isinstance(security, ClusterKey):
+        raise UserError("--insecure has no key id; pass --cluster-key-file FILE")
+    print(security.fingerprint)
+    return 0

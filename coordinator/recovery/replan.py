@@ -1,0 +1,177 @@
+"""Where the ring goes after a failure: replace the lost nodes, else re-split, else say what is missing.
+
+`Replanner.place` probes every candidate node (the --peers, or what discovery knows, plus the nodes of the
+running plan), asks the live ones for GetInfo, and takes the first of these that fits memory:
+
+1. replace: every stage whose node is lost goes to an idle live node (a spare, a node the planner left out,
+   one that restarted) that can hold it; surviving stages keep their layers. A node asked to load the shard
+   it holds only takes the new plan id (node/shard_load.py), so only the replacements load, and the numbers
+   stay bit-identical to the uninterrupted run in every weight format. A node that restarted at the address
+   of its stage simply takes its stage again.
+2. re-split: an even split over the live nodes in candidate order (what --peers without --layers means);
+3. plan: the planner's best placement over the live nodes (coordinator/planner.py);
+4. nothing fits: `CapacityError`, naming the nodes left, the memory missing and the node to add.
+
+Only a re-split or a new plan moves layer boundaries; in bf16/int4 a boundary rounds the residual stream to
+bf16 (node/model.py), so only f32 shards are then bit-identical to the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from edgeshard.coordinator.discovery.members import Member, confirm
+from edgeshard.coordinator.errors import CapacityError, PlanError
+from edgeshard.coordinator.placement.cost_model import (
+    POSITION,
+    CostModel,
+    PlanNode,
+    evaluate,
+    with_fallback_speeds,
+)
+from edgeshard.coordinator.placement.gather import plan_node
+from edgeshard.coordinator.placement.links import DEFAULT_MBPS, Link
+from edgeshard.coordinator.placement.plan import Plan
+from edgeshard.coordinator.placement.planner import DEFAULT_CONTEXT, make_plan
+from edgeshard.coordinator.recovery.liveness import PROBE_TIMEOUT_S, Probe, probe_all
+from edgeshard.node.model.config import even_split
+from edgeshard.node.model.cost import ModelCost
+from edgeshard.node.presence.capability import format_bytes
+
+CONFIRM_TIMEOUT_S = 2.0
+Candidates = Callable[[], Awaitable[Sequence[str]]]  # addresses that may serve (order: preference)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A new plan for the ring and how it came about."""
+
+    plan: Plan
+    action: str  # for humans: "replaced node2 by node4", "re-split over 2 nodes", ...
+    probes: tuple[Probe, ...]  # every candidate, as found while placing
+
+
+class Replanner:
+    """Makes the plan that follows a failure (see the module docstring for the order of preference).
+
+    `candidates` lists the nodes that may serve (a fixed list, or a coroutine function asking discovery);
+    the nodes of the running plan are always candidates too. `context` x `sessions` positions of KV cache
+    are budgeted per stage, as the planner does. `even` re-splits evenly before asking the planner (the
+    --peers default); without it the planner places every re-split.
+    """
+
+    def __init__(
+        self,
+        candidates: Sequence[str] | Candidates,
+        cost: ModelCost,
+        *,
+        model: str = "",
+        context: int = DEFAULT_CONTEXT,
+        sessions: int = 1,
+        objective: str = "latency",
+        even: bool = True,
+        probe_timeout: float = PROBE_TIMEOUT_S,
+    ) -> None:
+        self.candidates = candidates
+        self.cost = cost
+        self.model = model
+        self.context, self.sessions, self.objective = context, sessions, objective
+        self.even = even
+        self.probe_timeout = probe_timeout
+        self.probes: tuple[Probe, ...] = ()  # what the last `place` found, also when nothing fit
+
+    async def place(self, current: Sequence[dict]) -> Placement:
+        """The next plan, given the running one (`Deployment.plan` entries); CapacityError when none fits."""
+        given = self.candidates if not callable(self.candidates) else await self.candidates()
+        addresses = list(dict.fromkeys([*(s["address"] for s in current), *given]))
+        probes = self.probes = tuple(await probe_all(addresses, None, self.probe_timeout))
+        live = [p.address for p in probes if p.answers]
+        members = [m for m in await _confirm_all(live) if m.ok]  # GetInfo: same protocol and cluster
+        return self.choose(current, members, probes)
+
+    def choose(self, current: Sequence[dict], members: Sequence[Member], probes=()) -> Placement:
+        """The placement over the live `members` (confirmed, in order of preference), given the running plan."""
+        nodes = with_fallback_speeds([plan_node(m, _LINK) for m in members])  # unbenchmarked: median speeds
+        names = {m.address: m.name for m in members}
+        lost = [f"{s['node']} ({s['address']})" for s in current if s["address"] not in names]
+        try:
+            return self._replace(current, nodes, tuple(probes)) or self._resplit(nodes, tuple(probes))
+        except PlanError as e:
+            raise _capacity(e, lost, list(members), self.cost, self.model) from None
+
+    def _kw(self) -> dict:
+        return dict(model=self.model, context=self.context, sessions=self.sessions, objective=self.objective)
+
+    def _replace(self, current: Sequence[dict], nodes: list[PlanNode], probes) -> Placement | None:
+        """The running plan with each lost stage on an idle node that can hold it; None when one cannot."""
+        by_address = {n.address: n for n in nodes}
+        idle = [n for n in nodes if n.address not in {s["address"] for s in current}]
+        m = CostModel(self.cost, self.context, self.sessions, POSITION)
+        order, counts, swaps = [], [], []
+        for s in current:
+            start, end = s["start_layer"], s["end_layer"]
+            node = by_address.get(s["address"])
+            if node is not None:
+                # it ran this stage until now (or restarted right here): it can hold it, whatever its free
+                # memory says now (its KV caches of the old plan are still counted there)
+                node = dataclasses.replace(
+                    node,
+                    capability=dataclasses.replace(node.capability, memory_limit=0),
+                    available_bytes=max(node.available_bytes, m.memory(start, end) + _HOLDS_IT),
+                )
+            else:
+                node = next((n for n in idle if n.usable_bytes >= m.memory(start, end)), None)
+                if node is None:
+                    return None
+                idle.remove(node)
+                swaps.append(f"{s['node']} by {node.name}")
+            order.append(node)
+            counts.append(end - start)
+        try:
+            plan = evaluate(order, counts, self.cost, **self._kw())
+        except PlanError:
+            return None
+        action = f"replaced {', '.join(swaps)}" if swaps else "reloaded the same plan"
+        return Placement(plan, action, probes)
+
+    def _resplit(self, nodes: list[PlanNode], probes) -> Placement:
+        """An even split over the live nodes when `even` and it fits, else the planner's (PlanError: none)."""
+        if not nodes:
+            raise PlanError("no node is left")
+        if self.even and len(nodes) <= self.cost.num_layers:
+            counts = [s.end_layer - s.start_layer for s in even_split(self.cost.num_layers, len(nodes))]
+            try:
+                plan = evaluate(nodes, counts, self.cost, **self._kw())
+                return Placement(plan, f"re-split the layers evenly over {len(nodes)} node(s)", probes)
+            except PlanError:
+                pass  # an even split does not fit: let the planner find one that does
+        plan = make_plan(nodes, self.cost, **self._kw())
+        return Placement(plan, f"re-planned over {len(plan.stages)} node(s)", probes)
+
+
+_LINK = Link(1.0, DEFAULT_MBPS, False)  # links are not re-measured in a recovery: the planner's default
+_HOLDS_IT = 512 << 20  # headroom above a stage a node already holds (more than the planner's runtime reserve)
+
+
+async def _confirm_all(addresses: Sequence[str]) -> list[Member]:
+    return list(
+        await asyncio.gather(*(confirm(a, a, "peers", None, None, CONFIRM_TIMEOUT_S) for a in addresses))
+    )
+
+
+def _capacity(
+    e: PlanError, lost: list[str], members: list[Member], cost: ModelCost, model: str
+) -> CapacityError:
+    """The planner's PlanError as the user sees it after a failure: what is gone, what is left, what to add."""
+    gone = f"{', '.join(lost)} {'is' if len(lost) == 1 else 'are'} gone" if lost else "nodes failed"
+    what = f"{model or 'the model'} ({cost.num_layers} layers, {cost.quant})"
+    if not members:
+        return CapacityError(
+            f"{gone} and no node is left to hold {what}: restart `edgeshard node` on the lost boards or add "
+            f"nodes with at least {format_bytes(cost.total_weight_bytes)} of memory in total"
+        )
+    left = ", ".join(f"{m.name} ({m.address})" for m in members)
+    return CapacityError(f"{gone}; the node(s) left, {left}, cannot hold {what}: {e}", e.missing_bytes)

@@ -1,0 +1,213 @@
+"""The microbenchmark a node runs at start (and again while idle): the figures of `Capability`.
+
+What it times, with the node's own thread count and the kernels the model runs (node/quant.py):
+
+  * weight rate per format: GB/s of weights through `Int4Linear`/`Int8Linear`/`F.linear` at batch 1 (bf16
+    activations; f32 for f32), over a working set of 24 MB - bigger than the caches of a board or a laptop,
+    as a stage of a model worth splitting is;
+  * memory bandwidth: a 32 MB copy, the ceiling when weights stream from RAM;
+  * the fixed cost of a layer and of a step: a real `Stage` of tiny layers (their matmuls cost nothing) at 1
+    and at 4 layers; the slope is the per-layer cost, the intercept the per-step cost.
+
+Each figure is the median of repeated runs inside its share of the budget (0.4 s in all; well under a second
+with the set-up), after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+from edgeshard.node.presence.capability import Capability, memory_snapshot
+
+BENCH_FORMATS = ("int4", "int8", "bf16", "f32")
+_MB = 1 << 20
+
+
+def _median_ms(fn: Callable[[], object], budget_s: float, min_runs: int = 3) -> float:
+    """Median ms of `fn` over repeats that together take about `budget_s` (after one warm-up call)."""
+    fn()
+    samples: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(samples) < min_runs or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+        if len(samples) >= 200:
+            break
+    return statistics.median(samples)
+
+
+WORKING_SET = 24 * _MB  # weights streamed per format: beyond the last-level cache of a laptop or a board
+
+
+def _weight_set(quant: str, total_bytes: int) -> list:
+    """Distinct (1024 out x 2048 in) weights in format `quant`, together about `total_bytes`.
+
+    Distinct copies, not one module called again and again, so the weights stream from memory as a real
+    stage's layers do (a stage of a model worth splitting is bigger than any cache). The quantized module is
+    made once and its buffers cloned: quantizing costs more than the whole benchmark.
+    """
+    import torch
+
+    from edgeshard.node.lowbit.factory import lowbit_classes
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1024, 2048, generator=g) * 0.02
+    if quant in ("int4", "int8"):  # the layers a stage builds here, so the rate is the node's own
+        proto = _random_int4(1024, 2048) if quant == "int4" else lowbit_classes(2048)[1].from_float(w)
+        return [proto] + [_clone_module(proto) for _ in range(max(2, total_bytes // proto.weight_bytes) - 1)]
+    dtype = torch.bfloat16 if quant == "bf16" else torch.float32
+    w = w.to(dtype)
+    return [w] + [w.clone() for _ in range(max(2, total_bytes // (w.numel() * w.element_size())) - 1)]
+
+
+def _random_int4(out_features: int, in_features: int):
+    """An int4 layer of random 4-bit codes (packing codes directly skips the slow float quantization)."""
+    import torch
+
+    from edgeshard.node.lowbit.factory import lowbit_classes
+    from edgeshard.node.lowbit.layers import GROUP_SIZE
+
+    g = torch.Generator().manual_seed(out_features * 7919 + in_features)
+    codes = torch.randint(0, 16, (out_features, in_features), dtype=torch.uint8, generator=g)
+    scale = torch.full((out_features, in_features // GROUP_SIZE), 0.01)
+    int4_cls = lowbit_classes(in_features)[0]
+    return int4_cls.from_codes(iter([(codes, scale, -8 * scale)]), in_features, out_features)
+
+
+def _clone_module(module):
+    """A copy of a module with its own buffers (so the copies do not share cache lines)."""
+    import copy
+
+    twin = copy.copy(module)
+    twin._buffers = {k: (v.clone() if v is not None else None) for k, v in module._buffers.items()}
+    return twin
+
+
+def _bench_weights(budget_s: float) -> dict[str, float]:
+    """GB/s of weights through each format's kernel at batch 1 (bf16 activations; f32 for f32).
+
+    One format at a time, its working set freed before the next: a 1 GB board never holds more than one.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    rates = {}
+    for quant in BENCH_FORMATS:
+        mods = _weight_set(quant, WORKING_SET)
+        if quant in ("int4", "int8"):
+            x = torch.randn(1, mods[0].in_features).to(torch.bfloat16)
+            nbytes = sum(m.weight_bytes for m in mods)
+
+            def run(mods=mods, x=x) -> None:
+                for m in mods:
+                    m(x)
+        else:
+            x = torch.randn(1, mods[0].shape[1]).to(mods[0].dtype)
+            nbytes = sum(t.numel() * t.element_size() for t in mods)
+
+            def run(mods=mods, x=x) -> None:
+                for t in mods:
+                    F.linear(x, t)
+
+        rates[quant] = nbytes / (_median_ms(run, budget_s) * 1e6)
+        del mods, run
+    return rates
+
+
+def _bench_memory(budget_s: float) -> float:
+    """GB/s of a 32 MB tensor copy (bytes read plus bytes written)."""
+    import torch
+
+    src = torch.ones(8 * _MB, dtype=torch.float32)  # 32 MB
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 4 / (_median_ms(lambda: dst.copy_(src), budget_s) * 1e6)
+
+
+def _bench_overheads(budget_s: float) -> tuple[float, float]:
+    """(ms per layer, ms per step) of the fixed costs of a decode step, from a real Stage of tiny layers."""
+    import torch
+
+    from edgeshard.node.model.config import ModelConfig, ShardSpec
+    from edgeshard.node.model.decoder import Segment, Stage
+
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=64,
+        num_hidden_layers=6,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=128,
+        max_position_embeddings=256,
+    )
+    times, protos = {}, {}
+    for n in (1, 4):
+        torch.manual_seed(0)
+        stage = Stage(cfg, ShardSpec(1, 1 + n, cfg.num_hidden_layers), dtype=torch.bfloat16)
+        for name, mod in list(stage.named_modules()):
+            if isinstance(mod, torch.nn.Linear):  # the int4 module: the format whose dispatch we pay most
+                parent, _, leaf = name.rpartition(".")
+                if mod.weight.shape not in protos:
+                    protos[mod.weight.shape] = _random_int4(*mod.weight.shape)
+                setattr(stage.get_submodule(parent), leaf, _clone_module(protos[mod.weight.shape]))
+        cache = stage.new_cache(256)
+        x = torch.randn(1, cfg.hidden_size).to(torch.bfloat16)
+        stage(
+            torch.randn(32, cfg.hidden_size).to(torch.bfloat16), [Segment(cache, 0, 32)]
+        )  # a prefilled prompt
+
+        def step(stage=stage, cache=cache, x=x) -> None:
+            stage(x, [Segment(cache, 32, 1)])  # rewrites position 32 each time: the cache stays the same size
+
+        times[n] = _median_ms(step, budget_s / 2)
+    per_layer = max((times[4] - times[1]) / 3, 1e-3)
+    return per_layer, max(times[1] - per_layer, 0.0)
+
+
+def run_microbenchmark(
+    threads: int | None = None, memory_limit: int = 0, budget_s: float = 0.4
+) -> Capability:
+    """Run the microbenchmark (about `budget_s` seconds, well under one) and describe this machine.
+
+    `threads` sets torch's thread count first (None keeps the process's setting), so the figures are those
+    of the node as it will compute.
+    """
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        mem_gbps = _bench_memory(budget_s * 0.1)
+        rates = _bench_weights(budget_s * 0.5 / len(BENCH_FORMATS))
+        per_layer, per_step = _bench_overheads(budget_s * 0.3)
+    total, free = memory_snapshot()
+    return Capability(
+        cores=os.cpu_count() or 1,
+        threads=torch.get_num_threads(),
+        arch=platform.machine(),
+        memory_total=total,
+        memory_free=free,
+        memory_limit=memory_limit,
+        mem_gbps=round(mem_gbps, 3),
+        int4_gbps=round(rates["int4"], 3),
+        int8_gbps=round(rates["int8"], 3),
+        bf16_gbps=round(rates["bf16"], 3),
+        f32_gbps=round(rates["f32"], 3),
+        layer_overhead_ms=round(per_layer, 4),
+        step_overhead_ms=round(per_step, 4),
+        bench_ms=round((time.perf_counter() - t0) * 1e3, 1),
+    )
+
+
+def measure(threads: int | None = None, memory_limit: int = 0, budget_s: float = 0.4) -> Capability:
+    """Run the microbenchmark (about `budget_s` seconds) and describe this machine.
+
+    `threads` sets torch's thread count first (None keeps the process's setting), so the figures are those
+    of the node as it will compute.
+    """
+    return run_microbenchmark(threads, memory_limit, budget_s)

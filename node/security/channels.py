@@ -1,0 +1,202 @@
+"""How cluster members talk: TLS with the cluster's derived certificate plus a per-call token, or --insecure.
+
+Every gRPC connection between members (coordinator -> node, node -> next node) is TLS. The server presents
+the certificate every member derives from the cluster key (node/cluster_key.py), and the client trusts only
+the cluster CA derived from the same key: a node without the key cannot serve a handshake, and a client with
+another key refuses the node during the handshake. Clients dial nodes by IP, so the TLS name is a fixed one
+(`ssl_target_name_override`). On top, every call carries a token (node/call_auth.py) that proves the caller
+holds the key; the node's interceptor answers UNAUTHENTICATED to anything else and logs the caller.
+
+Which mode a process runs in is decided once, at start: `configure(key)` or `configure(INSECURE)` (the CLI
+does it from --cluster-key-file / --insecure), else the EDGESHARD_CLUSTER_KEY environment variable, else
+nothing - and then opening a channel fails with `ClusterKeyError` saying how to make a key. Local clusters
+(`edgeshard cluster`, `demo`, `LocalCluster`) call `for_local_nodes()`, which makes an ephemeral key for the
+nodes they start when none was configured: secure without set-up. See docs/security.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from edgeshard.node.security.call_auth import AuthInterceptor, TokenPlugin
+from edgeshard.node.security.cluster_key import ENV_VAR, NO_KEY_HELP, TLS_NAME, ClusterKey, ClusterKeyError
+from edgeshard.node.wire.options import GRPC_OPTIONS
+
+log = logging.getLogger("edgeshard.security")
+
+__all__ = [
+    "INSECURE",
+    "ClusterKey",
+    "ClusterKeyError",
+    "Insecure",
+    "channel",
+    "configure",
+    "connection_problem",
+    "current",
+    "for_local_nodes",
+    "listen",
+    "server_interceptors",
+]
+
+
+class Insecure:
+    """The explicit choice to run without a cluster key (`--insecure`): plaintext, no authentication."""
+
+    def __repr__(self) -> str:
+        return "INSECURE"
+
+
+INSECURE = Insecure()
+Security = ClusterKey | Insecure
+INSECURE_WARNING = (
+    "--insecure: traffic between nodes and coordinators is neither authenticated nor encrypted; anyone on "
+    "this network can load shards, send activations and read prompts and answers. Use a cluster key "
+    "(`edgeshard secret new`) outside a lab you control."
+)
+
+_configured: Security | None = None
+
+
+def configure(security: Security | None) -> None:
+    """Set this process's mode (None forgets it: the environment decides again)."""
+    global _configured
+    _configured = security
+
+
+def current() -> Security:
+    """The configured mode, else a key from $EDGESHARD_CLUSTER_KEY; ClusterKeyError when there is neither."""
+    if _configured is not None:
+        return _configured
+    text = os.environ.get(ENV_VAR, "").strip()
+    if text:
+        return _from_env(text)
+    raise ClusterKeyError(f"no cluster key: {NO_KEY_HELP}")
+
+
+@functools.lru_cache(maxsize=4)
+def _from_env(text: str) -> ClusterKey:
+    # one ClusterKey per key text: its derived TLS material is then computed once, not per channel
+    return ClusterKey.parse(text)
+
+
+def for_local_nodes() -> Security:
+    """The mode for nodes this process starts itself (cluster/demo/LocalCluster): the configured one, or an
+    ephemeral key made now (and configured, so this process's channels use it too)."""
+    if _configured is not None or os.environ.get(ENV_VAR, "").strip():
+        return current()  # (a malformed key in the environment is reported, not papered over)
+    key = ClusterKey.generate()
+    configure(key)
+    log.info("local nodes use an ephemeral cluster key (id %s)", key.fingerprint)
+    return key
+
+
+# ---- channels and servers ---------------------------------------------------------------------------------
+def channel(
+    address: str, security: Security | None = None, options: Sequence[tuple[str, object]] = ()
+) -> grpc.aio.Channel:
+    """An aio channel to the node at `address` in the given mode (None: `current()`), with the node's
+    message-size and keepalive options (GRPC_OPTIONS) unless `options` overrides them."""
+
+    sec = current() if security is None else security
+    merged = dict(GRPC_OPTIONS)
+    merged.update(dict(options))
+    if isinstance(sec, Insecure):
+        return grpc.aio.insecure_channel(address, options=list(merged.items()))
+    merged["grpc.ssl_target_name_override"] = TLS_NAME  # nodes are dialled by IP; the certificate names this
+    creds = grpc.composite_channel_credentials(
+        grpc.ssl_channel_credentials(root_certificates=sec.tls.ca_pem),
+        grpc.metadata_call_credentials(TokenPlugin(sec.auth_key), name="edgeshard-call-token"),
+    )
+    return grpc.aio.secure_channel(address, creds, options=list(merged.items()))
+
+
+def listen(server: grpc.aio.Server, address: str, security: Security) -> int:
+    """Add a listening port to `server` in the given mode; the port number."""
+    if isinstance(security, Insecure):
+        return server.add_insecure_port(address)
+    tls = security.tls
+    # no client certificate: callers prove membership with the per-call token, which a stranger who pinned
+    # our (public) certificate still lacks - and unlike a failed client-certificate handshake, a refused
+    # token is an UNAUTHENTICATED status the caller sees and a line in this node's log
+    creds = grpc.ssl_server_credentials([(tls.key_pem, tls.cert_pem)], require_client_auth=False)
+    return server.add_secure_port(address, creds)
+
+
+def server_interceptors(security: Security, node: str = "") -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors a node's server needs in this mode (the token check, or none when insecure)."""
+    return [] if isinstance(security, Insecure) else [AuthInterceptor(security.auth_key, node)]
+
+
+def connection_problem(details: str | None, security: Security | None = None) -> str | None:
+    """What a failed call's gRPC details say about membership (a sentence to add to the error), or None."""
+    text = details or ""
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate signature failure" in text:
+        return (
+            "its TLS certificate is not of this cluster: it holds a different (or stale) cluster key, or is "
+            "not an edgeshard node; give every node and coordinator the same key file"
+        )
+    if "WRONG_VERSION_NUMBER" in text:
+        return "it does not speak TLS: it probably runs with --insecure (no cluster key)"
+    if "refused /edgeshard." in text and "cluster" in text:
+        return "it refused our cluster credentials: it holds a different (or newer) cluster key"
+    if isinstance(security, Insecure) and "Socket closed" in text:
+        return "if it runs with a cluster key, it closes plaintext connections: give this side the key too"
+    return None
+
+
+# ---- command-line flags -----------------------------------------------------------------------------------
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    """--cluster-key-file and --insecure (nodes and every coordinator command that talks to nodes)."""
+    p.add_argument(
+        "--cluster-key-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"the cluster key (`edgeshard secret new --out FILE`; default: ${ENV_VAR})",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run without a cluster key: no authentication, no encryption (a lab you control only)",
+    )
+
+
+def security_from_args(args: argparse.Namespace, required: bool = True) -> Security | None:
+    """The mode the flags (or $EDGESHARD_CLUSTER_KEY) ask for; None when neither says and not `required`.
+
+    Raises ClusterKeyError for an unreadable or malformed key, both --insecure and a key, or (when
+    `required`) no choice at all.
+    """
+    key_file = getattr(args, "cluster_key_file", None)
+    insecure = getattr(args, "insecure", False)
+    if key_file is not None and insecure:
+        raise ClusterKeyError("--insecure and --cluster-key-file contradict each other; choose one")
+    if key_file is not None:
+        if ClusterKey.loose_permissions(key_file):
+            log.warning("cluster key file %s is readable by other users; chmod 600 it", key_file)
+        return ClusterKey.load(key_file)
+    if insecure:
+        return INSECURE
+    if os.environ.get(ENV_VAR, "").strip():
+        return _from_env(os.environ[ENV_VAR].strip())
+    if required:
+        raise ClusterKeyError(f"no cluster key: {NO_KEY_HELP}")
+    return None
+
+
+def configure_from_args(args: argparse.Namespace, who: str = "edgeshard") -> Security | None:
+    """`configure` from the flags when they choose (warning on stderr for --insecure); the choice."""
+    security = security_from_args(args, required=False)
+    if security is not None:
+        configure(security)
+    if isinstance(security, Insecure):
+        print(f"{who}: warning: {INSECURE_WARNING}", file=sys.stderr)
+    return security

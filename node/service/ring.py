@@ -1,0 +1,413 @@
+"""A node's place in the ring: take a message, run the stage, hand the result to the next hop.
+
+`RingNode` holds the loaded shard (a `ShardExecutor`), the long-lived stream to the next node (`NextHop`), the
+Results subscribers (last node), and the routing of error replies back to whoever sent a session's messages.
+The gRPC servicer (node/server.py) is a thin layer over it. The data path:
+
+    handle: decode + validate (wire_tensors) -> inbox
+    stage loop: take ALL ready messages (node/batching.py) -> run_batch: one executor.step (node/stage_step.py)
+                -> encode -> next_hop.send (middle node) / Result to the subscriber (last node)
+
+Continuous batching: while the stage computes, messages keep arriving and queue in the inbox; when it is free
+it takes everything ready (at most one step per session, one chunk of prefill rows, `max_batch_rows` rows and 1/N of
+its sessions on an N-node ring) and runs one forward, so with many sequences in flight every node computes a
+group of them at the same time (see node/batching.py and coordinator/groups.py).
+
+Compute runs in one worker thread (`compute="thread"`, the default) so the event loop keeps reading and
+decoding messages during a forward and the next batch is ready when it ends; with a single session nothing
+else can arrive, so it runs inline (no hand-off). `compute="inline"` always runs it on the event loop
+(messages are read between batches). Measured in docs/pipeline.md: the thread saves ~10% of CPU per token at
+8 sequences; a hand-off per forward cost ~3 ms per token at 1. Batches run one at a time, so the executor is
+only ever touched by one of them (GetInfo reads counters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+import grpc
+import torch
+
+from edgeshard.node.model.config import ShardSpec
+from edgeshard.node.model.executor import ShardExecutor
+from edgeshard.node.service.batching import STEP_KINDS, Pending, StageTimes, group_size, take_batch
+from edgeshard.node.service.next_hop import NextHop, now_us
+from edgeshard.node.service.stage_step import Outcome, run_batch
+from edgeshard.node.wire import edgeshard_pb2 as pb
+from edgeshard.node.wire.limits import MAX_QUEUED_MESSAGES, MAX_QUEUED_ROWS, check_forward
+from edgeshard.node.wire.tensors import TO_WIRE_DTYPE, WireError, error_message, invalid, step_from_wire
+
+log = logging.getLogger("edgeshard.node")
+
+LAST = "last"  # LoadShardRequest.next_hop of the node that samples
+MAX_BATCH_ROWS = 256  # rows one batched forward takes at most (--max-batch-rows); a bigger step runs alone
+COMPUTE_MODES = ("thread", "inline")  # where the stage computes (--compute; see the module docstring)
+BURST_WAIT_S = 0.002  # longest a node waits for the rest of an arriving burst before it starts a forward
+ReplyFn = Callable[[pb.ForwardReply], None]  # puts an error reply on the sender's stream (never blocks)
+__all__ = ["LAST", "LoadedShard", "NextHop", "RingNode"]
+
+
+@dataclass
+class LoadedShard:
+    """What a node serves now: the executor of its layer range and where results go."""
+
+    executor: ShardExecutor
+    model: str  # the reference it was loaded from
+    quant: str
+    plan_id: int
+    next_hop: str  # host:port, or LAST
+    weight_bytes: int
+    load_s: float
+    stages: int = 0  # nodes in the ring (LoadShardRequest.stages; 0: unknown), for batching's group size
+
+    @property
+    def spec(self) -> ShardSpec:
+        """The layer range."""
+        return self.executor.spec
+
+    def info(self) -> pb.ShardInfo:
+        """The shard as GetInfo/LoadShard report it."""
+        cfg = self.executor.stage.config
+        return pb.ShardInfo(
+            model=self.model,
+            start_layer=self.spec.start_layer,
+            end_layer=self.spec.end_layer,
+            num_layers=self.spec.num_layers,
+            quant=self.quant,
+            plan_id=self.plan_id,
+            weight_bytes=self.weight_bytes,
+            next_hop=self.next_hop,
+            load_s=self.load_s,
+            wire_dtype=TO_WIRE_DTYPE[torch.float32],  # the residual stream (Stage.forward)
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            kv_bytes_per_position=self.executor.kv_bytes_per_position,
+            kv_budget=self.executor.kv_budget,
+        )
+
+
+class RingNode:
+    """The node's state and its message handling, independent of the gRPC servicer around it."""
+
+    def __init__(
+        self,
+        name: str,
+        max_sessions: int = 64,
+        *,
+        kv_budget: int = 0,
+        memory_limit: int = 0,
+        max_batch_rows: int = MAX_BATCH_ROWS,
+        compute: str = "thread",
+    ) -> None:
+        if compute not in COMPUTE_MODES:
+            raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
+        self.name = name
+        self.max_sessions = max_sessions
+        self.kv_budget = kv_budget  # bytes of KV caches sessions may reserve (0: see kv_budget_for)
+        self.memory_limit = memory_limit  # bytes for weights + KV (--memory-limit; 0: no limit)
+        self.max_batch_rows = max_batch_rows
+        # one compute thread: the event loop keeps reading (and decoding) messages while the stage computes
+        self.worker = (
+            ThreadPoolExecutor(1, thread_name_prefix="edgeshard-stage") if compute == "thread" else None
+        )
+        self.inbox: deque[Pending] = deque()  # messages waiting for the stage, in arrival order
+        self.ready = asyncio.Event()  # set when the inbox gets a message
+        self.room = asyncio.Event()  # set while the inbox is below its bounds (node/limits.py)
+        self.room.set()
+        self.queued_rows = 0  # rows of the steps in the inbox
+        self.burst_left = 0  # messages still on their way of the burst that is arriving (ForwardMessage)
+        self.runner: asyncio.Task | None = None  # the stage loop of the installed shard
+        self.times = StageTimes()
+        self.shard: LoadedShard | None = None
+        self.loading = False
+        self.next_hop: NextHop | None = None
+        self.subscribers: dict[str, asyncio.Queue] = {}  # Results streams on this (last) node
+        self.route: dict[str, str] = {}  # session -> subscriber its results go to
+        self.upstream: dict[str, ReplyFn] = {}  # session -> the stream its messages came from
+        self.messages = 0
+        self.frames = 0  # gRPC messages: a batch counts once
+        self.errors = 0
+        self.network_s = 0.0
+
+    # ---------------------------------------------------------------------------------- shard lifecycle
+
+    async def install(self, shard: LoadedShard) -> None:
+        """Serve `shard` from now on (its plan id fences off messages of older plans)."""
+        await self.unload()
+        self.shard = shard
+        self.times = StageTimes()
+        self.runner = asyncio.create_task(self._run(shard))
+        if shard.next_hop != LAST:
+            self.next_hop = NextHop(
+                shard.next_hop, self._relay_reply, self._hop_failed, on_break=self._hop_broke
+            )
+
+    async def unload(self) -> None:
+        """Drop the shard, its sessions and the stream to the next hop."""
+        self.shard = None
+        if self.runner is not None:  # a batch computing now finishes in the thread; its outputs are dropped
+            self.runner.cancel()
+            self.runner = None
+        self.inbox.clear()  # messages of the old plan
+        self.queued_rows = 0
+        self.room.set()
+        self.route.clear()
+        self.upstream.clear()
+        if self.next_hop is not None:
+            await self.next_hop.close()
+            self.next_hop = None
+
+    def kv_budget_for(self, weight_bytes: int) -> int:
+        """The KV budget of a shard with `weight_bytes` of weights: --kv-budget, else what --memory-limit leaves
+        after the weights, else 0 (no limit)."""
+        if self.kv_budget or not self.memory_limit:
+            return self.kv_budget
+        left = self.memory_limit - weight_bytes
+        if left <= 0:
+            log.warning("--memory-limit leaves no room for KV caches after %d bytes of weights", weight_bytes)
+        return max(1, left)  # 1, not 0 (no limit): every session is refused, saying why
+
+    def _require_shard(self, msg: pb.ForwardMessage) -> LoadedShard:
+        shard = self.shard
+        if shard is None:
+            state = "is still loading its shard" if self.loading else "has no shard loaded"
+            raise WireError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"node {self.name} {state}; send LoadShard first"
+            )
+        if msg.plan_id != shard.plan_id:
+            raise invalid(
+                f"stale plan id {msg.plan_id}: node {self.name} serves plan {shard.plan_id}; "
+                "re-plan and reload the shards"
+            )
+        return shard
+
+    # ---------------------------------------------------------------------------------- the data path
+
+    async def handle(self, msg: pb.ForwardMessage, reply: ReplyFn) -> None:
+        """Take one Forward message that arrived on a stream whose error replies go to `reply`: refuse it at
+        once if it is not for this ring, else queue it for the stage loop (it runs in the next batch). A
+        batch (several messages in one, see the proto) is taken message by message."""
+        self.frames += 1
+        if not msg.batch:
+            await self._take(msg, reply)
+            return
+        if msg.WhichOneof("payload"):
+            self._refuse(
+                msg,
+                invalid("a message with a batch carries no payload of its own: put it in the batch"),
+                reply,
+            )
+            return
+        for one in msg.batch:
+            if one.batch:
+                self._refuse(
+                    one, invalid("a batch inside a batch: send the messages in one flat batch"), reply
+                )
+                continue
+            await self._take(one, reply)
+
+    async def _take(self, msg: pb.ForwardMessage, reply: ReplyFn) -> None:
+        self.messages += 1
+        which = msg.WhichOneof("payload") or ""
+        t0 = time.perf_counter()
+        if msg.sent_at_us and which in STEP_KINDS:  # the hop into this node (see the proto)
+            self.network_s += max(0, now_us() - msg.sent_at_us) / 1e6
+        shard = self.shard
+        self.burst_left = msg.burst_left
+        item = Pending(msg, reply, which, arrived=t0)
+        if which == "error":  # an upstream failure: carry it on, whatever plan it names
+            if shard is None:
+                self._emit(msg)
+                return
+        else:
+            try:
+                check_forward(msg)  # ids it would keep (node/limits.py)
+                shard = self._require_shard(msg)
+            except WireError as e:  # not of this ring (stale plan, no shard), or too big: answer the sender
+                self._refuse(msg, e, reply)
+                return
+            if which in STEP_KINDS:  # decoded on arrival, while the compute thread runs the last batch
+                cfg = shard.executor.stage.config
+                try:
+                    item.req = step_from_wire(msg, shard.spec.is_first, cfg.hidden_size, cfg.vocab_size)
+                except WireError as e:
+                    item.error = e  # answered in the session's order, like any other failure
+                self.network_s += time.perf_counter() - t0
+            elif which not in ("open", "end"):
+                item.error = invalid("a Forward message needs a payload: tokens, hidden, open, end or error")
+        self.inbox.append(item)
+        self.queued_rows += item.req.length if item.req is not None else 0
+        self.ready.set()
+        if len(self.inbox) >= MAX_QUEUED_MESSAGES or self.queued_rows >= MAX_QUEUED_ROWS:
+            self.room.clear()
+            await self.room.wait()  # this stream is read again once the stage has caught up
+
+    async def _run(self, shard: LoadedShard) -> None:
+        """The stage loop: wait for work, take ALL that is ready as one batch (node/batching.py), run it in the
+        compute thread, hand the outcomes on; until the shard is unloaded (the task is cancelled)."""
+        loop = asyncio.get_running_loop()
+        times = self.times
+        while True:
+            if not self.inbox:
+                times.idle_since = time.perf_counter()
+                self.ready.clear()
+                await self.ready.wait()
+                times.idle_s += time.perf_counter() - times.idle_since
+                times.idle_since = None
+            for _ in range(8 if self.worker is None else 0):  # inline: first let the streams deliver
+                queued = len(self.inbox)  # what arrived during the last batch (a read takes a few turns)
+                await asyncio.sleep(0)
+                if len(self.inbox) == queued:
+                    break
+            if self.burst_left:
+                await self._await_burst()
+            cap = group_size(len(shard.executor.sessions), shard.stages)
+            controls, steps = take_batch(self.inbox, self.max_batch_rows, cap)
+            self.queued_rows -= sum(item.req.length for item in controls + steps if item.req is not None)
+            if len(self.inbox) < MAX_QUEUED_MESSAGES and self.queued_rows < MAX_QUEUED_ROWS:
+                self.room.set()
+            if steps:
+                times.record(steps, time.perf_counter())
+            work = partial(run_batch, shard.executor, self.name, controls, steps)
+            # one session (or none): nothing else can arrive meanwhile, so skip the thread hand-off
+            inline = self.worker is None or len(shard.executor.sessions) <= 1
+            try:
+                outcomes, encode_s = work() if inline else await loop.run_in_executor(self.worker, work)
+            except Exception as e:  # run_batch answers for every message; this is a bug in it
+                log.exception("a batch failed")
+                err = WireError(grpc.StatusCode.INTERNAL, f"node {self.name} failed a batch: {e}")
+                outcomes = [
+                    Outcome(i, error_message(i.msg, err.to_proto(self.name)), err) for i in controls + steps
+                ]
+                encode_s = 0.0
+            self.network_s += encode_s
+            onward = [o.out for o in outcomes if isinstance(o.out, pb.ForwardMessage)]
+            for i, out in enumerate(onward):  # one burst: the next node computes them together
+                out.burst_left = len(onward) - 1 - i
+            for outcome in outcomes:
+                self._finish(shard, outcome)
+
+    async def _await_burst(self) -> None:
+        """Wait (at most BURST_WAIT_S) for the rest of a burst that is arriving: the steps a batch of the
+        previous node made, written one after another, are computed together here too."""
+        deadline = time.perf_counter() + BURST_WAIT_S
+        while self.burst_left and (left := deadline - time.perf_counter()) > 0:
+            self.ready.clear()
+            try:
+                await asyncio.wait_for(self.ready.wait(), left)
+            except TimeoutError:
+                return
+
+    def _finish(self, shard: LoadedShard, outcome: Outcome) -> None:
+        """Hand one message's outcome on: answer the sender if it failed, then pass the output along the ring."""
+        item, msg = outcome.item, outcome.item.msg
+        if outcome.error is not None:
+            self._refuse(msg, outcome.error, item.reply)
+        elif item.kind in STEP_KINDS or item.kind == "open":
+            # errors of the next hops about it go back there (only sessions this node holds: bounded)
+            self.upstream[msg.session_id] = item.reply
+            if item.kind == "open" and shard.next_hop == LAST:
+                self.route[msg.session_id] = msg.open.reply_to
+        if outcome.out is not None:
+            self._emit(outcome.out)
+        if item.kind == "end":
+            self.upstream.pop(msg.session_id, None)
+
+    def _refuse(self, msg: pb.ForwardMessage, e: WireError, reply: ReplyFn) -> None:
+        self.errors += 1
+        log.info("refused a message of session %r: %s", msg.session_id, e.message)
+        reply(
+            pb.ForwardReply(
+                plan_id=msg.plan_id, session_id=msg.session_id, start=msg.start, error=e.to_proto(self.name)
+            )
+        )
+
+    def _emit(self, out: pb.ForwardMessage | pb.Result) -> None:
+        """Hand a node's output on: a Result to the subscriber (last node), else a message to the next hop."""
+        if isinstance(out, pb.ForwardMessage) and (self.shard is None or self.shard.next_hop == LAST):
+            out = self._as_result(out)
+        if isinstance(out, pb.Result):
+            self._publish(out)
+            return
+        if self.next_hop is None:  # no shard: an error with nowhere to go was already answered upstream
+            return
+        out.sent_at_us = now_us()
+        self.next_hop.send(out)
+
+    def _hop_failed(self, msg: pb.ForwardMessage, e: WireError) -> None:
+        """The next hop could not take `msg`: tell whoever sent that session's messages here."""
+        upstream = self.upstream.get(msg.session_id)
+        self._refuse(msg, e, upstream if upstream is not None else lambda _reply: None)
+
+    def _hop_broke(self, e: WireError) -> None:
+        """The stream to the next hop broke: steps in flight there are lost. Fail every session routed through
+        here upstream, so their coordinator recovers now rather than at its step deadline."""
+        plan_id = self.shard.plan_id if self.shard else 0
+        for session_id, upstream in list(self.upstream.items()):
+            self._refuse(pb.ForwardMessage(plan_id=plan_id, session_id=session_id), e, upstream)
+
+    def _as_result(self, msg: pb.ForwardMessage) -> pb.Result:
+        which = msg.WhichOneof("payload")
+        if which == "error":
+            return pb.Result(
+                kind=pb.RESULT_ERROR,
+                plan_id=msg.plan_id,
+                session_id=msg.session_id,
+                start=msg.start,
+                error=msg.error,
+            )
+        return pb.Result(
+            kind=pb.RESULT_ENDED, plan_id=msg.plan_id, session_id=msg.session_id, start=msg.start
+        )
+
+    def _publish(self, result: pb.Result) -> None:
+        result.sent_at_us = now_us()
+        sub = self.route.get(result.session_id)
+        if result.kind == pb.RESULT_ENDED:
+            self.route.pop(result.session_id, None)
+        queue = self.subscribers.get(sub) if sub else None
+        targets = [queue] if queue is not None else list(self.subscribers.values())
+        for q in targets:  # no route (unknown session or reply_to ""): every coordinator filters its own
+            q.put_nowait(result)
+
+    def _relay_reply(self, reply: pb.ForwardReply) -> None:
+        """An error reply from the next hop goes back to whoever sent that session's messages here."""
+        upstream = self.upstream.get(reply.session_id)
+        if upstream is not None:
+            upstream(reply)
+
+    # ---------------------------------------------------------------------------------- Results
+
+    def subscribe(self, subscriber: str) -> asyncio.Queue:
+        """Register a Results stream; its queue receives the results routed to it."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self.subscribers[subscriber] = queue
+        return queue
+
+    def unsubscribe(self, subscriber: str, queue: asyncio.Queue) -> None:
+        """Forget a Results stream (only if it was not replaced by a newer one of the same name)."""
+        if self.subscribers.get(subscriber) is queue:
+            del self.subscribers[subscriber]
+
+    def stats(self) -> pb.NodeStats:
+        """Counters for GetInfo."""
+        ex = self.shard.executor if self.shard else None
+        return pb.NodeStats(
+            steps=ex.steps if ex else 0,
+            messages=self.messages,
+            frames=self.frames,
+            compute_ms=(ex.compute_s if ex else 0.0) * 1e3,
+            network_ms=self.network_s * 1e3,
+            errors=self.errors,
+            sessions=len(ex.sessions) if ex else 0,
+            kv_bytes=ex.kv_bytes() if ex else 0,
+            kv_reserved=ex.kv_reserved if ex else 0,
+            **(self.times.to_stats() if ex else {}),
+        )

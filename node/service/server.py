@@ -1,0 +1,443 @@
+"""The node's gRPC server: a thin servicer over `RingNode` (node/ring.py) and `load_shard`.
+
+    python -m edgeshard.node.service.server --port 0     # or `edgeshard node`
+
+Once listening, the node prints one machine-readable line on stdout, `EDGESHARD_NODE_READY port=<p> name=<n>`,
+so a parent that started it with `--port 0` learns the port. SIGTERM and SIGINT stop it cleanly: the server
+stops with a grace period (open streams end), the stream to the next hop is closed, the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import signal
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from edgeshard.node.lowbit import native
+from edgeshard.node.presence.advertise import package_version, start_advertising
+from edgeshard.node.presence.capability import Capability, fill_wire, parse_size
+from edgeshard.node.presence.identity import claim_identity
+from edgeshard.node.presence.microbench import measure
+from edgeshard.node.presence.monitor import start_remeasuring
+from edgeshard.node.security.channels import (
+    INSECURE,
+    INSECURE_WARNING,
+    Insecure,
+    Security,
+    add_security_args,
+    listen,
+    security_from_args,
+    server_interceptors,
+)
+from edgeshard.node.service.next_hop import coalesce, drain, now_us
+from edgeshard.node.service.ring import COMPUTE_MODES, MAX_BATCH_ROWS, RingNode
+from edgeshard.node.service.shard_load import load_shard
+from edgeshard.node.wire import PROTOCOL_VERSION
+from edgeshard.node.wire import edgeshard_pb2 as pb
+from edgeshard.node.wire import edgeshard_pb2_grpc as pb_grpc
+from edgeshard.node.wire.limits import SERVER_OPTIONS, check_subscriber
+from edgeshard.node.wire.options import GRPC_OPTIONS
+from edgeshard.node.wire.tensors import WireError
+
+log = logging.getLogger("edgeshard.node")
+
+READY_PREFIX = "EDGESHARD_NODE_READY"
+PARENT_PID_ENV = "EDGESHARD_PARENT_PID"  # set by `cluster`: the node exits when that process is gone
+STOP_GRACE_S = 2.0
+MAX_HEALTH_PAYLOAD = 4 << 20  # largest link-test reply a node sends
+
+
+@dataclass
+class NodeOptions:
+    """How a node runs (the `edgeshard node` flags)."""
+
+    host: str = "0.0.0.0"  # address to listen on
+    port: int = 0  # 0 picks a free port (reported on the READY line)
+    name: str = field(default_factory=socket.gethostname)  # shown in plans and tables
+    threads: int | None = None  # torch threads (None: torch's default, all cores)
+    model_dir: Path | None = None  # the only directory model files are opened from (None: the model cache)
+    state_dir: Path | None = None  # node identity (and, later, keys and the capability benchmark)
+    max_sessions: int = 64  # sessions (KV caches) held at once
+    kv_budget: int = 0  # bytes KV caches may reserve (0: what memory_limit leaves, or no limit)
+    max_batch_rows: int = MAX_BATCH_ROWS  # rows one batched forward takes at most
+    compute: str = "thread"  # where the stage computes: "thread" (one worker) or "inline" (the event loop)
+    advertise: bool = False  # announce the node on mDNS (node/advertise.py)
+    mdns_interfaces: list[str] = field(default_factory=list)  # IPv4 addresses mDNS runs on (empty: all)
+    cluster: str = "default"  # cluster name it announces; coordinators of other clusters skip the node
+    memory_limit: int = 0  # bytes of shards + KV the planner may put here (0: whatever is free)
+    benchmark: bool = True  # run the capability microbenchmark at start (node/capability.py)
+    benchmark_every: float = 300.0  # and again every this many seconds while idle (0: only at start)
+    # the cluster key (TLS + per-call tokens, node/security.py), or INSECURE; None refuses to start
+    security: Security | None = None
+
+
+def capabilities(measured: Capability | None = None) -> pb.Capabilities:
+    """What this machine offers, as GetInfo reports it (with the start-up benchmark when `measured`)."""
+    import psutil
+    import torch
+
+    from edgeshard.node.lowbit.formats import QUANT_FORMATS
+
+    mem = psutil.virtual_memory()
+    caps = pb.Capabilities(
+        cores=os.cpu_count() or 1,
+        memory_total=mem.total,
+        memory_free=mem.available,
+        arch=platform.machine(),
+        torch_threads=torch.get_num_threads(),
+        platform=f"{platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}",
+        quant_formats=list(QUANT_FORMATS),
+    )
+    if measured is not None:
+        fill_wire(measured, caps)
+    return caps
+
+
+class NodeServicer(pb_grpc.NodeServicer):
+    """The gRPC face of a node; every method is a few lines over RingNode / load_shard."""
+
+    def __init__(self, node: RingNode, options: NodeOptions, node_id: str, address: str = "") -> None:
+        self.node = node
+        self.options = options
+        self.node_id = node_id
+        self.address = address
+        self.model_dir = options.model_dir or _default_model_dir()
+        self.load_lock = asyncio.Lock()
+        self.capability = Capability()  # set by serve() from the start-up benchmark
+        self.streams: set[asyncio.Queue] = set()  # reply/result queues of open streams, ended on shutdown
+
+    def end_streams(self) -> None:
+        """Finish every open Forward and Results stream with OK, so shutdown does not have to cancel them."""
+        for queue in list(self.streams):
+            queue.put_nowait(None)
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.NodeInfo:  # noqa: N802
+        shard = self.node.shard
+        return pb.NodeInfo(
+            node_id=self.node_id,
+            name=self.node.name,
+            protocol_version=PROTOCOL_VERSION,
+            capabilities=capabilities(self.capability),
+            loaded=shard is not None,
+            shard=shard.info() if shard else None,
+            max_sessions=self.node.max_sessions,
+            stats=self.node.stats(),
+            address=self.address,
+            cluster=self.options.cluster,
+            clock_unix_s=time.time(),
+            version=package_version(),
+        )
+
+    async def LoadShard(self, request: pb.LoadShardRequest, context):  # noqa: N802
+        async with self.load_lock:  # one load at a time; a second waits and then replaces the first
+            try:
+                async for progress in load_shard(self.node, request, self.model_dir):
+                    yield progress
+            except WireError as e:
+                log.warning("LoadShard %r refused: %s", request.model, e.message)
+                await context.abort(e.code, e.message)
+
+    async def Forward(self, request_iterator, context):  # noqa: N802
+        replies: asyncio.Queue = asyncio.Queue()
+        self.streams.add(replies)
+
+        async def pump() -> None:
+            try:
+                async for msg in request_iterator:
+                    await self.node.handle(msg, replies.put_nowait)
+            finally:
+                replies.put_nowait(None)
+
+        task = asyncio.create_task(pump())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+            if task.done():
+                await task  # surfaces an exception of the pump as the stream's status
+        finally:
+            self.streams.discard(replies)
+            task.cancel()
+
+    async def Results(self, request: pb.ResultsRequest, context):  # noqa: N802
+        subscriber = request.subscriber or uuid.uuid4().hex
+        try:  # a replaced subscription (same name) does not count against the limit
+            check_subscriber(subscriber, len(self.node.subscribers) - (subscriber in self.node.subscribers))
+        except WireError as e:
+            await context.abort(e.code, e.message)
+        queue = self.node.subscribe(subscriber)
+        self.streams.add(queue)
+        try:
+            yield pb.Result(kind=pb.RESULT_READY, plan_id=self.node.shard.plan_id if self.node.shard else 0)
+            while True:  # what queued up meanwhile (a batched forward's results) goes as one message
+                results = drain(queue, await queue.get())
+                end = next((i for i, r in enumerate(results) if r is None), None)  # None: unsubscribed
+                for result in coalesce(results[:end], pb.Result, now_us()):
+                    yield result
+                if end is not None:
+                    break
+        finally:
+            self.streams.discard(queue)
+            self.node.unsubscribe(subscriber, queue)
+
+    async def Health(self, request: pb.HealthRequest, context) -> pb.HealthReply:  # noqa: N802
+        shard = self.node.shard
+        payload = bytes(min(request.reply_bytes, MAX_HEALTH_PAYLOAD))  # link test (coordinator/links.py)
+        return pb.HealthReply(
+            ok=True, loaded=shard is not None, plan_id=shard.plan_id if shard else 0, payload=payload
+        )
+
+
+def _default_model_dir() -> Path:
+    from edgeshard.node.weights.model_dir import default_model_dir
+
+    return default_model_dir()
+
+
+async def serve(options: NodeOptions, ready_out=sys.stdout) -> None:
+    """Run a node until SIGTERM/SIGINT (or until the parent named by EDGESHARD_PARENT_PID is gone)."""
+    import torch
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    security = _security(options)
+    identity = claim_identity(options.state_dir)
+    node = RingNode(
+        options.name,
+        max_sessions=options.max_sessions,
+        kv_budget=options.kv_budget,
+        memory_limit=options.memory_limit,
+        max_batch_rows=options.max_batch_rows,
+        compute=options.compute,
+    )
+    server = grpc.aio.server(
+        options=GRPC_OPTIONS + SERVER_OPTIONS + [("grpc.so_reuseport", 0)],
+        interceptors=server_interceptors(security, options.name),  # the membership check, before handlers
+    )
+    servicer = NodeServicer(node, options, identity.node_id)
+    servicer.capability = (
+        measure(memory_limit=options.memory_limit)
+        if options.benchmark
+        else Capability(memory_limit=options.memory_limit)
+    )
+    pb_grpc.add_NodeServicer_to_server(servicer, server)
+    try:
+        port = listen(server, f"{options.host}:{options.port}", security)
+    except RuntimeError as e:
+        raise OSError(f"cannot listen on {options.host}:{options.port} ({e}); is the port in use?") from e
+    servicer.address = f"{options.host}:{port}"
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watchdog = asyncio.create_task(_watch_parent(stop))
+    print(f"{READY_PREFIX} port={port} name={options.name}", file=ready_out, flush=True)
+    log.info(
+        "node %s listening on %s:%d (%s; low-bit layers on %s)",
+        options.name,
+        options.host,
+        port,
+        "INSECURE" if security is INSECURE else f"TLS, cluster key id {security.fingerprint}",
+        native.status(),
+    )
+    advertiser = await start_advertising(servicer, port) if options.advertise else None
+    remeasure = start_remeasuring(servicer, options.benchmark_every)
+    try:
+        await stop.wait()
+    finally:
+        watchdog.cancel()
+        if remeasure is not None:
+            remeasure.cancel()
+        if advertiser is not None:  # withdraw first: browsers see the node leave before its port closes
+            await advertiser.close()
+        servicer.end_streams()
+        await server.stop(STOP_GRACE_S)
+        await node.unload()
+        identity.release()
+        log.info("node %s stopped", options.name)
+
+
+def _security(options: NodeOptions) -> Security:
+    """The node's mode, made this process's (its next-hop channels use it); refuses to run without one."""
+    from edgeshard.node.security.channels import ClusterKeyError, configure
+
+    if options.security is None:
+        raise ClusterKeyError("a node needs a cluster key or --insecure; see `edgeshard secret new`")
+    configure(options.security)
+    if isinstance(options.security, Insecure):
+        log.warning(INSECURE_WARNING)
+    return options.security
+
+
+def die_with_parent() -> None:
+    """When started by `cluster` (EDGESHARD_PARENT_PID set): get SIGTERM when the parent dies (Linux).
+
+    Set here in the child, not with Popen(preexec_fn=...): a preexec_fn forces a plain fork() in a parent
+    that already runs gRPC threads, and gRPC's fork handlers then abort the child before it execs.
+    """
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1  # noqa: N806 - the name from <sys/prctl.h>
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the parent died before the signal was armed
+        sys.exit(0)
+
+
+async def _watch_parent(stop: asyncio.Event) -> None:
+    """Stop when the parent that started this node exits (a second line of defence after PDEATHSIG)."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent:
+        return
+    while True:
+        if os.getppid() != int(parent):
+            stop.set()
+            return
+        await asyncio.sleep(1.0)
+
+
+def add_node_args(p: argparse.ArgumentParser) -> None:
+    """The flags of `edgeshard node` (also `python -m edgeshard.node.service.server`)."""
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
+    p.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one")
+    p.add_argument("--name", default=None, help="name shown in plans and tables (default: the hostname)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="the only directory model files are opened from (default: the model cache)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="where the node keeps its lasting id (default: ~/.local/state/edgeshard)",
+    )
+    p.add_argument("--max-sessions", type=int, default=64, help="sessions (KV caches) held at once")
+    p.add_argument(
+        "--kv-budget",
+        default=None,
+        metavar="SIZE",
+        help="memory KV caches may reserve, e.g. 256M; a session reserves its whole cache when it opens and "
+        "more are refused (RESOURCE_EXHAUSTED) (default: what --memory-limit leaves after the weights, "
+        "else no limit)",
+    )
+    p.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=MAX_BATCH_ROWS,
+        metavar="N",
+        help=f"rows (tokens) one batched forward takes at most (default {MAX_BATCH_ROWS})",
+    )
+    p.add_argument(
+        "--compute",
+        choices=COMPUTE_MODES,
+        default="thread",
+        help="run the stage in one worker thread (default: messages keep arriving while it computes) or "
+        "inline on the event loop",
+    )
+    p.add_argument("--no-advertise", action="store_true", help="do not announce this node on mDNS")
+    p.add_argument(
+        "--mdns-interface",
+        action="append",
+        default=[],
+        metavar="IP",
+        help="IPv4 address of an interface to run mDNS on (repeatable; default: all interfaces)",
+    )
+    p.add_argument(
+        "--cluster", default="default", help="cluster name to announce (coordinators filter on it)"
+    )
+    p.add_argument(
+        "--memory-limit",
+        default=None,
+        metavar="SIZE",
+        help="memory the planner may use here for shards and KV, e.g. 512M or 2G (default: what is free)",
+    )
+    p.add_argument(
+        "--no-benchmark",
+        action="store_true",
+        help="skip the start-up microbenchmark (the planner then assumes an average speed)",
+    )
+    p.add_argument(
+        "--benchmark-every",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="re-run the microbenchmark every S seconds while idle; GetInfo reports the median of the last 5 "
+        "runs (0: only at start)",
+    )
+    add_security_args(p)  # --cluster-key-file FILE / --insecure (or $EDGESHARD_CLUSTER_KEY)
+    p.add_argument("--log-level", default="WARNING", help="logging level of the node (stderr)")
+
+
+def options_from_args(args: argparse.Namespace) -> NodeOptions:
+    """NodeOptions from parsed `add_node_args` flags."""
+    if args.max_sessions < 1:
+        raise ValueError(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    if args.max_batch_rows < 1:
+        raise ValueError(f"--max-batch-rows must be at least 1, got {args.max_batch_rows}")
+    if args.model_dir is not None and not args.model_dir.expanduser().is_dir():
+        raise FileNotFoundError(f"--model-dir {args.model_dir} is not a directory; create it or point at one")
+    opts = NodeOptions(
+        host=args.host,
+        port=args.port,
+        threads=args.threads,
+        model_dir=args.model_dir,
+        state_dir=args.state_dir,
+        max_sessions=args.max_sessions,
+        kv_budget=parse_size(args.kv_budget) if args.kv_budget else 0,
+        max_batch_rows=args.max_batch_rows,
+        compute=args.compute,
+        advertise=not args.no_advertise,
+        mdns_interfaces=list(args.mdns_interface),
+        cluster=args.cluster,
+        memory_limit=parse_size(args.memory_limit) if args.memory_limit else 0,
+        benchmark=not args.no_benchmark,
+        benchmark_every=args.benchmark_every,
+        security=security_from_args(args, required=True),  # ClusterKeyError (a ValueError) says what to do
+    )
+    if args.name:
+        opts.name = args.name
+    return opts
+
+
+def run_node(args: argparse.Namespace) -> int:
+    """Serve until stopped; exit code 0 on a clean stop."""
+    die_with_parent()
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    asyncio.run(serve(options_from_args(args)))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m edgeshard.node.service.server`: the same flags as `edgeshard node`."""
+    parser = argparse.ArgumentParser(prog="edgeshard-node", description="Serve model shards over gRPC.")
+    add_node_args(parser)
+    try:
+        return run_node(parser.parse_args(argv))
+    except ValueError as e:  # a bad flag or no cluster key: one line, as `edgeshard node` prints it
+        print(f"edgeshard-node: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

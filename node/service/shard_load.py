@@ -1,0 +1,172 @@
+"""LoadShard: resolve the model reference inside the model directory, load the layer range, report progress.
+
+Loading reads and converts tensors for seconds, so it runs in a worker thread; progress comes back to the
+event loop through a queue and is streamed to the coordinator. The node keeps answering GetInfo and Health
+meanwhile, and refuses Forward messages with FAILED_PRECONDITION until the shard is installed.
+
+Asked for the shard it already holds (same model, layers and format) under a new plan id, as failure
+recovery does for the nodes that survive, a node keeps its weights and installs them afresh: new plan id,
+new next hop, no sessions. The new epoch fences off the old plan's messages exactly as a reload would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+
+from edgeshard.node.lowbit.formats import QUANT_FORMATS
+from edgeshard.node.model.config import ShardSpec, UnsupportedModelError
+from edgeshard.node.model.executor import ShardExecutor
+from edgeshard.node.service.ring import LAST, LoadedShard, RingNode
+from edgeshard.node.weights.checkpoint import CheckpointError, open_checkpoint
+from edgeshard.node.weights.loader import checkpoint_quant, load_stage, stage_weight_bytes
+from edgeshard.node.weights.model_dir import resolve_in_model_dir
+from edgeshard.node.wire import edgeshard_pb2 as pb
+from edgeshard.node.wire.tensors import WireError, invalid
+
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+
+
+def tensors_in_stage(spec: ShardSpec) -> int:
+    """How many tensors `load_stage` materializes for `spec` (7 linears + 2 norms a layer, embedding, head)."""
+    return 9 * (spec.end_layer - spec.start_layer) + (1 if spec.is_first else 0) + (2 if spec.is_last else 0)
+
+
+def check_request(req: pb.LoadShardRequest) -> None:
+    """Refuse a LoadShard request that cannot be right, before touching any file."""
+    if req.quant and req.quant not in QUANT_FORMATS:
+        raise invalid(f"unknown quant {req.quant!r}; choose one of {', '.join(QUANT_FORMATS)} (or empty)")
+    if req.end_layer <= req.start_layer:
+        raise invalid(f"layer range [{req.start_layer}, {req.end_layer}) is empty")
+    if req.next_hop != LAST:
+        m = _HOST_PORT.match(req.next_hop)
+        if not m or not 0 < int(m.group(2)) < 65536:
+            raise invalid(f"next_hop {req.next_hop!r} is not host:port or {LAST!r}")
+
+
+async def load_shard(
+    node: RingNode, req: pb.LoadShardRequest, model_dir: Path, max_len: int | None = None
+) -> AsyncIterator[pb.LoadProgress]:
+    """Load the shard `req` names and install it on `node`, yielding progress; raises WireError."""
+    check_request(req)
+    yield pb.LoadProgress(stage="resolving")
+    t0 = time.perf_counter()
+    held = node.shard
+    if held is not None and await _holds(held, req, model_dir):
+        shard = LoadedShard(
+            executor=ShardExecutor(
+                held.executor.stage,
+                max_sessions=node.max_sessions,
+                max_len=max_len,
+                kv_budget=node.kv_budget_for(held.weight_bytes),
+            ),
+            model=req.model,
+            quant=held.quant,
+            plan_id=req.plan_id,
+            next_hop=req.next_hop,
+            weight_bytes=held.weight_bytes,
+            load_s=time.perf_counter() - t0,
+            stages=req.stages,
+        )
+        await node.install(shard)  # ends the old plan's sessions and stream, as a reload would
+        total = tensors_in_stage(held.spec)
+        yield pb.LoadProgress(
+            stage="ready", tensors_done=total, tensors_total=total, done=True, shard=shard.info()
+        )
+        return
+    await node.unload()  # old sessions belong to the old plan; free their memory before loading
+    node.loading = True
+    try:
+        path = await asyncio.to_thread(resolve_in_model_dir, req.model, model_dir)
+        try:
+            ckpt = await asyncio.to_thread(open_checkpoint, path)
+        except (CheckpointError, UnsupportedModelError) as e:
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot load {req.model!r}: {e}") from e
+        n = ckpt.config.num_hidden_layers
+        if req.num_layers and req.num_layers != n:
+            raise invalid(f"the plan expects {req.num_layers} layers but {req.model!r} has {n} on this node")
+        try:
+            spec = ShardSpec(req.start_layer, req.end_layer, n)
+        except ValueError as e:
+            raise invalid(str(e)) from None
+        if spec.is_last != (req.next_hop == LAST):
+            raise invalid(
+                f"layers {spec.start_layer}-{spec.end_layer - 1} of {n}: next_hop must be "
+                f"{LAST!r} exactly when the shard ends at the last layer"
+            )
+        total = tensors_in_stage(spec)
+        loop = asyncio.get_running_loop()
+        progress: asyncio.Queue = asyncio.Queue()
+        done = [0, 0]
+
+        def on_tensor(name: str, nbytes: int) -> None:  # in the loader thread
+            done[0] += 1
+            done[1] += nbytes
+            loop.call_soon_threadsafe(progress.put_nowait, (done[0], done[1]))
+
+        task = asyncio.ensure_future(asyncio.to_thread(load_stage, ckpt, spec, req.quant or None, on_tensor))
+        while not task.done():
+            getter = asyncio.ensure_future(progress.get())
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                k, b = getter.result()
+                yield pb.LoadProgress(stage="loading", tensors_done=k, tensors_total=total, bytes_done=b)
+            else:
+                getter.cancel()
+        try:
+            stage = task.result()
+        except (CheckpointError, ValueError) as e:
+            raise WireError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot load {req.model!r}: {e}") from e
+        except MemoryError as e:
+            raise WireError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"not enough memory for {spec} of {req.model!r}; give this node fewer layers",
+            ) from e
+        weight_bytes = stage_weight_bytes(stage)
+        shard = LoadedShard(
+            executor=ShardExecutor(
+                stage,
+                max_sessions=node.max_sessions,
+                max_len=max_len,
+                kv_budget=node.kv_budget_for(weight_bytes),
+            ),
+            model=req.model,
+            quant=stage.quant,
+            plan_id=req.plan_id,
+            next_hop=req.next_hop,
+            weight_bytes=weight_bytes,
+            load_s=time.perf_counter() - t0,
+            stages=req.stages,
+        )
+        await node.install(shard)
+    finally:
+        node.loading = False
+    yield pb.LoadProgress(
+        stage="ready",
+        tensors_done=total,
+        tensors_total=total,
+        bytes_done=shard.weight_bytes,
+        done=True,
+        shard=shard.info(),
+    )
+
+
+async def _holds(held: LoadedShard, req: pb.LoadShardRequest, model_dir: Path) -> bool:
+    """`held` is the shard `req` asks for: same model reference, layer range and format (and last-ness)."""
+    spec = held.spec
+    if (req.model, req.start_layer, req.end_layer) != (held.model, spec.start_layer, spec.end_layer):
+        return False
+    if (req.num_layers and req.num_layers != spec.num_layers) or spec.is_last != (req.next_hop == LAST):
+        return False
+    if req.quant:
+        return req.quant == held.quant
+    try:  # "" is the checkpoint's own format: look it up (the header only, a fraction of a second)
+        path = await asyncio.to_thread(resolve_in_model_dir, req.model, model_dir)
+        return checkpoint_quant(await asyncio.to_thread(open_checkpoint, path)) == held.quant
+    except (WireError, CheckpointError, UnsupportedModelError, OSError):
+        return False  # the normal path reports what is wrong

@@ -1,0 +1,351 @@
+"""Checkpoint readers that open lazily and hand out only the tensors a stage asks for.
+
+Two formats: a GGUF file (llama.cpp's format, read with the `gguf` package, memory-mapped) and a Hugging Face
+directory (`config.json` + `*.safetensors`, sharded or not, read with `safe_open`). Both present tensors under
+Hugging Face names (`model.layers.3.self_attn.q_proj.weight`) as `WeightSource`s that can give the raw
+low-bit blocks (GGUF) or a dense fp32 tensor, so the quantizer can map GGUF blocks without expanding them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from edgeshard.node.errors import EdgeshardError
+from edgeshard.node.lowbit.formats import WeightSource
+from edgeshard.node.model.config import ModelConfig, UnsupportedModelError
+from edgeshard.node.weights.gguf_file import GGUFFile, GGUFFormatError
+
+# GGUF tensor types this reader dequantizes (others are refused with a clear error).
+SUPPORTED_GGML_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+class CheckpointError(EdgeshardError, ValueError):
+    """A checkpoint file is missing, truncated, corrupt, or holds something this reader cannot use."""
+
+
+class Checkpoint(Protocol):
+    """A model file or directory: its config, tokenizer source, and lazily read tensors."""
+
+    path: Path
+    config: ModelConfig
+
+    def names(self) -> list[str]: ...
+
+    def weight(self, name: str) -> WeightSource: ...
+
+
+# --------------------------------------------------------------------------------------------- GGUF
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (None for unknown tensors)."""
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if m:
+        part = _GGUF_LAYER_NAMES.get(m.group(2))
+        return None if part is None else f"model.layers.{m.group(1)}.{part}.{m.group(3)}"
+    m = re.fullmatch(r"(\w+)\.(weight|bias)", name)
+    if m and m.group(1) in _GGUF_GLOBAL_NAMES:
+        return f"{_GGUF_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
+    return None
+
+
+def _unpermute_rows(n_heads: int, rows: int) -> np.ndarray:
+    """Row order that undoes llama.cpp's Q/K permutation (interleaved -> half-split rotary layout)."""
+    half = rows // n_heads // 2
+    idx = np.arange(rows).reshape(n_heads, half, 2)  # GGUF row r = (head, i, pair)
+    return idx.transpose(0, 2, 1).reshape(rows)  # HF row (head, pair, i) comes from GGUF row (head, i, pair)
+
+
+@dataclass
+class GGUFWeight:
+    """A tensor of a GGUF file, HF layout; rows re-ordered on read when llama.cpp permuted them."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: Any
+    _tensor: Any
+    _rows: np.ndarray | None = None  # HF row i is GGUF row _rows[i]
+
+    def raw(self) -> np.ndarray:
+        data = np.asarray(self._tensor.data)
+        if data.ndim == 1:
+            data = data.reshape(1, -1)
+        data = data.reshape(data.shape[0], -1).view(np.uint8) if data.dtype != np.uint8 else data
+        return data[self._rows] if self._rows is not None else data
+
+    def dense(self) -> torch.Tensor:
+        from gguf import GGMLQuantizationType, quants
+
+        t = self._tensor
+        if t.tensor_type == GGMLQuantizationType.F32:
+            arr = np.asarray(t.data, dtype=np.float32)
+        elif t.tensor_type == GGMLQuantizationType.F16:
+            arr = np.asarray(t.data).astype(np.float32)
+        else:
+            arr = quants.dequantize(np.asarray(t.data), t.tensor_type)
+        arr = arr.reshape(self.shape)
+        if self._rows is not None:
+            arr = arr[self._rows]
+        return torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: the file is mapped read-only
+
+
+class GGUFCheckpoint:
+    """A GGUF file: config from its metadata, tensors mapped to HF names, read lazily."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such GGUF file")
+        try:
+            self.reader = GGUFFile(self.path)
+        except (GGUFFormatError, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{self.path}: not a readable GGUF file ({type(e).__name__}: {e}); it may be truncated or "
+                "corrupt: download it again (for the demo model: edgeshard models pull smollm2-135m)"
+            ) from e
+        self._check_extent()
+        self.metadata = {
+            k: _field_value(f) for k, f in self.reader.fields.items() if not k.startswith("tokenizer.ggml.")
+        }
+        self.config = self._config()
+        self._tensors: dict[str, Any] = {}
+        for t in self.reader.tensors:
+            hf = gguf_to_hf_name(t.name)
+            if hf is not None:
+                self._tensors[hf] = t
+
+    def _check_extent(self) -> None:
+        size = self.path.stat().st_size
+        for t in self.reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size:
+                raise CheckpointError(
+                    f"{self.path}: tensor {t.name} ends at byte {end} but the file has {size} bytes: the file is "
+                    "truncated; download it again"
+                )
+
+    def _meta(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(f"{self.metadata.get('general.architecture')}.{key}", default)
+
+    def _config(self) -> ModelConfig:
+        arch = self.metadata.get("general.architecture")
+        if arch not in ("llama", "mistral", "qwen2"):
+            raise UnsupportedModelError(
+                f"{self.path}: GGUF architecture {arch!r} is not supported (llama, mistral, qwen2)"
+            )
+        names = {t.name for t in self.reader.tensors}
+        heads = int(self._meta("attention.head_count"))
+        hidden = int(self._meta("embedding_length"))
+        tokens = self.reader.fields.get("tokenizer.ggml.tokens")
+        vocab = self._meta("vocab_size") or (len(tokens.contents()) if tokens is not None else None)
+        eos = (
+            _field_value(self.reader.fields["tokenizer.ggml.eos_token_id"])
+            if "tokenizer.ggml.eos_token_id" in self.reader.fields
+            else None
+        )
+        bos = (
+            _field_value(self.reader.fields["tokenizer.ggml.bos_token_id"])
+            if "tokenizer.ggml.bos_token_id" in self.reader.fields
+            else None
+        )
+        return ModelConfig(
+            arch=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            num_hidden_layers=int(self._meta("block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(self._meta("attention.head_count_kv", heads)),
+            head_dim=int(self._meta("attention.key_length", hidden // heads)),
+            intermediate_size=int(self._meta("feed_forward_length")),
+            rope_theta=float(self._meta("rope.freq_base", 10000.0)),
+            rms_norm_eps=float(self._meta("attention.layer_norm_rms_epsilon", 1e-6)),
+            max_position_embeddings=int(self._meta("context_length", 4096)),
+            tie_word_embeddings="output.weight" not in names,
+            attention_bias="blk.0.attn_q.bias" in names,
+            bos_token_id=None if bos is None else int(bos),
+            eos_token_id=() if eos is None else (int(eos),),
+        )
+
+    def names(self) -> list[str]:
+        """HF names of every tensor in the file."""
+        return list(self._tensors)
+
+    def weight(self, name: str) -> GGUFWeight:
+        """The tensor `name` (HF naming), not yet read."""
+        t = self._tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{self.path}: no tensor {name!r} in this GGUF file")
+        if t.tensor_type.name not in SUPPORTED_GGML_TYPES:
+            raise CheckpointError(
+                f"{self.path}: tensor {t.name} has type {t.tensor_type.name}; supported: {', '.join(SUPPORTED_GGML_TYPES)}"
+            )
+        shape = tuple(int(s) for s in reversed(t.shape))  # ggml lists (in, out); HF wants (out, in)
+        rows = None
+        c = self.config
+        if c.arch in ("llama", "mistral") and re.search(r"self_attn\.[qk]_proj\.(weight|bias)$", name):
+            heads = c.num_attention_heads if ".q_proj." in name else c.num_key_value_heads
+            rows = _unpermute_rows(heads, shape[0])
+        return GGUFWeight(name, shape, t.tensor_type, t, rows)
+
+
+def _field_value(field: Any) -> Any:
+    return field.contents()
+
+
+@dataclass
+class StackedWeight:
+    """Several weights with the same input width stacked by rows (fused projections), read on demand."""
+
+    name: str
+    parts: list[Any]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (sum(p.shape[0] for p in self.parts), self.parts[0].shape[1])
+
+    @property
+    def ggml_type(self) -> Any:
+        # one low-bit type for all parts keeps the blocks exact; mixed types (llama.cpp's _M mixes) go dense
+        types = {p.ggml_type for p in self.parts}
+        return types.pop() if len(types) == 1 else None
+
+    def raw(self) -> np.ndarray:
+        return np.concatenate([p.raw() for p in self.parts])
+
+    def dense(self) -> torch.Tensor:
+        return torch.cat([p.dense() for p in self.parts])
+
+
+# ------------------------------------------------------------------------------------ safetensors
+
+
+@dataclass
+class SafetensorsWeight:
+    """A tensor of a safetensors shard, read on `dense()`."""
+
+    name: str
+    shape: tuple[int, ...]
+    file: Path
+    ggml_type: Any = None
+
+    def raw(self) -> np.ndarray:
+        raise CheckpointError(f"{self.file}: {self.name} is a dense tensor; it has no low-bit blocks")
+
+    def read(self) -> torch.Tensor:
+        """The tensor in its stored dtype."""
+        from safetensors import safe_open
+
+        with safe_open(self.file, framework="pt") as f:
+            return f.get_tensor(self.name)
+
+    def dense(self) -> torch.Tensor:
+        return self.read().float()
+
+
+class HFCheckpoint:
+    """A Hugging Face model directory: config.json and safetensors (single file or sharded with an index)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        cfg_file = self.path / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(
+                f"{self.path}: no config.json; a model directory needs config.json and *.safetensors"
+            )
+        try:
+            self.hf_config = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+        self.config = ModelConfig.from_hf(self.hf_config)
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted({self.path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(
+                f"{self.path}: no *.safetensors files (only safetensors checkpoints are read)"
+            )
+        self._weights: dict[str, SafetensorsWeight] = {}
+        for file in files:
+            try:
+                with safe_open(file, framework="pt") as f:
+                    for name in f.keys():
+                        shape = tuple(f.get_slice(name).get_shape())
+                        self._weights[name] = SafetensorsWeight(name, shape, file)
+            except Exception as e:  # safetensors raises SafetensorError for truncated headers/data
+                raise CheckpointError(
+                    f"{file}: cannot read safetensors ({e}); the file may be truncated"
+                ) from e
+        self.stored_dtype = _dtype_of(self.hf_config.get("torch_dtype", "float32"))
+
+    def names(self) -> list[str]:
+        """Tensor names in the checkpoint."""
+        return list(self._weights)
+
+    def weight(self, name: str) -> SafetensorsWeight:
+        """The tensor `name`, not yet read."""
+        try:
+            return self._weights[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor {name!r} in the safetensors files") from None
+
+
+def _dtype_of(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        name, torch.float32
+    )
+
+
+def open_checkpoint(path: str | os.PathLike) -> GGUFCheckpoint | HFCheckpoint:
+    """Open a `.gguf` file or a Hugging Face directory (tensors stay on disk until asked for)."""
+    p = Path(path)
+    if p.is_dir():
+        return HFCheckpoint(p)
+    if p.suffix == ".gguf" or (p.is_file() and p.read_bytes()[:4] == b"GGUF"):
+        return GGUFCheckpoint(p)
+    if not p.exists():
+        raise CheckpointError(
+            f"{p}: no such file or directory (give a .gguf file or a Hugging Face model directory)"
+        )
+    raise CheckpointError(f"{p}: not a GGUF file or a model directory")
+
+
+def stage_tensor_names(config: ModelConfig, start: int, end: int) -> Iterator[str]:
+    """Checkpoint names a stage over layers [start, end) needs (embedding/head at the ends)."""
+    if start == 0:
+        yield "model.embed_tokens.weight"
+    for i in range(start, end):
+        for part in _GGUF_LAYER_NAMES.values():
+            yield f"model.layers.{i}.{part}.weight"
+    if end == config.num_hidden_layers:
+        yield "model.norm.weight"
+        yield "lm_head.weight"
