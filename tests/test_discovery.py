@@ -50,7 +50,7 @@ class AdvertisedNodes(LocalNodes):
 def _cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "edgeshard.coordinator.cli.main", *args],
+        [sys.executable, "-m", "edgeshard.coordinator.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -133,7 +133,7 @@ def test_generation_across_three_hosts(lab, smollm2_path):
                 [
                     sys.executable,
                     "-m",
-                    "edgeshard.coordinator.cli.main",
+                    "edgeshard.coordinator.cli",
                     "run",
                     "--model",
                     str(smollm2_path),
@@ -170,7 +170,7 @@ def test_generation_across_three_hosts(lab, smollm2_path):
         [
             sys.executable,
             "-m",
-            "edgeshard.coordinator.cli.main",
+            "edgeshard.coordinator.cli",
             "run",
             "--model",
             str(smollm2_path),

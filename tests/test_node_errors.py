@@ -193,7 +193,7 @@ def _free_port() -> int:
 
 def _cli(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "edgeshard.coordinator.cli.main", *args],
+        [sys.executable, "-m", "edgeshard.coordinator.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -236,7 +236,7 @@ def test_cluster_children_die_with_a_killed_parent(smollm2_path):
         [
             sys.executable,
             "-m",
-            "edgeshard.coordinator.cli.main",
+            "edgeshard.coordinator.cli",
             "cluster",
             "--nodes",
             "2",

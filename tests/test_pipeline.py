@@ -118,7 +118,7 @@ def test_concurrent_sessions_share_the_ring(node_cluster, smollm2_path, prompts,
 def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "edgeshard.coordinator.cli.main", *args],
+        [sys.executable, "-m", "edgeshard.coordinator.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

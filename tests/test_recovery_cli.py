@@ -63,7 +63,7 @@ def test_run_json_survivors_resplit_and_match_one_process(smollm2_path):
     assert len(want) > 20  # long enough to be killed in the middle
     with LocalNodes(3, model_dir=smollm2_path.parent, name="cli", node_args=["--no-benchmark"]) as cluster:
         cmd = [
-            *(sys.executable, "-m", "edgeshard.coordinator.cli.main", "run", "--model", str(smollm2_path)),
+            *(sys.executable, "-m", "edgeshard.coordinator.cli", "run", "--model", str(smollm2_path)),
             *("--peers", ",".join(cluster.addresses), "--quant", "f32", "--prompt", PROMPT, "--chat"),
             *("--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--json"),
             *cluster.security_args(),

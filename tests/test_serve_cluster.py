@@ -54,7 +54,7 @@ def test_cluster_command_serves_http_and_stops_on_sigint(smollm2_path):
     cmd = [
         sys.executable,
         "-m",
-        "edgeshard.coordinator.cli.main",
+        "edgeshard.coordinator.cli",
         "cluster",
         "--nodes",
         "2",

@@ -72,3 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"edgeshard: error: {e}", file=sys.stderr)
         return 1
+
+
+if (
+    __name__ == "__main__"
+):  # python -m edgeshard.coordinator.cli.main (the package runs it too: cli/__main__.py)
+    sys.exit(main())
