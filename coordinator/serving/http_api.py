@@ -4,6 +4,8 @@
     POST /v1/completions                     prompt -> text (JSON, or SSE with "stream": true)
     POST /v1/chat/completions                messages -> text (JSON, or SSE with "stream": true)
     GET  /v1/cluster                         nodes, plan, per-stage timings, admission counters
+    GET  /metrics                            Prometheus text format (metrics.py); guarded like /v1
+    GET  /                                   the dashboard and chat page (dashboard.py, static/)
     GET  /health                             200 when a plan can run, else 503
 
 Handlers are thin: request models and OpenAI response shapes are in `openai_shapes.py`; the engine decides.
@@ -21,10 +23,13 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgeshard.coordinator.errors import BadRequestError, EdgeshardError, ModelNotFoundError
+from edgeshard.coordinator.serving.dashboard import add_dashboard
 from edgeshard.coordinator.serving.engine import Engine, Finished, Generation
+from edgeshard.coordinator.serving.metrics import ClusterView, MetricsEndpoint
 from edgeshard.coordinator.serving.openai_shapes import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -49,6 +54,9 @@ def create_app(engine: Engine, dependencies: Sequence[Any] = ()) -> FastAPI:
         docs_url="/docs",
     )
     app.state.engine = engine
+    # /v1/cluster, /metrics and every open dashboard share one read of the nodes at a time
+    view = ClusterView(engine.cluster_info)
+    metrics = MetricsEndpoint(engine.metrics, view)
     v1 = APIRouter(prefix="/v1", dependencies=list(dependencies))
 
     @v1.get("/models")
@@ -78,7 +86,11 @@ def create_app(engine: Engine, dependencies: Sequence[Any] = ()) -> FastAPI:
 
     @v1.get("/cluster")
     async def cluster() -> dict:
-        return await engine.cluster_info()
+        return await view.get()
+
+    @app.get("/metrics", dependencies=list(dependencies), include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -96,6 +108,7 @@ def create_app(engine: Engine, dependencies: Sequence[Any] = ()) -> FastAPI:
         return JSONResponse(body)
 
     app.include_router(v1)
+    add_dashboard(app)
     _add_error_handlers(app)
     return app
 
