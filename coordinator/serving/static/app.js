@@ -172,12 +172,16 @@ function nodeCard(n, prev, live, total) {
   row("steps", n.steps ?? "–", "steps");
   row("sequences", n.sessions ?? "–", "sessions");
   row("KV in use", n.kv_budget ? `${bytes(n.kv_bytes)} / ${bytes(n.kv_budget)}` : bytes(n.kv_bytes), "kv");
-  if (n.arch) row("CPU", `${n.arch}, ${n.cores} cores (${n.torch_threads} threads)`);
-  if (n.memory_total) row("memory", `${bytes(n.memory_free)} free of ${bytes(n.memory_total)}`);
+  if (n.arch) row("CPU", `${n.arch} · ${n.cores} cores · ${n.torch_threads} thr`);
+  if (n.memory_total) row("memory", `${bytes(n.memory_free)} free / ${bytes(n.memory_total)}`);
   row("format", n.quant || "–");
   if (n.kernels) row("kernels", n.kernels.split(" (")[0]);
-  if (n.error) row("error", n.error);
   card.append(dl);
+  if (n.error) {
+    const err = el("p", "node-error", n.error);
+    err.title = n.error;
+    card.append(err);
+  }
   if (n.kernels) card.title = `${n.kernels}\n${n.platform || ""}`;
   return card;
 }
@@ -216,7 +220,7 @@ async function send(text) {
     const r = await fetch("/v1/chat/completions", {
       method: "POST",
       headers: headers({ "Content-Type": "application/json" }),
-      body: JSON.stringify({ messages: history, stream: true, max_tokens: 256, stream_options: { include_usage: true } }),
+      body: JSON.stringify({ messages: history, stream: true, max_tokens: Number($("chat-max").value) || 256, stream_options: { include_usage: true } }),
       signal: streaming.signal,
     });
     if (r.status === 401) { askForKey("The server wants an API key."); throw new Error("no API key"); }
