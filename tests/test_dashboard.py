@@ -18,6 +18,7 @@ import threading
 
 import httpx
 import pytest
+from test_metrics import scrape, value
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = [
@@ -171,6 +172,19 @@ def test_dashboard_over_a_cluster_with_an_api_key(keyed_cluster, page, tmp_path)
         timeout=15_000,
     )
 
+    # /metrics (with the key) agrees with /v1/cluster node by node, now that the cluster is idle
+    auth = {"Authorization": f"Bearer {KEY}"}
+    info = httpx.get(url + "/v1/cluster", headers=auth, timeout=30).json()
+    metrics = scrape(url, headers=auth)
+    for n in info["nodes"]:
+        labels = {"node": n["node"], "address": n["address"]}
+        assert value(metrics, "edgeshard_node_up", **labels) == 1
+        assert value(metrics, "edgeshard_node_layers", **labels) == n["end_layer"] - n["start_layer"]
+        assert value(metrics, "edgeshard_node_steps_total", **labels) == n["steps"] > 0
+        compute = value(metrics, "edgeshard_node_compute_seconds_total", **labels)
+        assert compute == pytest.approx(n["compute_ms"] / 1000, abs=1e-6) and compute > 0
+    assert value(metrics, "edgeshard_completion_tokens_total") == info["engine"]["generated_tokens"]
+
     # a chat message typed into the page streams an answer
     answer = chat(page, "What is the capital of France?", max_tokens=24)
     assert answer.strip()
@@ -183,6 +197,8 @@ def test_dashboard_over_a_cluster_with_an_api_key(keyed_cluster, page, tmp_path)
     page.wait_for_function(
         "(n) => !document.querySelector(`.node[data-node='${n}']:not(.down)`)", arg=last, timeout=20_000
     )
+    down = {"node": last, "address": plan[-1]["address"]}
+    assert value(scrape(url, headers=auth), "edgeshard_node_up", **down) == 0
     if os.environ.get("EDGESHARD_SCREENSHOT"):
         page.screenshot(path=os.environ["EDGESHARD_SCREENSHOT"].replace(".png", "-down.png"), full_page=True)
 
