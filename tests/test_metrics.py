@@ -80,3 +80,31 @@ def test_metrics_wants_the_api_key(api_server):
         assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
         ok = client.get("/metrics", headers={"Authorization": "Bearer sesame"})
         assert ok.status_code == 200 and "edgeshard_completion_tokens_total" in ok.text
+
+
+def test_cluster_view_shares_one_read_between_concurrent_readers():
+    """Thirty pages polling at once cost one read of the nodes; the next poll reads afresh; errors reach all."""
+    import asyncio
+
+    from edgeshard.coordinator.serving.metrics import ClusterView
+
+    reads = 0
+
+    async def read():
+        nonlocal reads
+        reads += 1
+        await asyncio.sleep(0.05)
+        if reads == 3:
+            raise RuntimeError("node went away")
+        return {"read": reads}
+
+    async def main():
+        view = ClusterView(read)
+        first = await asyncio.gather(*(view.get() for _ in range(30)))
+        second = await view.get()
+        third = await asyncio.gather(*(view.get() for _ in range(3)), return_exceptions=True)
+        return first, second, third
+
+    first, second, third = asyncio.run(main())
+    assert first == [{"read": 1}] * 30 and second == {"read": 2}
+    assert reads == 3 and all(isinstance(e, RuntimeError) for e in third)
