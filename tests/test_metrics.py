@@ -83,7 +83,8 @@ def test_metrics_wants_the_api_key(api_server):
 
 
 def test_cluster_view_shares_one_read_between_concurrent_readers():
-    """Thirty pages polling at once cost one read of the nodes; the next poll reads afresh; errors reach all."""
+    """Thirty pages polling at once cost one read of the nodes; the next poll reads afresh unless it accepts
+    an older snapshot; errors reach every reader."""
     import asyncio
 
     from edgeshard.coordinator.serving.metrics import ClusterView
@@ -102,9 +103,11 @@ def test_cluster_view_shares_one_read_between_concurrent_readers():
         view = ClusterView(read)
         first = await asyncio.gather(*(view.get() for _ in range(30)))
         second = await view.get()
+        fresh_enough = await view.get(max_age=60)  # the last read is that fresh: no new read
         third = await asyncio.gather(*(view.get() for _ in range(3)), return_exceptions=True)
-        return first, second, third
+        after_error = await view.get(max_age=60)  # the failed read left the last good one in place
+        return first, second, fresh_enough, third, after_error
 
-    first, second, third = asyncio.run(main())
-    assert first == [{"read": 1}] * 30 and second == {"read": 2}
+    first, second, fresh_enough, third, after_error = asyncio.run(main())
+    assert first == [{"read": 1}] * 30 and second == fresh_enough == after_error == {"read": 2}
     assert reads == 3 and all(isinstance(e, RuntimeError) for e in third)

@@ -3,7 +3,7 @@
     GET  /v1/models  /v1/models/{id}        the served model
     POST /v1/completions                     prompt -> text (JSON, or SSE with "stream": true)
     POST /v1/chat/completions                messages -> text (JSON, or SSE with "stream": true)
-    GET  /v1/cluster                         nodes, plan, per-stage timings, admission counters
+    GET  /v1/cluster[?max_age=S]             nodes, plan, per-stage timings, admission counters
     GET  /metrics                            Prometheus text format (metrics.py); guarded like /v1
     GET  /                                   the dashboard and chat page (dashboard.py, static/)
     GET  /health                             200 when a plan can run, else 503
@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -85,8 +85,9 @@ def create_app(engine: Engine, dependencies: Sequence[Any] = ()) -> FastAPI:
         return await answer(body, request, _chat_events, chat_response)
 
     @v1.get("/cluster")
-    async def cluster() -> dict:
-        return await view.get()
+    async def cluster(max_age: float = Query(0.0, ge=0.0, le=60.0)) -> JSONResponse:
+        # max_age: seconds old a snapshot may be (the dashboard polls with 0.5: thirty pages, two reads a second)
+        return JSONResponse(await view.get(max_age))
 
     @app.get("/metrics", dependencies=list(dependencies), include_in_schema=False)
     async def prometheus() -> Response:

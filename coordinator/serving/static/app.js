@@ -60,7 +60,7 @@ $("forget-key").addEventListener("click", (ev) => {
 async function poll() {
   let info;
   try {
-    const r = await fetch("/v1/cluster", { headers: headers(), cache: "no-store" });
+    const r = await fetch("/v1/cluster?max_age=0.5", { headers: headers(), cache: "no-store" });
     if (r.status === 401) {
       const had = sessionStorage.getItem(KEY);
       sessionStorage.removeItem(KEY);
