@@ -5,7 +5,7 @@
     python benchmarks/dashboard.py --quick         # 0 and 30 watchers, 1 run, 16 tokens
 
 A LocalCluster of 2 node processes (one torch thread each) serves smollm2-135m. Each watcher is what an open
-page does: GET /v1/cluster once a second (threads with their own HTTP connection, started at random phases).
+page does: GET /v1/cluster?max_age=0.5 once a second (threads with their own HTTP connection, started at random phases).
 Per watcher count, median over `--runs` (counts interleaved, so other load on the machine hits them alike):
 
 * tok/s of one request generating `--tokens` tokens (greedy, ignore_eos), end to end through the HTTP API;
@@ -51,7 +51,7 @@ def _watch(url: str, n: int, stop, out) -> None:
         with httpx.Client(timeout=30) as client:
             while not stop.is_set():
                 t0 = time.perf_counter()
-                client.get(url + "/v1/cluster").raise_for_status()
+                client.get(url + "/v1/cluster?max_age=0.5").raise_for_status()  # as the page polls
                 latencies.append(time.perf_counter() - t0)
                 stop.wait(1.0)
 
