@@ -20,7 +20,8 @@ import httpx
 import pytest
 from test_metrics import scrape, value
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# $EDGESHARD_CHROMIUM picks another binary (chromium-browser, google-chrome)
+CHROMIUM = os.environ.get("EDGESHARD_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = [
     "--headless",
     "--no-sandbox",
@@ -37,7 +38,10 @@ sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
 )
 if not os.path.exists(CHROMIUM):
-    pytest.skip("chromium is not installed (apt-get install chromium; .ci/run does)", allow_module_level=True)
+    pytest.skip(
+        f"chromium is not installed at {CHROMIUM} (apt-get install chromium; .ci/run does)",
+        allow_module_level=True,
+    )
 
 
 @pytest.fixture(scope="module")
