@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from edgeshard.coordinator.cli import discovery, models, node, run, secret, serve
+from edgeshard.coordinator.cli import discovery, models, node, run, secret, serve, top
 from edgeshard.coordinator.errors import UserError
 from edgeshard.node.errors import EdgeshardError
 
@@ -34,6 +34,7 @@ COMMANDS: tuple[tuple[str, AddParser, bool], ...] = (
     ("plan", discovery.add_plan_parser, True),
     ("doctor", discovery.add_doctor_parser, True),
     ("secret", secret.add_parser, False),
+    ("top", top.add_top_parser, False),  # HTTP only: a live view of a server's /v1/cluster
 )
 
 

@@ -46,6 +46,7 @@ class ThreadedLocalPipeline:
                 "end_layer": ex.spec.end_layer,
                 "steps": ex.steps,
                 "compute_ms_per_step": round(1000 * ex.compute_s / max(1, ex.steps), 3),
+                "compute_ms": round(1000 * ex.compute_s, 3),  # total (the dashboard takes differences)
                 "sessions": len(ex.sessions),
                 "kv_bytes": ex.kv_bytes(),
             }

@@ -142,6 +142,30 @@ def node_status(entry: dict, reply: Any) -> dict:
         "kv_reserved": s.kv_reserved,
         "kv_budget": reply.shard.kv_budget if reply.loaded else 0,
         "errors": s.errors,
+        # totals since the shard loaded: the dashboard and /metrics take differences of them (recent rates)
+        "compute_ms": round(s.compute_ms, 3),
+        "network_ms": round(s.network_ms, 3),
+        "wall_ms": round(s.wall_ms, 1),
+        "rows": s.rows,
+        # what the node is (the dashboard draws it)
+        "name": reply.name,
+        "version": reply.version,
+        **machine(reply.capabilities),
+    }
+
+
+def machine(c: Any) -> dict:
+    """A node's Capabilities as /v1/cluster shows them (arch, cores, memory, threads, formats)."""
+    return {
+        "arch": c.arch,
+        "cores": c.cores,
+        "torch_threads": c.torch_threads,
+        "memory_total": c.memory_total,
+        "memory_free": c.memory_free,
+        "memory_limit": c.memory_limit,
+        "quant_formats": list(c.quant_formats),
+        "platform": c.platform,
+        "kernels": c.kernels,
     }
 
 

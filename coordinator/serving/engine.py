@@ -37,6 +37,7 @@ from edgeshard.coordinator.errors import (
 from edgeshard.coordinator.pipeline.generate import PREFILL_CHUNK, Pipeline, generate
 from edgeshard.coordinator.pipeline.generate import Sequence as TokenSequence
 from edgeshard.coordinator.serving.admission import Admission
+from edgeshard.coordinator.serving.metrics import ServingMetrics, TokenClock
 from edgeshard.coordinator.serving.text import StopMatcher, render_prompt
 from edgeshard.node.model.sampling import SamplingParams
 
@@ -176,6 +177,7 @@ class Engine:
         self.created = int(time.time())
         self.requests = 0  # admitted since start
         self.tokens = 0  # generated since start
+        self.metrics = ServingMetrics()  # Prometheus counters and latency histograms (GET /metrics)
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -257,6 +259,14 @@ class Engine:
     # ---- serving --------------------------------------------------------------------------------------------
     def submit(self, req: GenerationRequest) -> Generation:
         """Admit a request and start it; raises a typed EdgeshardError when it cannot run."""
+        clock = TokenClock()
+        try:
+            return self._submit(req, clock)
+        except EdgeshardError as e:
+            self.metrics.refused.labels(status=str(e.status)).inc()
+            raise
+
+    def _submit(self, req: GenerationRequest, clock: TokenClock) -> Generation:
         self.check_model(req.model)
         self.check_available()
         try:
@@ -278,8 +288,12 @@ class Engine:
             )
         gen = Generation(seq.session_id, len(ids))
         self.requests += 1
+        self.metrics.requests.inc()
+        self.metrics.prompt_tokens.inc(len(ids))
         ticket = adm.enter(seq.max_len)  # running now, or queued in arrival order
-        gen.task = asyncio.get_running_loop().create_task(self._run(gen, seq, StopMatcher(req.stop), ticket))
+        gen.task = asyncio.get_running_loop().create_task(
+            self._run(gen, seq, StopMatcher(req.stop), ticket, clock)
+        )
         self._tasks.add(gen.task)
         gen.task.add_done_callback(self._tasks.discard)
         return gen
@@ -288,10 +302,12 @@ class Engine:
         """Submit and collect: the whole text, finish reason and usage."""
         return await self.submit(req).collect()
 
-    async def _run(self, gen: Generation, seq: TokenSequence, stop: StopMatcher, ticket) -> None:
+    async def _run(
+        self, gen: Generation, seq: TokenSequence, stop: StopMatcher, ticket, clock: TokenClock
+    ) -> None:
         try:
             await ticket.granted
-            await self._generate(gen, seq, stop)
+            await self._generate(gen, seq, stop, clock)
         except asyncio.CancelledError:
             raise
         except EdgeshardError as e:
@@ -302,13 +318,16 @@ class Engine:
             # after generate() closed the session: the nodes free its cache before a later Open reserves
             self.admission.leave(ticket)
 
-    async def _generate(self, gen: Generation, seq: TokenSequence, stop: StopMatcher) -> None:
+    async def _generate(
+        self, gen: Generation, seq: TokenSequence, stop: StopMatcher, clock: TokenClock
+    ) -> None:
         self.check_available()  # it may have broken while this request waited
         decoder = self.tokenizer.decode_stream(skip_special_tokens=True)
         tokens = generate(self.pipeline, seq, self.prefill_chunk)
         try:
             async for token in tokens:
                 self.tokens += 1
+                self.metrics.token(clock)
                 text, hit = stop.feed(decoder.step(token))
                 if text:
                     gen.events.put_nowait(TextDelta(text))

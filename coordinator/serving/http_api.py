@@ -3,7 +3,9 @@
     GET  /v1/models  /v1/models/{id}        the served model
     POST /v1/completions                     prompt -> text (JSON, or SSE with "stream": true)
     POST /v1/chat/completions                messages -> text (JSON, or SSE with "stream": true)
-    GET  /v1/cluster                         nodes, plan, per-stage timings, admission counters
+    GET  /v1/cluster[?max_age=S]             nodes, plan, per-stage timings, admission counters
+    GET  /metrics                            Prometheus text format (metrics.py); guarded like /v1
+    GET  /                                   the dashboard and chat page (dashboard.py, static/)
     GET  /health                             200 when a plan can run, else 503
 
 Handlers are thin: request models and OpenAI response shapes are in `openai_shapes.py`; the engine decides.
@@ -18,13 +20,16 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgeshard.coordinator.errors import BadRequestError, EdgeshardError, ModelNotFoundError
+from edgeshard.coordinator.serving.dashboard import add_dashboard
 from edgeshard.coordinator.serving.engine import Engine, Finished, Generation
+from edgeshard.coordinator.serving.metrics import ClusterView, MetricsEndpoint
 from edgeshard.coordinator.serving.openai_shapes import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -49,6 +54,9 @@ def create_app(engine: Engine, dependencies: Sequence[Any] = ()) -> FastAPI:
         docs_url="/docs",
     )
     app.state.engine = engine
+    # /v1/cluster, /metrics and every open dashboard share one read of the nodes at a time
+    view = ClusterView(engine.cluster_info)
+    metrics = MetricsEndpoint(engine.metrics, view)
     v1 = APIRouter(prefix="/v1", dependencies=list(dependencies))
 
     @v1.get("/models")
@@ -77,8 +85,13 @@ def create_app(engine: Engine, dependencies: Sequence[Any] = ()) -> FastAPI:
         return await answer(body, request, _chat_events, chat_response)
 
     @v1.get("/cluster")
-    async def cluster() -> dict:
-        return await engine.cluster_info()
+    async def cluster(max_age: float = Query(0.0, ge=0.0, le=60.0)) -> JSONResponse:
+        # max_age: seconds old a snapshot may be (the dashboard polls with 0.5: thirty pages, two reads a second)
+        return JSONResponse(await view.get(max_age))
+
+    @app.get("/metrics", dependencies=list(dependencies), include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(await metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -96,6 +109,7 @@ def create_app(engine: Engine, dependencies: Sequence[Any] = ()) -> FastAPI:
         return JSONResponse(body)
 
     app.include_router(v1)
+    add_dashboard(app)
     _add_error_handlers(app)
     return app
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import platform
@@ -82,6 +83,12 @@ class NodeOptions:
     security: Security | None = None
 
 
+@functools.cache
+def _kernels() -> str:
+    """The low-bit kernels this process runs (asked once: finding out may build them)."""
+    return native.status()
+
+
 def capabilities(measured: Capability | None = None) -> pb.Capabilities:
     """What this machine offers, as GetInfo reports it (with the start-up benchmark when `measured`)."""
     import psutil
@@ -99,6 +106,7 @@ def capabilities(measured: Capability | None = None) -> pb.Capabilities:
         platform=f"{platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, torch {torch.__version__}",
         quant_formats=list(QUANT_FORMATS),
+        kernels=_kernels(),
     )
     if measured is not None:
         fill_wire(measured, caps)

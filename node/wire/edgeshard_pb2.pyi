@@ -58,7 +58,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("cores", "memory_total", "memory_free", "arch", "torch_threads", "platform", "quant_formats", "benchmark", "memory_limit")
+    __slots__ = ("cores", "memory_total", "memory_free", "arch", "torch_threads", "platform", "quant_formats", "benchmark", "memory_limit", "kernels")
     CORES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_TOTAL_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FREE_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class Capabilities(_message.Message):
     QUANT_FORMATS_FIELD_NUMBER: _ClassVar[int]
     BENCHMARK_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
     cores: int
     memory_total: int
     memory_free: int
@@ -77,7 +78,8 @@ class Capabilities(_message.Message):
     quant_formats: _containers.RepeatedScalarFieldContainer[str]
     benchmark: Benchmark
     memory_limit: int
-    def __init__(self, cores: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., arch: _Optional[str] = ..., torch_threads: _Optional[int] = ..., platform: _Optional[str] = ..., quant_formats: _Optional[_Iterable[str]] = ..., benchmark: _Optional[_Union[Benchmark, _Mapping]] = ..., memory_limit: _Optional[int] = ...) -> None: ...
+    kernels: str
+    def __init__(self, cores: _Optional[int] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ..., arch: _Optional[str] = ..., torch_threads: _Optional[int] = ..., platform: _Optional[str] = ..., quant_formats: _Optional[_Iterable[str]] = ..., benchmark: _Optional[_Union[Benchmark, _Mapping]] = ..., memory_limit: _Optional[int] = ..., kernels: _Optional[str] = ...) -> None: ...
 
 class Benchmark(_message.Message):
     __slots__ = ("mem_gbps", "int4_gbps", "int8_gbps", "bf16_gbps", "f32_gbps", "layer_overhead_ms", "step_overhead_ms", "bench_ms")
