@@ -124,6 +124,17 @@ static inline int32_t quad(const int8_t *p) { /* 4 input codes as one 32-bit wor
     return v;
 }
 
+/* Weights stream from DRAM once per token (a stage's weights do not fit the caches): ask for the lines
+ * PREFETCH bytes ahead of the current block, in both streams (codes and parameters). */
+#define PREFETCH 1024
+#if defined(ES_X86)
+#define prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#elif defined(__GNUC__)
+#define prefetch(p) __builtin_prefetch((p), 0, 3)
+#else
+#define prefetch(p) ((void)(p))
+#endif
+
 #if ES_X86 == 512
 static void int4_row(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq,
                      const float *xd, const float *xs, float *out) {
@@ -135,6 +146,8 @@ static void int4_row(const uint8_t *codes, const uint16_t *params, int64_t group
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *c = codes + g * 256;
         const int8_t *x = xq + g * 32;
+        prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128), prefetch(c + PREFETCH + 192);
+        prefetch(params + g * 32 + PREFETCH / 4);
 #ifdef ES_VNNI
         __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
         for (int j = 0; j < 4; j++) {
@@ -172,6 +185,7 @@ static void int8_row(const int8_t *codes, int64_t groups, const int8_t *xq, cons
     for (int64_t g = 0; g < groups; g++) {
         const int8_t *c = codes + g * 512;
         const int8_t *x = xq + g * 32;
+        for (int line = 0; line < 512; line += 64) prefetch(c + 2 * PREFETCH + line);
         __m512i s0 = zero, s1 = zero;
         for (int kq = 0; kq < 8; kq += 2) { /* |w| (u8) times x with w's sign: exact, no saturation */
             const __m512i w0 = _mm512_loadu_si512((const void *)(c + 64 * kq));
@@ -201,6 +215,8 @@ static void int4_row(const uint8_t *codes, const uint16_t *params, int64_t group
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *c = codes + g * 256;
         const int8_t *x = xq + g * 32;
+        prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128), prefetch(c + PREFETCH + 192);
+        prefetch(params + g * 32 + PREFETCH / 4);
         /* rows 0-7 and 8-15 of the block: u8 x s8 pairs into int16 (16 products <= 15 * 127 per lane) */
         __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
         for (int j = 0; j < 4; j++) {
@@ -235,6 +251,7 @@ static void int8_row(const int8_t *codes, int64_t groups, const int8_t *xq, cons
     for (int64_t g = 0; g < groups; g++) {
         const int8_t *c = codes + g * 512;
         const int8_t *x = xq + g * 32;
+        for (int line = 0; line < 512; line += 64) prefetch(c + 2 * PREFETCH + line);
         __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
         for (int kq = 0; kq < 8; kq++) { /* |w| (u8) times x with w's sign: pairs <= 2 * 127^2, no saturation */
             const __m256i xb = _mm256_set1_epi32(quad(x + 4 * kq));
@@ -275,6 +292,8 @@ static void int4_row(const uint8_t *codes, const uint16_t *params, int64_t group
     float32x4_t acc[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *c = codes + g * 256;
+        prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128), prefetch(c + PREFETCH + 192);
+        prefetch(params + g * 32 + PREFETCH / 4);
         const int8x16_t xa = vld1q_s8(xq + g * 32), xb = vld1q_s8(xq + g * 32 + 16); /* kq 0-3, 4-7 */
         int32x4_t s[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
 #define INT4_CHUNK(j)                                                                   \
@@ -301,6 +320,7 @@ static void int8_row(const int8_t *codes, int64_t groups, const int8_t *xq, cons
     float32x4_t acc[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
     for (int64_t g = 0; g < groups; g++) {
         const int8_t *c = codes + g * 512;
+        for (int line = 0; line < 512; line += 64) prefetch(c + 2 * PREFETCH + line);
         const int8x16_t xa = vld1q_s8(xq + g * 32), xb = vld1q_s8(xq + g * 32 + 16);
         int32x4_t s[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
 #define INT8_KQ(kq, xv, lane) \
@@ -502,42 +522,84 @@ static void rotary(uint16_t *heads, int64_t count, int64_t hd, const uint16_t *c
     }
 }
 
+/* sum_d a[d] * b[d] over hd (a multiple of 32) floats, in one fixed order per build */
+static inline float dot_f32(const float *a, const float *b, int64_t hd) {
+#if ES_X86 == 512
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), _mm512_loadu_ps(b + d + 16), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+#elif ES_X86 == 256
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
+    }
+    const __m256 s = _mm256_add_ps(s0, s1);
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
+#elif defined(ES_NEON)
+    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = vdupq_n_f32(0.0f);
+    for (int64_t d = 0; d < hd; d += 8) {
+        s0 = vfmaq_f32(s0, vld1q_f32(a + d), vld1q_f32(b + d));
+        s1 = vfmaq_f32(s1, vld1q_f32(a + d + 4), vld1q_f32(b + d + 4));
+    }
+    return vaddvq_f32(vaddq_f32(s0, s1));
+#else
+    float part[16] = {0};
+    for (int64_t d = 0; d < hd; d += 16)
+        for (int l = 0; l < 16; l++) part[l] += a[d + l] * b[d + l];
+    return sum16(part);
+#endif
+}
+
+#define ATT_MAX_GROUP 16 /* query heads per kv head */
+
 /* Attend `group` query heads q (group, hd) bf16 to keys/values (len, hd) bf16; out (group, hd) bf16.
- * scores: float scratch of len. */
+ * scores: float scratch of group * len. Each key and value row is converted to float once for all the
+ * group's heads; a score is a 16-lane partial dot product summed in a fixed order. */
 static void attend_group(const uint16_t *q, int64_t group, int64_t hd, const uint16_t *k, const uint16_t *v,
                          int64_t len, float scale, float *scores, uint16_t *out) {
-    float qf[256], acc[256];
-    for (int64_t h = 0; h < group; h++) {
-        for (int64_t d = 0; d < hd; d++) qf[d] = bf16_f(q[h * hd + d]);
-        float mx = -INFINITY;
-        for (int64_t j = 0; j < len; j++) {
-            const uint16_t *kj = k + j * hd;
-            float part[16] = {0};
-            for (int64_t d = 0; d < hd; d += 16)
-                for (int l = 0; l < 16; l++) part[l] += qf[d + l] * bf16_f(kj[d + l]);
-            scores[j] = sum16(part) * scale;
-            mx = scores[j] > mx ? scores[j] : mx;
+    float qf[ATT_MAX_GROUP][256], row[256], acc[ATT_MAX_GROUP][256];
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t d = 0; d < hd; d++) qf[h][d] = bf16_f(q[h * hd + d]);
+    for (int64_t j = 0; j < len; j++) {
+        const uint16_t *kj = k + j * hd;
+        for (int64_t d = 0; d < hd; d++) row[d] = bf16_f(kj[d]);
+        for (int64_t h = 0; h < group; h++) {
+            scores[h * len + j] = dot_f32(qf[h], row, hd) * scale;
         }
-        float tot[16] = {0};
+    }
+    for (int64_t h = 0; h < group; h++) { /* softmax in place */
+        float *sc = scores + h * len, mx = -INFINITY, tot[16] = {0};
+        for (int64_t j = 0; j < len; j++) mx = sc[j] > mx ? sc[j] : mx;
         int64_t j = 0;
         for (; j + 16 <= len; j += 16)
             for (int l = 0; l < 16; l++) {
-                scores[j + l] = exp_approx(scores[j + l] - mx);
-                tot[l] += scores[j + l];
+                sc[j + l] = exp_approx(sc[j + l] - mx);
+                tot[l] += sc[j + l];
             }
         for (int l = 0; j + l < len; l++) {
-            scores[j + l] = exp_approx(scores[j + l] - mx);
-            tot[l] += scores[j + l];
+            sc[j + l] = exp_approx(sc[j + l] - mx);
+            tot[l] += sc[j + l];
         }
         const float inv = 1.0f / sum16(tot);
-        for (int64_t d = 0; d < hd; d++) acc[d] = 0.0f;
-        for (j = 0; j < len; j++) {
-            const float p = scores[j] * inv;
-            const uint16_t *vj = v + j * hd;
-            for (int64_t d = 0; d < hd; d++) acc[d] += p * bf16_f(vj[d]);
-        }
-        for (int64_t d = 0; d < hd; d++) out[h * hd + d] = f_bf16(acc[d]);
+        for (j = 0; j < len; j++) sc[j] *= inv;
+        for (int64_t d = 0; d < hd; d++) acc[h][d] = 0.0f;
     }
+    for (int64_t j = 0; j < len; j++) { /* out = P V */
+        const uint16_t *vj = v + j * hd;
+        for (int64_t d = 0; d < hd; d++) row[d] = bf16_f(vj[d]);
+        for (int64_t h = 0; h < group; h++) {
+            const float p = scores[h * len + j];
+            for (int64_t d = 0; d < hd; d++) acc[h][d] += p * row[d];
+        }
+    }
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t d = 0; d < hd; d++) out[h * hd + d] = f_bf16(acc[h][d]);
 }
 
 /* act (bf16, F) = silu(g) * u for gu = [g | u] (bf16, 2F) */
@@ -565,13 +627,13 @@ int es_decode_stage(const es_layer *layer_weights, int64_t layers, int64_t S, in
                     int64_t Hkv, int64_t hd, int64_t F, float eps, float *x, const uint16_t *cos,
                     const uint16_t *ssin, const int64_t *kv, const int64_t *cap, const int64_t *pos, int threads) {
     const int64_t group = H / Hkv, qkv_n = (H + 2 * Hkv) * hd;
-    if (H % Hkv || hd % 32 || hd > 256 || D % 32 || F % 32) return -1;
+    if (H % Hkv || group > ATT_MAX_GROUP || hd % 32 || hd > 256 || D % 32 || F % 32) return -1;
     int64_t longest = 0;
     for (int64_t s = 0; s < S; s++) longest = MAX2(longest, pos[s] + 1);
     const int64_t narrow = MAX2(MAX2(D, F), H * hd), widest = MAX2(MAX2(qkv_n, 2 * F), D);
     int nt = threads < 1 ? 1 : threads;
     uint16_t *h = malloc(S * narrow * 2), *wide = malloc(S * widest * 2), *att = malloc(S * H * hd * 2);
-    float *scores = malloc(nt * longest * sizeof(float));
+    float *scores = malloc(nt * group * longest * sizeof(float));
     qrows xr;
     int rc = qrows_alloc(&xr, S, narrow) || !h || !wide || !att || !scores ? -1 : 0;
     if (rc == 0) {
@@ -608,7 +670,7 @@ int es_decode_stage(const es_layer *layer_weights, int64_t layers, int64_t S, in
                     const uint16_t *kc = (const uint16_t *)kv[s] + l * 2 * Hkv * cap[s] * hd;
                     const uint16_t *vc = kc + Hkv * cap[s] * hd;
                     attend_group(wide + s * qkv_n + g * group * hd, group, hd, kc + g * cap[s] * hd,
-                                 vc + g * cap[s] * hd, pos[s] + 1, scale, scores + t * longest,
+                                 vc + g * cap[s] * hd, pos[s] + 1, scale, scores + t * group * longest,
                                  att + (s * H + g * group) * hd);
                 }
 #pragma omp barrier
