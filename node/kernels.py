@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from . import native
@@ -120,10 +121,12 @@ class DotInt8Linear(Int8Linear):
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """What dot.c does to input rows, in torch (tests' exact reference): bf16 (M, K) -> (int8 codes (M, K)
-    as float32, per-32 scales (M, K/32)): scale = amax / 127, code = round-half-even(x * (127 / amax))."""
-    g = x.float().unflatten(-1, (-1, GROUP_SIZE))
-    amax = g.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    q = torch.round(g * inv).clamp_(-127, 127)
-    return q.flatten(-2), (amax / 127.0).squeeze(-1)
+    """What dot.c does to input rows, for tests' exact reference: bf16 (M, K) -> (int8 codes (M, K) as
+    float32, per-32 scales (M, K/32)): scale = amax / 127, code = round-half-even(x * (127 / amax)).
+    In numpy's float32, whose division is IEEE's as in C (torch's `127 / t` is not always the same bits)."""
+    g = x.float().numpy().reshape(*x.shape[:-1], -1, GROUP_SIZE)
+    amax = np.abs(g).max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
+    q = np.clip(np.rint(g * inv), -127, 127).reshape(x.shape)
+    return torch.from_numpy(q.astype(np.float32)), torch.from_numpy((amax / np.float32(127.0))[..., 0])

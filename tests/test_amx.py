@@ -18,7 +18,7 @@ from weights import FloatSrc
 from edgeshard.node import native, quant
 from edgeshard.node.quant import Int4Linear, Int8Linear, make_linear
 
-amx = pytest.mark.skipif(not native.available(), reason=f"no AMX kernels here: {native.status()}")
+amx = pytest.mark.skipif(not native.amx(), reason=f"no AMX kernels here: {native.status()}")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
