@@ -36,7 +36,9 @@ class DotInt4Linear(Int4Linear):
         _FixedFormat.__init__(self)
         blocks, groups = native.padded(out_features) // native.BLOCK_N, in_features // GROUP_SIZE
         if codes.dtype != torch.uint8 or tuple(codes.shape) != (blocks, groups, 256):
-            raise ValueError(f"codes must be uint8 ({blocks}, {groups}, 256), got {codes.dtype} {tuple(codes.shape)}")
+            raise ValueError(
+                f"codes must be uint8 ({blocks}, {groups}, 256), got {codes.dtype} {tuple(codes.shape)}"
+            )
         if params.dtype != torch.float16 or tuple(params.shape) != (blocks, groups, 2, native.BLOCK_N):
             raise ValueError(f"params must be float16 ({blocks}, {groups}, 2, 16), got {tuple(params.shape)}")
         self.kernel = kernel or native.kernel_set()
@@ -50,7 +52,9 @@ class DotInt4Linear(Int4Linear):
         """x: (..., in) bf16 -> (..., out) bf16, any number of rows."""
         buf = self._buffers  # see Int4Linear.forward
         return _forward(
-            self, x, lambda x2: native.dot_int4_mm(self.kernel, x2, buf["codes"], buf["params"], self.out_features)
+            self,
+            x,
+            lambda x2: native.dot_int4_mm(self.kernel, x2, buf["codes"], buf["params"], self.out_features),
         )
 
     @classmethod
@@ -91,7 +95,9 @@ class DotInt8Linear(Int8Linear):
         out_features = scales.shape[0]
         blocks, groups = native.padded(out_features) // native.BLOCK_N, in_features // GROUP_SIZE
         if codes.dtype != torch.int8 or tuple(codes.shape) != (blocks, groups, 512):
-            raise ValueError(f"codes must be int8 ({blocks}, {groups}, 512), got {codes.dtype} {tuple(codes.shape)}")
+            raise ValueError(
+                f"codes must be int8 ({blocks}, {groups}, 512), got {codes.dtype} {tuple(codes.shape)}"
+            )
         self.kernel = kernel or native.kernel_set()
         native.variant_library(self.kernel)
         self.in_features, self.out_features = in_features, out_features
@@ -101,7 +107,9 @@ class DotInt8Linear(Int8Linear):
         self.register_buffer("bias", _bias_buffer(bias, out_features, torch.bfloat16))
 
     @classmethod
-    def from_rows(cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None) -> DotInt8Linear:
+    def from_rows(
+        cls, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> DotInt8Linear:
         """int8 codes (out, in) and row scales (out,), in % 32 == 0."""
         out_f, in_f = q.shape
         return cls(native.pack_dot_int8(_pad_rows(q, native.padded(out_f))), scales, in_f, bias)

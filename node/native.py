@@ -68,8 +68,10 @@ VARIANTS: dict[str, tuple[list[str], set[str]]] = {
         [*_X86_512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
         {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"},
     ),
-    "avx512-vnni": ([*_X86_512, "-mavx512vnni"], {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
-                                                   "fma", "f16c"}),  # fmt: skip
+    "avx512-vnni": (
+        [*_X86_512, "-mavx512vnni"],
+        {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma", "f16c"},
+    ),  # fmt: skip
     "avx512": (_X86_512, {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}),
     "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
     "neon-dot": (["-march=armv8.2-a+dotprod"], {"asimd", "asimddp"}),
@@ -137,7 +139,7 @@ def build(cc: str, variant: str) -> Path:
 
 
 def runnable(variant: str) -> str:
-    """"" when this machine can run kernel set `variant`, else why not."""
+    """ "" when this machine can run kernel set `variant`, else why not."""
     if variant not in VARIANTS:
         return f"unknown kernel set {variant!r} (one of {', '.join(VARIANTS)}, torch)"
     if variant != "generic" and (variant in _X86_ORDER) != _is_x86():
@@ -162,7 +164,9 @@ def variant_library(variant: str) -> ctypes.CDLL:
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
         detail = (getattr(e, "stderr", "") or str(e)).strip()
         name = SOURCE.name if variant == "amx" else DOT_SOURCE.name
-        raise RuntimeError(f"building {name} with {cc} failed: {detail.splitlines()[-1] if detail else e!r}")
+        raise RuntimeError(
+            f"building {name} with {cc} failed: {detail.splitlines()[-1] if detail else e!r}"
+        ) from e
     for name, (args, res) in (_SIGNATURES if variant == "amx" else _DOT_SIGNATURES).items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
@@ -319,7 +323,9 @@ def _dot_order(q: torch.Tensor) -> torch.Tensor:
     return blocks.permute(0, 2, 3, 1, 4).reshape(n // BLOCK_N, k // GROUP, 8, 64)
 
 
-def pack_dot_int4(q: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_dot_int4(
+    q: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes q uint8 (N, K) in 0..15 and per-32 scale/min (N, K/32), N % 16 == 0, meaning W = q * scale + min
     -> (codes uint8 (N/16, K/32, 256), params float16 (N/16, K/32, 2, 16)) in dot.c's layout: k quads j and
     j + 4 share a byte (low, high nibble). float16 parameters as in `pack_int4` (Q4_0/Q4_1 exact)."""
@@ -352,13 +358,22 @@ def unpack_dot_int8(codes: torch.Tensor) -> torch.Tensor:
     return t.permute(0, 3, 1, 2, 4).reshape(nb * BLOCK_N, groups * GROUP)
 
 
-def dot_int4_mm(variant: str, x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, n: int) -> torch.Tensor:
+def dot_int4_mm(
+    variant: str, x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, n: int
+) -> torch.Tensor:
     """x (M, K) bf16 @ W.T -> (M, n) bf16 on kernel set `variant`, W packed by `pack_dot_int4`."""
     k = codes.shape[1] * GROUP
     _check(x, k)
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     rc = variant_library(variant).es_dot_int4_mm(
-        x.data_ptr(), x.shape[0], k, codes.data_ptr(), params.data_ptr(), n, y.data_ptr(), torch.get_num_threads()
+        x.data_ptr(),
+        x.shape[0],
+        k,
+        codes.data_ptr(),
+        params.data_ptr(),
+        n,
+        y.data_ptr(),
+        torch.get_num_threads(),
     )
     if rc:
         raise MemoryError(f"the int4 kernel could not allocate its scratch for {x.shape[0]} rows")
@@ -372,7 +387,14 @@ def dot_int8_mm(variant: str, x: torch.Tensor, codes: torch.Tensor, scales: torc
     _check(x, k)
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     rc = variant_library(variant).es_dot_int8_mm(
-        x.data_ptr(), x.shape[0], k, codes.data_ptr(), scales.data_ptr(), n, y.data_ptr(), torch.get_num_threads()
+        x.data_ptr(),
+        x.shape[0],
+        k,
+        codes.data_ptr(),
+        scales.data_ptr(),
+        n,
+        y.data_ptr(),
+        torch.get_num_threads(),
     )
     if rc:
         raise MemoryError(f"the int8 kernel could not allocate its scratch for {x.shape[0]} rows")

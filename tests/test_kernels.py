@@ -8,8 +8,10 @@ The AMX kernels have their own file (tests/test_amx.py). Numbers only: no timing
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +138,45 @@ def test_a_row_gives_the_same_bits_alone_or_in_any_batch(kernels: str, fmt: str)
         torch.set_num_threads(threads)
 
 
+HARNESS = Path(__file__).with_name("dot_harness.c")
+_CROSS = [
+    ("neon-dot", "-march=armv8.2-a+dotprod"),
+    ("neon", "-march=armv8-a"),
+]
+
+
+def _harness(cc: list[str], flags: list[str], tmp_path: Path, runner: list[str]) -> str:
+    exe = tmp_path / "harness"
+    common = ["-O2", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+    subprocess.run(
+        [*cc, *common, *flags, "-o", str(exe), str(HARNESS), "-lm"], check=True, capture_output=True
+    )
+    out = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize("name", ALL_SETS)
+def test_the_c_harness_on_this_cpu(name: str, tmp_path: Path) -> None:
+    """tests/dot_harness.c: SIMD kernels = scalar model bit for bit, and the stage call's batch invariance."""
+    cc = native._compiler()
+    assert _harness([cc], native.VARIANTS[name][0], tmp_path, []).startswith(f"{name}: ok")
+
+
+@pytest.mark.parametrize("name,flags", _CROSS)
+def test_the_c_harness_on_aarch64_under_qemu(name: str, flags: str, tmp_path: Path) -> None:
+    """The NEON kernels, built for aarch64 and run under qemu-user (skipped without the cross tools)."""
+    if native._is_arm64() and not native.runnable(name):
+        cc, runner = [native._compiler()], []
+    elif shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64"):
+        cc, runner = ["aarch64-linux-gnu-gcc", "-static"], ["qemu-aarch64"]
+    else:
+        pytest.skip(
+            "needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)"
+        )
+    assert _harness(cc, [flags], tmp_path, runner).startswith(f"{name}: ok")
+
+
 def test_bytes_and_errors(kernels: str) -> None:
     w = torch.randn(1536, 576)
     l4, l8 = make_linear(FloatSrc(w), None, "int4"), make_linear(FloatSrc(w), None, "int8")
@@ -154,7 +195,9 @@ def test_the_switch_picks_and_refuses_kernel_sets() -> None:
 
     def run(value: str) -> list[str]:
         env = {**os.environ, "EDGESHARD_KERNELS": value}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        )
         return out.stdout.strip().splitlines()
 
     assert run("torch")[0] == "torch" and "EDGESHARD_KERNELS=torch" in run("torch")[1]

@@ -435,6 +435,7 @@ static int mm(const uint16_t *x, int64_t M, int64_t K, const void *codes, const 
         const int t = omp_get_thread_num(), n = omp_get_num_threads();
 #else
         const int t = 0, n = 1;
+        (void)nt;
 #endif
         mm_blocks(&xr, M, K, codes, params, scales, 0, N, y, blocks * t / n, blocks * (t + 1) / n);
     }
