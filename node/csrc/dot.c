@@ -207,6 +207,51 @@ static void int8_row(const int8_t *codes, int64_t groups, const int8_t *xq, cons
     _mm512_storeu_ps(out, acc);
 }
 
+/* int4_row for 4 input rows at once (row r at xq + r * K, its scales at xd/xs + r * groups): the weight
+ * nibbles are expanded once for the four; every output gets exactly int4_row's operations. */
+#define ES_ROWS4 1
+static void int4_rows4(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq, int64_t K,
+                       const float *xd, const float *xs, float out[4][16]) {
+    const __m512i low4 = _mm512_set1_epi8(15);
+#ifndef ES_VNNI
+    const __m512i ones = _mm512_set1_epi16(1);
+#endif
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *c = codes + g * 256;
+        prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128), prefetch(c + PREFETCH + 192);
+        prefetch(params + g * 32 + PREFETCH / 4);
+        __m512i s[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(c + 64 * j));
+            const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            for (int r = 0; r < 4; r++) {
+                const int8_t *x = xq + r * K + g * 32;
+#ifdef ES_VNNI
+                s[r] = _mm512_dpbusd_epi32(s[r], lo, _mm512_set1_epi32(quad(x + 4 * j)));
+                s[r] = _mm512_dpbusd_epi32(s[r], hi, _mm512_set1_epi32(quad(x + 16 + 4 * j)));
+#else
+                s[r] = _mm512_add_epi16(s[r], _mm512_maddubs_epi16(lo, _mm512_set1_epi32(quad(x + 4 * j))));
+                s[r] = _mm512_add_epi16(s[r], _mm512_maddubs_epi16(hi, _mm512_set1_epi32(quad(x + 16 + 4 * j))));
+#endif
+            }
+        }
+        const uint16_t *p = params + g * 32;
+        const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        const __m512 minv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 16)));
+        for (int r = 0; r < 4; r++) {
+#ifdef ES_VNNI
+            const __m512i isum = s[r];
+#else
+            const __m512i isum = _mm512_madd_epi16(s[r], ones);
+#endif
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(scale, _mm512_set1_ps(xd[r * groups + g])), acc[r]);
+            acc[r] = _mm512_fmadd_ps(minv, _mm512_set1_ps(xs[r * groups + g]), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) _mm512_storeu_ps(out[r], acc[r]);
+}
+
 #elif ES_X86 == 256
 static void int4_row(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq,
                      const float *xd, const float *xs, float *out) {
@@ -268,6 +313,41 @@ static void int8_row(const int8_t *codes, int64_t groups, const int8_t *xq, cons
     }
     _mm256_storeu_ps(out, acc0);
     _mm256_storeu_ps(out + 8, acc1);
+}
+
+/* int4_row for 4 input rows at once (see the AVX-512 version): one 8-row half of the block at a time, so
+ * the four rows' sums and accumulators stay in the 16 registers. */
+#define ES_ROWS4 1
+static void int4_rows4(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq, int64_t K,
+                       const float *xd, const float *xs, float out[4][16]) {
+    const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *c = codes + g * 256 + 32 * h;
+            prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128), prefetch(c + PREFETCH + 192);
+            prefetch(params + g * 32 + PREFETCH / 4);
+            __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+            for (int j = 0; j < 4; j++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * j));
+                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                for (int r = 0; r < 4; r++) {
+                    const int8_t *x = xq + r * K + g * 32;
+                    s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(x + 4 * j))));
+                    s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(x + 16 + 4 * j))));
+                }
+            }
+            const uint16_t *p = params + g * 32 + 8 * h;
+            const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+            const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+            for (int r = 0; r < 4; r++) {
+                const __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], ones));
+                acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(sc, _mm256_set1_ps(xd[r * groups + g])), acc[r]);
+                acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs[r * groups + g]), acc[r]);
+            }
+        }
+        for (int r = 0; r < 4; r++) _mm256_storeu_ps(out[r] + 8 * h, acc[r]);
+    }
 }
 
 #elif defined(ES_NEON)
@@ -382,25 +462,39 @@ typedef struct {
     float *d, *s;  /* (M, K/32): block scale, and scale * code sum */
 } qrows;
 
+/* One output row's 16 values of block nb -> bf16 y (int8: times the row scales; bias as the layers add it:
+ * bf16 output + bf16 bias, rounded again). */
+static inline void store_row(const float *out, int64_t valid, const uint16_t *scales, const uint16_t *bias, int64_t n0,
+                             uint16_t *dst) {
+    for (int64_t i = 0; i < valid; i++) {
+        const float v = scales ? out[i] * bf16_f(scales[n0 + i]) : out[i];
+        dst[i] = bias ? f_bf16(bf16_f(f_bf16(v)) + bf16_f(bias[n0 + i])) : f_bf16(v);
+    }
+}
+
 /* Output blocks [b0, b1) for M quantized rows; int8 weights when `scales` is set. */
 static void mm_blocks(const qrows *xr, int64_t M, int64_t K, const void *codes, const uint16_t *params,
                       const uint16_t *scales, const uint16_t *bias, int64_t N, uint16_t *y, int64_t b0, int64_t b1) {
     const int64_t groups = K / 32;
     for (int64_t nb = b0; nb < b1; nb++) {
         const int64_t n0 = nb * 16, valid = N - n0 < 16 ? N - n0 : 16;
-        for (int64_t m = 0; m < M; m++) { /* the block's weights stay in L1 across the rows */
+        int64_t m = 0;
+#ifdef ES_ROWS4
+        for (; !scales && m + 4 <= M; m += 4) { /* int4, 4 rows per pass: the same operations per output */
+            float out[4][16];
+            int4_rows4((const uint8_t *)codes + nb * groups * 256, params + nb * groups * 32, groups, xr->q + m * K,
+                       K, xr->d + m * groups, xr->s + m * groups, out);
+            for (int r = 0; r < 4; r++) store_row(out[r], valid, 0, bias, n0, y + (m + r) * N + n0);
+        }
+#endif
+        for (; m < M; m++) { /* the block's weights stay in L1 across the rows */
             float out[16];
             if (scales)
                 int8_row((const int8_t *)codes + nb * groups * 512, groups, xr->q + m * K, xr->d + m * groups, out);
             else
                 int4_row((const uint8_t *)codes + nb * groups * 256, params + nb * groups * 32, groups,
                          xr->q + m * K, xr->d + m * groups, xr->s + m * groups, out);
-            uint16_t *dst = y + m * N + n0;
-            for (int64_t i = 0; i < valid; i++) {
-                const float v = scales ? out[i] * bf16_f(scales[n0 + i]) : out[i];
-                /* bias as the layers add it: bf16 output + bf16 bias, rounded again */
-                dst[i] = bias ? f_bf16(bf16_f(f_bf16(v)) + bf16_f(bias[n0 + i])) : f_bf16(v);
-            }
+            store_row(out, valid, scales, bias, n0, y + m * N + n0);
         }
     }
 }
