@@ -59,8 +59,9 @@ _DOT_SIGNATURES = {
 }
 _COMMON = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 # dot.c: -ffp-contract=off so that plain C `a * b + c` is never fused in one place and not another (the
-# same row must give the same bits in every code path); -fno-math-errno lets nearbyintf/sqrtf vectorize.
-_DOT_COMMON = [*_COMMON, "-ffp-contract=off", "-fno-math-errno"]
+# same row must give the same bits in every code path); -fno-math-errno and -fno-trapping-math let loops
+# with sqrtf, rounding and selects vectorize (neither changes a value: no -ffast-math reassociation).
+_DOT_COMMON = [*_COMMON, "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 _X86_512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
 # kernel set -> (compiler flags, CPU features it needs: /proc/cpuinfo flags on x86, Features on ARM)
 VARIANTS: dict[str, tuple[list[str], set[str]]] = {

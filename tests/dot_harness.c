@@ -4,7 +4,7 @@
  *
  * tests/test_kernels.py builds and runs it for every kernel set this machine runs, and for aarch64 (NEON,
  * NEON + sdot) under qemu-user when `aarch64-linux-gnu-gcc` and `qemu-aarch64` are installed:
- *   aarch64-linux-gnu-gcc -O2 -static -fopenmp -ffp-contract=off -fno-math-errno -march=armv8.2-a+dotprod \
+ *   aarch64-linux-gnu-gcc -O2 -static -fopenmp -ffp-contract=off -fno-math-errno -fno-trapping-math -march=armv8.2-a+dotprod \
  *       -o h tests/dot_harness.c -lm && qemu-aarch64 ./h */
 #include "../node/csrc/dot.c"
 #include <stdio.h>

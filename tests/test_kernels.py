@@ -147,7 +147,7 @@ _CROSS = [
 
 def _harness(cc: list[str], flags: list[str], tmp_path: Path, runner: list[str]) -> str:
     exe = tmp_path / "harness"
-    common = ["-O2", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+    common = ["-O2", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     subprocess.run(
         [*cc, *common, *flags, "-o", str(exe), str(HARNESS), "-lm"], check=True, capture_output=True
     )

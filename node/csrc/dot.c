@@ -577,11 +577,13 @@ static inline float sum16(const float *p) { /* fixed pairwise order */
     return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
-/* exp(x) as 2^n * p(f), |rel err| < 2e-7 (decode.c's exp_ps); x < -87 gives exp(-87) */
+/* exp(x) as 2^n * p(f), |rel err| < 2e-7 (decode.c's exp_ps); x < -87 gives exp(-87). Branch-free and
+ * without library calls, so loops over it vectorize: n = round-to-nearest-even(t) by adding and removing
+ * 1.5 * 2^23 (exact for |t| < 2^22; the build never reassociates), and 2^n from n's integer bits. */
 static inline float exp_approx(float x) {
     x = x < -87.0f ? -87.0f : x;
     x = x > 88.0f ? 88.0f : x;
-    const float t = x * 1.44269504088896341f, n = nearbyintf(t);
+    const float t = x * 1.44269504088896341f, z = t + 12582912.0f, n = z - 12582912.0f;
     const float r = (t - n) * 0.693147180559945f;
     float p = 1.0f / 5040;
     p = p * r + 1.0f / 720;
@@ -591,7 +593,9 @@ static inline float exp_approx(float x) {
     p = p * r + 0.5f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    int32_t zi;
+    memcpy(&zi, &z, sizeof zi); /* z's mantissa holds n + 2^22 */
+    const int32_t bits = (zi - 0x4B400000 + 127) * (1 << 23);
     float two;
     memcpy(&two, &bits, sizeof two);
     return p * two;
