@@ -313,7 +313,7 @@ def test_eight_concurrent_greedy_sequences_equal_one_at_a_time(fast_kernels: str
     from edgeshard.node.loader import load_stage
     from edgeshard.node.sampling import SamplingParams
 
-    tokens = 10
+    tokens = 8
     executor = ShardExecutor(load_stage(ckpt, ShardSpec.full(30), quant=quant))
     solo = [_greedy_one_at_a_time(executor, p, tokens) for p in PROMPTS]
     out: list[list[int]] = [[] for _ in PROMPTS]
