@@ -3,6 +3,8 @@
     python benchmarks/decode.py                       # int4 int8 bf16 f32, transformers fp32, llama.cpp if found
     python benchmarks/decode.py --tokens 256 --repeats 5
     python benchmarks/decode.py --quick               # CI smoke: 16 tokens, 1 run, int4 and transformers only
+    python benchmarks/decode.py --formats int4 --no-transformers --threads 2 --kernels avx2 \
+        --llama-bench /work/tools/llama.cpp/build/bin/llama-bench    # the users' AVX2 path against llama.cpp
 
 Every engine runs in this process with the same torch/llama.cpp thread count (1 by default) on the same
 prompt token ids (the first --prompt-tokens tokens of tests/data/perplexity.txt), greedy, with stop tokens
@@ -11,6 +13,10 @@ ignored so each run generates exactly --tokens tokens:
   edgeshard    the path `edgeshard run --local` takes: coordinator.generate over LocalPipeline/ShardExecutor
                (node/executor.py) on one stage of all layers, in each --formats (int4 is the GGUF's default)
   transformers AutoModelForCausalLM from the same GGUF, float32, model.generate() with a timing streamer
+  llama-bench  a llama.cpp build's own benchmark binary, given by --llama-bench PATH or $LLAMA_BENCH: one
+               `llama-bench -m GGUF -t THREADS -p 0 -n TOKENS -d PROMPT -r 1 -o json` per repeat, interleaved
+               with the other engines (-d, the context already in the cache, only when the build has it; the
+               JSON records the depth used). Decode only: llama-bench reports no TTFT.
   llama.cpp    llama-cpp-python's Llama.generate on the same GGUF, only if `llama_cpp` is importable (it is
                not a dependency of edgeshard). `pip install llama-cpp-python` builds it from source (it did
                not finish in 12 minutes on our 2-core VM); the prebuilt third-party wheel of the same
@@ -35,6 +41,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +49,7 @@ from pathlib import Path
 import torch
 
 from edgeshard.coordinator.pipeline.generate import AsyncLocalPipeline, Sequence, generate
+from edgeshard.node.lowbit import native
 from edgeshard.node.model.config import ShardSpec
 from edgeshard.node.model.executor import LocalPipeline, ShardExecutor
 from edgeshard.node.model.sampling import SamplingParams
@@ -54,6 +62,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "decode.json"
 PROMPT_TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "perplexity.txt"
 FORMATS = ("int4", "int8", "bf16", "f32")
 TARGETS = {"transformers": 4.0, "llama.cpp": 0.8}  # edgeshard int4 decode rate / engine's, at least
+LLAMA_BENCH_TARGET = {1: 1.0}  # issue #17: >= 1.0x llama-bench at 1 thread, >= 0.9x with more
 
 
 @dataclass
@@ -229,6 +238,40 @@ class LlamaCppEngine(Engine):
         return clock.run()
 
 
+class LlamaBenchEngine(Engine):
+    """llama.cpp's `llama-bench` binary on the same GGUF: one process per run, decode rate only."""
+
+    def __init__(self, binary: Path, path: Path, threads: int, depth: int) -> None:
+        self.binary, self.path, self.threads = binary, path, threads
+        self.info: dict = {}
+        help_text = subprocess.run([str(binary), "--help"], capture_output=True, text=True).stdout
+        self.depth = depth if "--n-depth" in help_text else 0  # older builds measure from an empty cache
+        super().__init__("llama-bench", 0.0, None)
+
+    def generate(self, prompt: list[int], tokens: int) -> Run:
+        cmd = [str(self.binary), "-m", str(self.path), "-t", str(self.threads), "-p", "0", "-n", str(tokens)]
+        cmd += ["-r", "1", "-o", "json"] + (["-d", str(self.depth)] if self.depth else [])
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        (result,) = [r for r in json.loads(out) if r.get("n_gen") == tokens]
+        keys = ("build_commit", "build_number", "cpu_info", "backends", "model_type", "n_depth", "n_threads")
+        self.info = {k: result[k] for k in keys if k in result}
+        rate = float(result["avg_ts"])
+        # decode only: express the rate as a Run whose tok_s is llama-bench's (no TTFT: 0)
+        return Run(ttft_s=0.0, decode_s=(tokens - 1) / rate, decode_cpu_s=(tokens - 1) / rate, tokens=tokens)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name as Linux reports it (platform.processor() is often empty or just the arch)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware"):
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _table(rows: list[dict], meta: dict) -> None:
     """Print the summary as a rich table."""
     from rich.console import Console
@@ -242,7 +285,7 @@ def _table(rows: list[dict], meta: dict) -> None:
     table = Table(title=title)
     for col in ("engine", "weights MB", "load s", "TTFT ms", "decode tok/s", "CPU-time tok/s"):
         table.add_column(col, justify="left" if col == "engine" else "right")
-    others = [name for name in ("transformers fp32", "llama.cpp") if name in ref]
+    others = [name for name in ("transformers fp32", "llama.cpp", "llama-bench") if name in ref]
     for name in others:
         table.add_column(f"x {name}", justify="right")
     for r in rows:
@@ -252,7 +295,7 @@ def _table(rows: list[dict], meta: dict) -> None:
             r["engine"],
             mb,
             f"{r['load_s']:.2f}",
-            f"{r['ttft_ms']:.0f}",
+            "-" if r["engine"] == "llama-bench" else f"{r['ttft_ms']:.0f}",
             f"{r['decode_tok_s']:.1f}",
             f"{r['decode_cpu_tok_s']:.1f}",
             *ratios,
@@ -266,6 +309,9 @@ def _table(rows: list[dict], meta: dict) -> None:
         console.print(
             f"target: edgeshard int4 >= {target['at_least']}x {target['engine']}: {target['ratio']:.2f}x {mark}"
         )
+    console.print(f"CPU: {meta['cpu']}; edgeshard kernels: {meta['kernels']}")
+    if meta["llama_bench"]:
+        console.print(f"llama-bench: {meta['llama_bench']}")
     if meta["llama_cpp"]:
         console.print(f"llama.cpp: llama-cpp-python {meta['llama_cpp_version']}")
     else:
@@ -283,8 +329,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per engine (default 3)")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--quick", action="store_true", help="CI smoke: int4 and transformers, 16 tokens, 1 run")
+    ap.add_argument(
+        "--llama-bench",
+        type=Path,
+        default=os.environ.get("LLAMA_BENCH") or None,
+        help="a llama.cpp llama-bench binary to run in the same sitting (default: $LLAMA_BENCH)",
+    )
+    ap.add_argument(
+        "--kernels",
+        help="force edgeshard's low-bit kernels (EDGESHARD_KERNELS: amx, avx512, avx2, neon, generic, torch)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
+    if args.kernels:
+        os.environ["EDGESHARD_KERNELS"] = args.kernels
     if args.quick:
         args.formats, args.tokens, args.repeats = "int4", 16, 1
 
@@ -304,6 +362,11 @@ def main() -> None:
         llama_cpp_version = getattr(llama_cpp, "__version__", "unknown")
         engines.append(LlamaCppEngine(path, args.threads, context=len(prompt) + args.tokens + 64))
 
+    bench = None
+    if args.llama_bench:
+        bench = LlamaBenchEngine(args.llama_bench, path, args.threads, depth=len(prompt))
+        engines.append(bench)
+
     for engine in engines:  # warm-up: first-call allocations and lazy tables stay out of the timings
         engine.generate(prompt[:16], 4)
     for _ in range(args.repeats):
@@ -317,6 +380,7 @@ def main() -> None:
         for other, at_least in (
             ("transformers fp32", TARGETS["transformers"]),
             ("llama.cpp", TARGETS["llama.cpp"]),
+            ("llama-bench", LLAMA_BENCH_TARGET.get(args.threads, 0.9)),
         ):
             if other in by_name:
                 ratio = by_name["edgeshard int4"]["decode_tok_s"] / by_name[other]["decode_tok_s"]
@@ -337,6 +401,12 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": platform.machine(),
         "processor": platform.processor(),
+        "cpu": _cpu_model(),
+        "kernels": native.kernel_set(),
+        "kernels_status": native.status(),
+        "llama_bench": None
+        if bench is None
+        else {"path": str(bench.binary), "depth": bench.depth, **bench.info},
         "llama_cpp": has_llama_cpp,
         "llama_cpp_version": llama_cpp_version,
         "targets": targets,

@@ -16,9 +16,11 @@ Kernels (weights random; only speed is measured here, accuracy lives in tests/te
   fbgemm_int8   torch.ops.quantized.linear_dynamic: int8 per-channel weights, activations quantized to
                 uint8 per call (fp32 in/out); x86-only (ARM boards get qnnpack instead)
   int4pack      torch._weight_int4pack_mm_for_cpu: 4-bit weights, group 32 bf16 scale+zero, bf16 activations
-  amx_int8      node/csrc/lowbit.c on AMX (what int8 layers run where native.available()): same int8 format
+  amx_int8      node/csrc/lowbit.c on AMX (what int8 layers run where native.amx()): same int8 format
   amx_int4      node/csrc/lowbit.c on AMX: 4-bit weights, group 32 float32 scale+min, bf16 activations
                 (both columns only on CPUs with AMX-BF16; see node/native.py)
+  dot_int8      node/csrc/dot.c in the process's kernel set (AVX2, AVX-512, NEON; EDGESHARD_KERNELS forces
+  dot_int4      one): the same formats, input rows quantized to int8 per 32, integer dot products
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ SHAPES: list[tuple[str, int, int]] = [
 BATCHES = (1, 4, 8, 16)  # rows: one decode step, and batched decode steps of several sequences
 KERNELS = ("fp32", "bf16", "int8pack", "fbgemm_int8", "int4pack")
 AMX_KERNELS = ("amx_int8", "amx_int4")
+DOT_KERNELS = ("dot_int8", "dot_int4")
 GROUP = 32
 
 
@@ -99,10 +102,21 @@ def _make_kernels(in_f: int, out_f: int, batch: int) -> dict[str, Callable[[], o
     }
     from edgeshard.node.lowbit import native
 
-    if native.available():
+    if native.amx():
         codes8, (codes4, params4) = native.pack_int8(q8), native.pack_int4(q4, scale, lo)
         kernels["amx_int8"] = lambda: native.int8_mm(x16, codes8, s8_16)
         kernels["amx_int4"] = lambda: native.int4_mm(x16, codes4, params4, out_f)
+    elif native.available():  # the dot-product kernels of node/csrc/dot.c, in the set this process uses
+        name = native.kernel_set()
+        pad = torch.zeros(native.padded(out_f) - out_f, in_f, dtype=q8.dtype)
+        dot8 = native.pack_dot_int8(torch.cat([q8, pad]))
+        dot4, dparams4 = native.pack_dot_int4(
+            torch.cat([q4, pad.to(q4.dtype)]).to(torch.uint8),
+            torch.cat([scale, torch.ones(pad.shape[0], scale.shape[1])]),
+            torch.cat([lo, torch.zeros(pad.shape[0], lo.shape[1])]),
+        )
+        kernels["dot_int8"] = lambda: native.dot_int8_mm(name, x16, dot8, s8_16)
+        kernels["dot_int4"] = lambda: native.dot_int4_mm(name, x16, dot4, dparams4, out_f)
     return kernels
 
 
@@ -160,7 +174,7 @@ def main() -> None:
 
     from edgeshard.node.lowbit import native
 
-    names = KERNELS + (AMX_KERNELS if native.available() else ())
+    names = KERNELS + (AMX_KERNELS if native.amx() else DOT_KERNELS if native.available() else ())
     rows = []
     header = f"{'shape':<20}{'batch':>6}" + "".join(f"{k:>13}" for k in names)
     print(f"ms per call, {args.threads} thread(s), torch {torch.__version__}, {platform.machine()}")

@@ -20,7 +20,7 @@ from edgeshard.node.lowbit import layers as quant
 from edgeshard.node.lowbit.factory import make_linear
 from edgeshard.node.lowbit.layers import Int4Linear, Int8Linear
 
-amx = pytest.mark.skipif(not native.available(), reason=f"no AMX kernels here: {native.status()}")
+amx = pytest.mark.skipif(not native.amx(), reason=f"no AMX kernels here: {native.status()}")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

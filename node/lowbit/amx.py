@@ -5,9 +5,10 @@ row), so they subclass them and `isinstance` checks, `weight_format` and shard m
 they differ in layout (AMX B-tile blocks of 16 output rows x 32 inputs, see lowbit.c) and in cost: one
 call handles any row count, and 8 rows cost ~1.2x one row instead of ~4x (`python benchmarks/kernels.py`).
 
-`quant.make_linear` builds these when `native.available()`; with EDGESHARD_NATIVE=0, or on a CPU without
-AMX, it builds the torch-kernel layers. Int4 scale and min are float16 here (GGUF's own field type: Q4_0 and
-Q4_1 exact), where the torch kernel rounds them to bf16.
+`quant.make_linear` builds these when `native.amx()`; on a CPU without AMX it builds node/kernels.py's
+dot-product layers, and with EDGESHARD_NATIVE=0 (or no usable kernel set) the torch-kernel layers. Int4
+scale and min are float16 here (GGUF's own field type: Q4_0 and Q4_1 exact), where the torch kernel rounds
+them to bf16.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def make_linear(src: WeightSource, bias: torch.Tensor | None, quant: str) -> nn.
     out_f, in_f = _check_source(src)
     int4_cls, int8_cls = lowbit_classes(in_f)
     if quant == "int4":
-        # the torch kernel takes bf16 scale/zero: quantize with those already rounded (AMX keeps fp16)
+        # the torch kernel takes bf16 scale/zero: quantize with those already rounded (ours keep fp16)
         chunks = _int4_code_chunks(src, bf16_params=int4_cls is Int4Linear)
         return int4_cls.from_codes(chunks, in_f, out_f, bias)
     if quant == "int8":
@@ -63,7 +63,8 @@ def make_linear(src: WeightSource, bias: torch.Tensor | None, quant: str) -> nn.
 
 
 def _amx_kernels() -> bool:
-    """Whether int4/int8 layers are built for the node's own AMX kernels (lowbit/native.py) in this process."""
+    """Whether int4/int8 layers are built for the node's own kernels (lowbit/native.py: AMX, or the integer
+    dot-product kernels of lowbit/csrc/dot.c) in this process; False means torch's kernels."""
     from edgeshard.node.lowbit import native
 
     return native.available()
@@ -71,11 +72,18 @@ def _amx_kernels() -> bool:
 
 def lowbit_classes(in_features: int) -> tuple[type[Int4Linear], type[Int8Linear]]:
     """The (int4, int8) linear classes this process builds for `in_features` inputs: lowbit/amx.py's where the
-    AMX kernels run (they need in_features % 32 == 0), else the torch-kernel ones."""
+    AMX kernels run, lowbit/kernels.py's where the dot-product kernels run (both need in_features % 32 == 0),
+    else the torch-kernel ones."""
     if _amx_kernels() and in_features % GROUP_SIZE == 0:
-        from edgeshard.node.lowbit.amx import AmxInt4Linear, AmxInt8Linear
+        from edgeshard.node.lowbit import native
 
-        return AmxInt4Linear, AmxInt8Linear
+        if native.amx():
+            from edgeshard.node.lowbit.amx import AmxInt4Linear, AmxInt8Linear
+
+            return AmxInt4Linear, AmxInt8Linear
+        from edgeshard.node.lowbit.kernels import DotInt4Linear, DotInt8Linear
+
+        return DotInt4Linear, DotInt8Linear
     return Int4Linear, Int8Linear
 
 

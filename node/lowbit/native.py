@@ -1,14 +1,24 @@
-"""The node's own low-bit kernels (node/csrc/lowbit.c, Intel AMX), built for the CPU they run on, called via ctypes.
+"""The node's own low-bit kernels, built for the CPU they run on, called via ctypes.
 
-Why our own: torch's int4/int8 CPU kernels dequantize once per input *row*, so a batched decode step of 8
-sequences costs 4-5x a single one (`python benchmarks/kernels.py`). lowbit.c expands each weight
-block once and multiplies it with up to 16 rows in one AMX instruction. It needs AMX-BF16 (Intel Xeon
-Sapphire Rapids or later) and a C compiler; it is built on first use (`cc -O3 -march=native`, about a
+Two families, one chosen per process at first use (`kernel_set()`):
+- "amx": node/csrc/lowbit.c + decode.c on Intel AMX (Xeon Sapphire Rapids and later). torch's int4/int8
+  CPU kernels dequantize once per input *row*, so a batched decode step of 8 sequences costs 4-5x a single
+  one; lowbit.c expands each weight block once and multiplies it with up to 16 rows in one AMX instruction.
+- the integer dot-product kernels of node/csrc/dot.c for every other CPU the users have: "avx512-vnni",
+  "avx512", "avx2" (x86 laptops: AVX2+FMA+F16C), "neon-dot" (Raspberry Pi 5: ARMv8.2 sdot), "neon"
+  (Raspberry Pi 4). Input rows are quantized to int8 per 32 and multiplied with the weight codes by
+  integer dot products, as llama.cpp does; see dot.c for why and for the layout (node/kernels.py's layers).
+
+Each variant is compiled from the same source with explicit ISA flags (never -march=native, so a build
+cache shared by different CPUs never hands one of them an instruction it lacks) on first use (about a
 second) into `$EDGESHARD_HOME/kernels` (default `~/.cache/edgeshard/kernels`), keyed by source, flags and
-machine. The library links OpenMP by soname only, so it shares torch's runtime and thread pool.
+machine, and picked at run time from the CPU's features. The libraries link OpenMP by soname only, so they
+share torch's runtime and thread pool.
 
-Anywhere else (ARM boards, older x86, no compiler) or with `EDGESHARD_NATIVE=0`, `available()` is False and
-the layers keep torch's kernels: same results to bf16 precision. `status()` says which and why.
+`EDGESHARD_KERNELS=amx|avx512|avx512-vnni|avx2|neon|neon-dot|generic|torch` forces a set (to measure the
+users' paths on a bigger CPU; a set this CPU cannot run falls back to torch's kernels and `status()` says
+why); `EDGESHARD_NATIVE=0` is the same as `torch`. Without a C compiler, or on a CPU with none of these, the
+layers keep torch's kernels: the same formats, results to bf16 precision.
 """
 
 from __future__ import annotations
@@ -26,20 +36,50 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"  # includes lowbit.c
+DOT_SOURCE = SOURCE.with_name("dot.c")  # the integer dot-product kernels for CPUs without AMX
 BLOCK_N = 16  # output rows per weight block (one AMX tile's columns); layers pad N up to a multiple
 GROUP = 32  # k per block (one AMX tile's depth in bf16); the int4 scale group
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
+_DECODE_STAGE = (  # layers, count, S, D, H, Hkv, hd, F, eps, x, cos, sin, kv buffers, caps, positions, threads
+    [_P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P, _P, ctypes.c_int],
+    ctypes.c_int,
+)
 _SIGNATURES = {
     "es_int4_mm": ([_P, _I, _I, _P, _P, _I, _P, ctypes.c_int], ctypes.c_int),
     "es_int8_mm": ([_P, _I, _I, _P, _P, _I, _P, ctypes.c_int], None),
     "es_supported": ([], ctypes.c_int),
-    # layers, count, S, D, H, Hkv, hd, F, eps, x, cos, sin, kv buffers, caps, positions, threads
-    "es_decode_stage": (
-        [_P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_float, _P, _P, _P, _P, _P, _P, ctypes.c_int],
-        ctypes.c_int,
-    ),
+    "es_decode_stage": _DECODE_STAGE,
 }
+_DOT_SIGNATURES = {
+    "es_dot_int4_mm": ([_P, _I, _I, _P, _P, _I, _P, ctypes.c_int], ctypes.c_int),
+    "es_dot_int8_mm": ([_P, _I, _I, _P, _P, _I, _P, ctypes.c_int], ctypes.c_int),
+    "es_dot_isa": ([], ctypes.c_char_p),
+    "es_decode_stage": _DECODE_STAGE,
+}
+_COMMON = ["-O3", "-fPIC", "-shared", "-fopenmp"]
+# dot.c: -ffp-contract=off so that plain C `a * b + c` is never fused in one place and not another (the
+# same row must give the same bits in every code path); -fno-math-errno and -fno-trapping-math let loops
+# with sqrtf, rounding and selects vectorize (neither changes a value: no -ffast-math reassociation).
+_DOT_COMMON = [*_COMMON, "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+_X86_512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+# kernel set -> (compiler flags, CPU features it needs: /proc/cpuinfo flags on x86, Features on ARM)
+VARIANTS: dict[str, tuple[list[str], set[str]]] = {
+    "amx": (
+        [*_X86_512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
+        {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"},
+    ),
+    "avx512-vnni": (
+        [*_X86_512, "-mavx512vnni"],
+        {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma", "f16c"},
+    ),  # fmt: skip
+    "avx512": (_X86_512, {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
+    "neon-dot": (["-march=armv8.2-a+dotprod"], {"asimd", "asimddp"}),
+    "neon": (["-march=armv8-a"], {"asimd"}),
+    "generic": ([], set()),  # plain C: a reference, never picked automatically
+}
+_X86_ORDER, _ARM_ORDER = ("amx", "avx512-vnni", "avx512", "avx2"), ("neon-dot", "neon")
 _why_not = ""
 
 
@@ -48,13 +88,41 @@ def _cache_dir() -> Path:
     return (Path(home).expanduser() if home else Path.home() / ".cache" / "edgeshard") / "kernels"
 
 
-def _build(cc: str) -> Path:
-    """Compile decode.c (which includes lowbit.c) into the cache (an atomic rename: nodes starting together
-    may race) and return it."""
-    flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-march=native"]
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _is_arm64() -> bool:
+    return platform.machine().lower() in ("aarch64", "arm64")
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The CPU's feature names as Linux lists them (x86 `flags`, ARM `Features`); empty when unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def build(cc: str, variant: str) -> Path:
+    """Compile one kernel set into the cache (an atomic rename: nodes starting together may race) and return
+    the library's path. "amx" is decode.c (which includes lowbit.c); every other set is dot.c with its ISA's
+    explicit flags (VARIANTS). The one place the kernels are compiled."""
+    source = SOURCE if variant == "amx" else DOT_SOURCE
+    flags = [*(_COMMON if variant == "amx" else _DOT_COMMON), *VARIANTS[variant][0]]
     sources = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.c")))
     key = hashlib.sha256(sources + " ".join([cc, *flags, platform.machine()]).encode())
-    target = _cache_dir() / f"lowbit-{key.hexdigest()[:16]}.so"
+    target = _cache_dir() / f"lowbit-{variant}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +130,7 @@ def _build(cc: str) -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [cc, *flags, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True, timeout=120
+            [cc, *flags, "-o", tmp, str(source)], check=True, capture_output=True, text=True, timeout=120
         )
         os.replace(tmp, target)
     finally:
@@ -71,45 +139,102 @@ def _build(cc: str) -> Path:
     return target
 
 
+def runnable(variant: str) -> str:
+    """ "" when this machine can run kernel set `variant`, else why not."""
+    if variant not in VARIANTS:
+        return f"unknown kernel set {variant!r} (one of {', '.join(VARIANTS)}, torch)"
+    if variant != "generic" and (variant in _X86_ORDER) != _is_x86():
+        return f"{variant} kernels do not run on {platform.machine()}"
+    if variant in _ARM_ORDER and not _is_arm64():
+        return f"{variant} kernels need aarch64 (this is {platform.machine()})"
+    missing = VARIANTS[variant][1] - cpu_features()
+    return f"this CPU lacks {', '.join(sorted(missing))} for {variant}" if missing else ""
+
+
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The loaded kernels, or None when they cannot run here (`status()` says why)."""
-    global _why_not
-    if os.environ.get("EDGESHARD_NATIVE", "1") == "0":
-        _why_not = "disabled by EDGESHARD_NATIVE=0"
-        return None
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        _why_not = f"AMX kernels are x86-only (this is {platform.machine()})"
-        return None
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+def variant_library(variant: str) -> ctypes.CDLL:
+    """Build (once) and load kernel set `variant`; raises RuntimeError when it cannot run here. A process can
+    hold layers of several sets (tests force each); each layer calls its own set's library."""
+    if why := runnable(variant):
+        raise RuntimeError(why)
+    cc = _compiler()
     if not cc:
-        _why_not = "no C compiler found (install gcc, or set CC)"
-        return None
+        raise RuntimeError("no C compiler found (install gcc, or set CC)")
     try:
-        lib = ctypes.CDLL(str(_build(cc)))  # ctypes.CDLL releases the GIL during calls
+        lib = ctypes.CDLL(str(build(cc, variant)))  # ctypes.CDLL releases the GIL during calls
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
         detail = (getattr(e, "stderr", "") or str(e)).strip()
-        _why_not = f"building {SOURCE.name} with {cc} failed: {detail.splitlines()[-1] if detail else e!r}"
-        return None
-    for name, (args, res) in _SIGNATURES.items():
+        name = SOURCE.name if variant == "amx" else DOT_SOURCE.name
+        raise RuntimeError(
+            f"building {name} with {cc} failed: {detail.splitlines()[-1] if detail else e!r}"
+        ) from e
+    for name, (args, res) in (_SIGNATURES if variant == "amx" else _DOT_SIGNATURES).items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
-    if not lib.es_supported():
-        _why_not = "this CPU or kernel has no AMX-BF16 tiles"
-        return None
+    if variant == "amx" and not lib.es_supported():
+        raise RuntimeError("this CPU or kernel has no AMX-BF16 tiles")
+    if variant != "amx" and lib.es_dot_isa().decode() != variant:  # the flags did not select the variant
+        raise RuntimeError(f"{DOT_SOURCE.name} built for {variant} compiled as {lib.es_dot_isa().decode()}")
     return lib
 
 
+@functools.cache
+def _selected() -> tuple[str, ctypes.CDLL | None]:
+    """(kernel set, its library) for this process: EDGESHARD_KERNELS if set, else the first set of
+    _X86_ORDER / _ARM_ORDER this machine runs; ("torch", None) when none (`_why_not` says why)."""
+    global _why_not
+    forced = os.environ.get("EDGESHARD_KERNELS", "").strip().lower()
+    if os.environ.get("EDGESHARD_NATIVE", "1") == "0" or forced == "torch":
+        _why_not = "disabled by " + ("EDGESHARD_NATIVE=0" if forced != "torch" else "EDGESHARD_KERNELS=torch")
+        return "torch", None
+    if forced == "neon" and "asimddp" in cpu_features():
+        forced = "neon-dot"  # "neon" means the NEON kernels: with sdot where the CPU has it
+    if forced == "avx512" and "avx512_vnni" in cpu_features():
+        forced = "avx512-vnni"
+    candidates = [forced] if forced else list(_X86_ORDER if _is_x86() else _ARM_ORDER if _is_arm64() else ())
+    reasons = []
+    for variant in candidates:
+        try:
+            return variant, variant_library(variant)
+        except RuntimeError as e:
+            reasons.append(str(e))
+    _why_not = "; ".join(reasons) or f"no native kernels for {platform.machine()}"
+    return "torch", None
+
+
+def reset() -> None:
+    """Forget the chosen kernel set (tests change EDGESHARD_KERNELS, then build new layers)."""
+    _selected.cache_clear()
+
+
+def kernel_set() -> str:
+    """The low-bit kernels new layers use in this process: "amx", "avx512-vnni", "avx512", "avx2",
+    "neon-dot", "neon", "generic" or "torch"."""
+    return _selected()[0]
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels of `kernel_set()`, or None for torch's (`status()` says why)."""
+    return _selected()[1]
+
+
 def available() -> bool:
-    """True when the kernels are built, loaded and runnable on this CPU."""
+    """True when native kernels (AMX or dot-product) are built, loaded and runnable on this CPU."""
     return library() is not None
+
+
+def amx() -> bool:
+    """True when the AMX kernels are in use."""
+    return kernel_set() == "amx"
 
 
 def status() -> str:
     """One line for diagnostics: which low-bit kernels this process uses, and why."""
-    if available():
+    if (name := kernel_set()) == "amx":
         return "AMX kernels (node/csrc/lowbit.c)"
-    return f"torch kernels (AMX kernels unavailable: {_why_not})"
+    if name != "torch":
+        return f"{name} integer dot-product kernels (node/csrc/dot.c)"
+    return f"torch kernels (native kernels unavailable: {_why_not})"
 
 
 def padded(n: int) -> int:
@@ -156,7 +281,7 @@ def int4_mm(x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, n: int) 
     k = codes.shape[1] * GROUP
     _check(x, k)
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    rc = library().es_int4_mm(
+    rc = variant_library("amx").es_int4_mm(
         x.data_ptr(),
         x.shape[0],
         k,
@@ -176,7 +301,7 @@ def int8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch
     k, n = codes.shape[1] * GROUP, scales.shape[0]
     _check(x, k)
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    library().es_int8_mm(
+    variant_library("amx").es_int8_mm(
         x.data_ptr(),
         x.shape[0],
         k,
@@ -186,4 +311,92 @@ def int8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch
         y.data_ptr(),
         torch.get_num_threads(),
     )
+    return y
+
+
+# --- the dot-product kernels' layout and calls (node/csrc/dot.c) -------------------------------------------
+
+
+def _dot_order(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes, N % 16 == 0 -> (N/16, K/32, 8, 64): per block of 16 rows x 32 inputs, [k quad][n][k % 4]."""
+    n, k = q.shape
+    blocks = q.view(n // BLOCK_N, BLOCK_N, k // GROUP, GROUP // 4, 4)  # (nb, n, g, kq, e)
+    return blocks.permute(0, 2, 3, 1, 4).reshape(n // BLOCK_N, k // GROUP, 8, 64)
+
+
+def pack_dot_int4(
+    q: torch.Tensor, scale: torch.Tensor, minv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes q uint8 (N, K) in 0..15 and per-32 scale/min (N, K/32), N % 16 == 0, meaning W = q * scale + min
+    -> (codes uint8 (N/16, K/32, 256), params float16 (N/16, K/32, 2, 16)) in dot.c's layout: k quads j and
+    j + 4 share a byte (low, high nibble). float16 parameters as in `pack_int4` (Q4_0/Q4_1 exact)."""
+    n, k = q.shape
+    t = _dot_order(q.to(torch.uint8))
+    codes = (t[:, :, :4] | (t[:, :, 4:] << 4)).reshape(n // BLOCK_N, k // GROUP, 256).contiguous()
+    params = torch.stack([scale, minv], dim=-1).to(torch.float16)  # (N, K/32, 2)
+    params = params.view(n // BLOCK_N, BLOCK_N, k // GROUP, 2).permute(0, 2, 3, 1).contiguous()
+    return codes, params
+
+
+def unpack_dot_int4(codes: torch.Tensor) -> torch.Tensor:
+    """`pack_dot_int4`'s codes back to q uint8 (N, K)."""
+    nb, groups = codes.shape[:2]
+    c = codes.view(nb, groups, 4, 64)
+    t = torch.cat([c & 15, c >> 4], dim=2).view(nb, groups, 8, BLOCK_N, 4)  # (nb, g, kq, n, e)
+    return t.permute(0, 3, 1, 2, 4).reshape(nb * BLOCK_N, groups * GROUP)
+
+
+def pack_dot_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 codes (N, K), N % 16 == 0 -> (N/16, K/32, 512) in dot.c's [k quad][n][k % 4] order."""
+    n, k = q.shape
+    return _dot_order(q.to(torch.int8)).reshape(n // BLOCK_N, k // GROUP, 512).contiguous()
+
+
+def unpack_dot_int8(codes: torch.Tensor) -> torch.Tensor:
+    """`pack_dot_int8`'s codes back to int8 (N, K)."""
+    nb, groups = codes.shape[:2]
+    t = codes.view(nb, groups, 8, BLOCK_N, 4)
+    return t.permute(0, 3, 1, 2, 4).reshape(nb * BLOCK_N, groups * GROUP)
+
+
+def dot_int4_mm(
+    variant: str, x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, n: int
+) -> torch.Tensor:
+    """x (M, K) bf16 @ W.T -> (M, n) bf16 on kernel set `variant`, W packed by `pack_dot_int4`."""
+    k = codes.shape[1] * GROUP
+    _check(x, k)
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    rc = variant_library(variant).es_dot_int4_mm(
+        x.data_ptr(),
+        x.shape[0],
+        k,
+        codes.data_ptr(),
+        params.data_ptr(),
+        n,
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise MemoryError(f"the int4 kernel could not allocate its scratch for {x.shape[0]} rows")
+    return y
+
+
+def dot_int8_mm(variant: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (M, K) bf16 @ W.T -> (M, N) bf16 on kernel set `variant`, W packed by `pack_dot_int8` with bf16
+    row scales (N,)."""
+    k, n = codes.shape[1] * GROUP, scales.shape[0]
+    _check(x, k)
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    rc = variant_library(variant).es_dot_int8_mm(
+        x.data_ptr(),
+        x.shape[0],
+        k,
+        codes.data_ptr(),
+        scales.data_ptr(),
+        n,
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc:
+        raise MemoryError(f"the int8 kernel could not allocate its scratch for {x.shape[0]} rows")
     return y

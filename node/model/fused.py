@@ -6,8 +6,9 @@ torch ops at a few microseconds of dispatch each, more than the layer's matmuls 
 model; decode.c runs the whole layer stack without returning to Python. Decode rows take this path whatever
 else is in the batch, so a sequence's results never depend on what it is batched with.
 
-Used when the stage computes in bf16 and every projection is an AMX layer (node/amx.py): int4 and int8
-stages on CPUs with AMX. f32 and bf16 stages, and CPUs without AMX, keep the module path.
+Used when the stage computes in bf16 and every projection is a native layer of one kernel set: AMX
+(node/amx.py, decode.c) or the dot-product kernels of other CPUs (node/kernels.py, dot.c's
+es_decode_stage: the same call and struct). f32 and bf16 stages, and torch's kernels, keep the module path.
 """
 
 from __future__ import annotations
@@ -43,12 +44,15 @@ class _Layer(ctypes.Structure):
 
 
 def _linear(module) -> _Linear | None:
-    """The C view of an AMX layer, or None for any other kind of layer."""
+    """The C view of an AMX or dot-product layer, or None for any other kind of layer."""
     from edgeshard.node.lowbit.amx import AmxInt4Linear, AmxInt8Linear
+    from edgeshard.node.lowbit.kernels import DotInt4Linear, DotInt8Linear
 
     kinds = {
         AmxInt4Linear: (4, "params"),
         AmxInt8Linear: (8, "scales"),
+        DotInt4Linear: (4, "params"),
+        DotInt8Linear: (8, "scales"),
     }  # int4: fp16 params; int8: row scales
     if type(module) not in kinds:
         return None
@@ -72,27 +76,32 @@ def _shapes_supported(cfg) -> bool:
 class FusedDecode:
     """The C description of a stage's layers (pointers into its weights) and the call that runs them."""
 
-    def __init__(self, stage, layers: ctypes.Array, keep: list[torch.Tensor]) -> None:
+    def __init__(self, stage, layers: ctypes.Array, keep: list[torch.Tensor], kernel: str = "amx") -> None:
         self.stage, self.layers, self._keep = stage, layers, keep  # _keep: tensors the pointers point into
+        self.kernel, self._lib = kernel, native.variant_library(kernel)  # the kernel set of the layers
 
     @classmethod
     def build(cls, stage) -> FusedDecode | None:
         """For a loaded stage, or None when it cannot run fused (see the module docstring)."""
-        if stage.dtype != torch.bfloat16 or not native.available() or not len(stage.layers):
+        if stage.dtype != torch.bfloat16 or not len(stage.layers):
             return None
         if not _shapes_supported(stage.config):
             return None
-        layers, keep = [], []
+        layers, keep, kernels = [], [], set()
         for block in stage.layers.values():
             attn, mlp = block.self_attn, block.mlp
-            parts = [_linear(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            modules = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            parts = [_linear(m) for m in modules]
             if any(p is None for p in parts):
                 return None
+            kernels.update(m.kernel for m in modules)
             norms = [block.input_layernorm.weight.detach().float().contiguous(),
                      block.post_attention_layernorm.weight.detach().float().contiguous()]  # fmt: skip
             keep += norms
             layers.append(_Layer(*parts, norms[0].data_ptr(), norms[1].data_ptr()))
-        return cls(stage, (_Layer * len(layers))(*layers), keep)
+        if len(kernels) != 1:  # one call runs one library: layers built under different kernel sets
+            return None
+        return cls(stage, (_Layer * len(layers))(*layers), keep, kernels.pop())
 
     def run(
         self,
@@ -108,7 +117,7 @@ class FusedDecode:
         cfg, s = self.stage.config, x.shape[0]
         buffers = [c.reserve(p) for c, p in zip(caches, positions)]  # (layers, 2, Hkv, cap, hd) each
         arr = ctypes.c_int64 * s
-        rc = native.library().es_decode_stage(
+        rc = self._lib.es_decode_stage(
             self.layers, len(self.layers), s, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
             cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps, x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
             arr(*[b.data_ptr() for b in buffers]), arr(*[b.shape[3] for b in buffers]), arr(*positions),

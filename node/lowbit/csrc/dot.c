@@ -1,0 +1,805 @@
+/* Low-bit products and whole-stage decode on CPUs without AMX: x86 AVX2+FMA, AVX-512 (with or without VNNI),
+ * ARM NEON (with or without the dot-product instructions), and a plain C fallback. One source, compiled once
+ * per instruction set with explicit flags by node/native.py (never -march=native: a build cache shared by
+ * different CPUs must not hand one of them instructions it lacks); the ISA is chosen at run time.
+ *
+ * Why: torch's int4/int8 CPU kernels dequantize weights to float for every input row, which makes decode
+ * ~0.7x llama.cpp's speed, and their per-row arithmetic depends on how many rows are batched (a greedy
+ * answer changed with its batch). Here, as in llama.cpp, each input row is quantized to int8 per block of 32
+ * (a float scale dx and, for the int4 min term, the block's code sum), and weight codes are multiplied with
+ * those int8 codes by integer dot-product instructions (AVX-512 VNNI vpdpbusd, AVX2/AVX-512BW vpmaddubsw,
+ * NEON sdot or smull): within a block the sum is exact integer arithmetic. The per-block float terms are
+ * accumulated per output element in a fixed order, so an output depends only on its own row: a row gives
+ * bit-identical results alone or in a batch of any size, with any number of threads.
+ *
+ *   int4 (w = q * scale + min per 32):   y[n] = sum_b (scale[n,b] * dx_b) * isum[n,b] + min[n,b] * (dx_b * xsum_b)
+ *   int8 (w = q * rowscale[n]):          y[n] = rowscale[n] * sum_b dx_b * isum[n,b]
+ * with isum the exact integer dot product of block b's 32 weight codes and the row's 32 int8 codes.
+ *
+ * Weight layout (node/native.py pack_dot_int4 / pack_dot_int8), N padded to a multiple of 16, K % 32 == 0:
+ * 16 output rows x 32 inputs per block; inside a block, "k quad" kq = k / 4 (0..7), and the unpacked order is
+ * [kq][n 0..15][k % 4] (64 bytes per kq): one 512-bit vector, two 256-bit or four 128-bit vectors hold the
+ * 4 consecutive codes of 16 (8, 4) output rows, which is the operand shape of vpdpbusd / sdot with one
+ * 4-byte group of the input row broadcast.
+ *   int4 codes uint8 (N/16, K/32, 256): byte i of 64-byte chunk j (0..3) holds kq j's code i (low nibble)
+ *        and kq j+4's (high nibble); params float16 (N/16, K/32, 2, 16): scale, then min, of the 16 rows.
+ *   int8 codes int8 (N/16, K/32, 512) in the unpacked order; row scales bf16 (N,).
+ * Activations x bf16 (M, K), outputs y bf16 (M, N), rounded to nearest even.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define ES_ISA "avx512-vnni"
+#define ES_X86 512
+#define ES_VNNI 1
+#elif defined(__AVX512F__) && defined(__AVX512BW__)
+#define ES_ISA "avx512"
+#define ES_X86 512
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define ES_ISA "avx2"
+#define ES_X86 256
+#elif defined(__aarch64__) && defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
+#define ES_ISA "neon-dot"
+#define ES_NEON 1
+#define ES_SDOT 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#define ES_ISA "neon"
+#define ES_NEON 1
+#else
+#define ES_ISA "generic"
+#endif
+
+#if defined(ES_X86)
+#include <immintrin.h>
+#elif defined(ES_NEON)
+#include <arm_neon.h>
+#endif
+
+/* ---- scalar helpers (fixed rounding; the build uses -ffp-contract=off so a*b+c is never fused silently) -- */
+
+static inline float bf16_f(uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f_bf16(float f) { /* round to nearest even, NaN stays NaN (as torch) */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f16_f(uint16_t h) { /* IEEE half -> float, exact (subnormals, inf, NaN) */
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 0x3ffu;
+    uint32_t u;
+    if (e == 31) u = sign | 0x7f800000u | (m << 13);
+    else if (e) u = sign | ((e + 112u) << 23) | (m << 13);
+    else { /* zero or subnormal: m * 2^-24 */
+        float f = (float)m * 5.9604644775390625e-8f;
+        memcpy(&u, &f, sizeof u);
+        u |= sign;
+    }
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* ---- input rows -> int8 per block of 32 ------------------------------------------------------------------ */
+
+/* Row x (K bf16) -> q (K int8), d[b] = amax_b / 127, s[b] = d[b] * sum_k q (llama.cpp's Q8_1 fields). */
+static void quantize_row(const uint16_t *x, int64_t K, int8_t *q, float *d, float *s) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        float v[32], amax = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            v[i] = bf16_f(x[32 * b + i]);
+            const float a = fabsf(v[i]);
+            amax = a > amax ? a : amax;
+        }
+        const float dd = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < 32; i++) {
+            float r = nearbyintf(v[i] * id);
+            r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+            q[32 * b + i] = (int8_t)r;
+            sum += (int)r;
+        }
+        d[b] = dd, s[b] = dd * (float)sum;
+    }
+}
+
+/* ---- one block of 16 output rows x all K, for one input row: out[16] ------------------------------------- */
+
+static inline int32_t quad(const int8_t *p) { /* 4 input codes as one 32-bit word (broadcast operand) */
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Weights stream from DRAM once per token (a stage's weights do not fit the caches): ask for the lines
+ * PREFETCH bytes ahead of the current block, in both streams (codes and parameters). */
+#define PREFETCH 1024
+#if defined(ES_X86)
+#define prefetch(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+#elif defined(__GNUC__)
+#define prefetch(p) __builtin_prefetch((p), 0, 3)
+#else
+#define prefetch(p) ((void)(p))
+#endif
+
+#if ES_X86 == 512
+static void int4_row(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq,
+                     const float *xd, const float *xs, float *out) {
+    const __m512i low4 = _mm512_set1_epi8(15);
+#ifndef ES_VNNI
+    const __m512i ones = _mm512_set1_epi16(1);
+#endif
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *c = codes + g * 256;
+        const int8_t *x = xq + g * 32;
+        prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128), prefetch(c + PREFETCH + 192);
+        prefetch(params + g * 32 + PREFETCH / 4);
+#ifdef ES_VNNI
+        __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(c + 64 * j));
+            const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            s0 = _mm512_dpbusd_epi32(s0, lo, _mm512_set1_epi32(quad(x + 4 * j)));
+            s1 = _mm512_dpbusd_epi32(s1, hi, _mm512_set1_epi32(quad(x + 16 + 4 * j)));
+        }
+        const __m512i isum = _mm512_add_epi32(s0, s1);
+#else /* u8 x s8 pairs into int16: 16 products of <= 15 * 127 per lane stay below 2^15 */
+        __m512i s16 = _mm512_setzero_si512();
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(c + 64 * j));
+            const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            s16 = _mm512_add_epi16(s16, _mm512_maddubs_epi16(lo, _mm512_set1_epi32(quad(x + 4 * j))));
+            s16 = _mm512_add_epi16(s16, _mm512_maddubs_epi16(hi, _mm512_set1_epi32(quad(x + 16 + 4 * j))));
+        }
+        const __m512i isum = _mm512_madd_epi16(s16, ones);
+#endif
+        const uint16_t *p = params + g * 32;
+        const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        const __m512 minv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 16)));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(scale, _mm512_set1_ps(xd[g])), acc);
+        acc = _mm512_fmadd_ps(minv, _mm512_set1_ps(xs[g]), acc);
+    }
+    _mm512_storeu_ps(out, acc);
+}
+
+static void int8_row(const int8_t *codes, int64_t groups, const int8_t *xq, const float *xd, float *out) {
+    const __m512i zero = _mm512_setzero_si512();
+#ifndef ES_VNNI
+    const __m512i ones = _mm512_set1_epi16(1);
+#endif
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const int8_t *c = codes + g * 512;
+        const int8_t *x = xq + g * 32;
+        for (int line = 0; line < 512; line += 64) prefetch(c + 2 * PREFETCH + line);
+        __m512i s0 = zero, s1 = zero;
+        for (int kq = 0; kq < 8; kq += 2) { /* |w| (u8) times x with w's sign: exact, no saturation */
+            const __m512i w0 = _mm512_loadu_si512((const void *)(c + 64 * kq));
+            const __m512i w1 = _mm512_loadu_si512((const void *)(c + 64 * kq + 64));
+            const __m512i x0 = _mm512_set1_epi32(quad(x + 4 * kq)), x1 = _mm512_set1_epi32(quad(x + 4 * kq + 4));
+            const __m512i a0 = _mm512_abs_epi8(w0), a1 = _mm512_abs_epi8(w1);
+            const __m512i b0 = _mm512_mask_sub_epi8(x0, _mm512_movepi8_mask(w0), zero, x0);
+            const __m512i b1 = _mm512_mask_sub_epi8(x1, _mm512_movepi8_mask(w1), zero, x1);
+#ifdef ES_VNNI
+            s0 = _mm512_dpbusd_epi32(s0, a0, b0);
+            s1 = _mm512_dpbusd_epi32(s1, a1, b1);
+#else
+            s0 = _mm512_add_epi32(s0, _mm512_madd_epi16(_mm512_maddubs_epi16(a0, b0), ones));
+            s1 = _mm512_add_epi32(s1, _mm512_madd_epi16(_mm512_maddubs_epi16(a1, b1), ones));
+#endif
+        }
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), _mm512_set1_ps(xd[g]), acc);
+    }
+    _mm512_storeu_ps(out, acc);
+}
+
+/* int4_row for 4 input rows at once (row r at xq + r * K, its scales at xd/xs + r * groups): the weight
+ * nibbles are expanded once for the four; every output gets exactly int4_row's operations. */
+#define ES_ROWS4 1
+static void int4_rows4(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq, int64_t K,
+                       const float *xd, const float *xs, float out[4][16]) {
+    const __m512i low4 = _mm512_set1_epi8(15);
+#ifndef ES_VNNI
+    const __m512i ones = _mm512_set1_epi16(1);
+#endif
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *c = codes + g * 256;
+        prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128), prefetch(c + PREFETCH + 192);
+        prefetch(params + g * 32 + PREFETCH / 4);
+        __m512i s[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        for (int j = 0; j < 4; j++) {
+            const __m512i v = _mm512_loadu_si512((const void *)(c + 64 * j));
+            const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+            for (int r = 0; r < 4; r++) {
+                const int8_t *x = xq + r * K + g * 32;
+#ifdef ES_VNNI
+                s[r] = _mm512_dpbusd_epi32(s[r], lo, _mm512_set1_epi32(quad(x + 4 * j)));
+                s[r] = _mm512_dpbusd_epi32(s[r], hi, _mm512_set1_epi32(quad(x + 16 + 4 * j)));
+#else
+                s[r] = _mm512_add_epi16(s[r], _mm512_maddubs_epi16(lo, _mm512_set1_epi32(quad(x + 4 * j))));
+                s[r] = _mm512_add_epi16(s[r], _mm512_maddubs_epi16(hi, _mm512_set1_epi32(quad(x + 16 + 4 * j))));
+#endif
+            }
+        }
+        const uint16_t *p = params + g * 32;
+        const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
+        const __m512 minv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 16)));
+        for (int r = 0; r < 4; r++) {
+#ifdef ES_VNNI
+            const __m512i isum = s[r];
+#else
+            const __m512i isum = _mm512_madd_epi16(s[r], ones);
+#endif
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(scale, _mm512_set1_ps(xd[r * groups + g])), acc[r]);
+            acc[r] = _mm512_fmadd_ps(minv, _mm512_set1_ps(xs[r * groups + g]), acc[r]);
+        }
+    }
+    for (int r = 0; r < 4; r++) _mm512_storeu_ps(out[r], acc[r]);
+}
+
+#elif ES_X86 == 256
+static void int4_row(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq,
+                     const float *xd, const float *xs, float *out) {
+    const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *c = codes + g * 256;
+        const int8_t *x = xq + g * 32;
+        prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128), prefetch(c + PREFETCH + 192);
+        prefetch(params + g * 32 + PREFETCH / 4);
+        /* rows 0-7 and 8-15 of the block: u8 x s8 pairs into int16 (16 products <= 15 * 127 per lane) */
+        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i xl = _mm256_set1_epi32(quad(x + 4 * j)), xh = _mm256_set1_epi32(quad(x + 16 + 4 * j));
+            const __m256i v0 = _mm256_loadu_si256((const __m256i *)(c + 64 * j));
+            const __m256i v1 = _mm256_loadu_si256((const __m256i *)(c + 64 * j + 32));
+            const __m256i h0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low4);
+            const __m256i h1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low4);
+            s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(v0, low4), xl));
+            s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(_mm256_and_si256(v1, low4), xl));
+            s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(h0, xh));
+            s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(h1, xh));
+        }
+        const uint16_t *p = params + g * 32;
+        const __m256 dx = _mm256_set1_ps(xd[g]), sx = _mm256_set1_ps(xs[g]);
+        const __m256 sc0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+        const __m256 sc1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8)));
+        const __m256 mn0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+        const __m256 mn1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 24)));
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s0, ones)), _mm256_mul_ps(sc0, dx), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(s1, ones)), _mm256_mul_ps(sc1, dx), acc1);
+        acc0 = _mm256_fmadd_ps(mn0, sx, acc0);
+        acc1 = _mm256_fmadd_ps(mn1, sx, acc1);
+    }
+    _mm256_storeu_ps(out, acc0);
+    _mm256_storeu_ps(out + 8, acc1);
+}
+
+static void int8_row(const int8_t *codes, int64_t groups, const int8_t *xq, const float *xd, float *out) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const int8_t *c = codes + g * 512;
+        const int8_t *x = xq + g * 32;
+        for (int line = 0; line < 512; line += 64) prefetch(c + 2 * PREFETCH + line);
+        __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+        for (int kq = 0; kq < 8; kq++) { /* |w| (u8) times x with w's sign: pairs <= 2 * 127^2, no saturation */
+            const __m256i xb = _mm256_set1_epi32(quad(x + 4 * kq));
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)(c + 64 * kq));
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(c + 64 * kq + 32));
+            const __m256i p0 = _mm256_maddubs_epi16(_mm256_abs_epi8(w0), _mm256_sign_epi8(xb, w0));
+            const __m256i p1 = _mm256_maddubs_epi16(_mm256_abs_epi8(w1), _mm256_sign_epi8(xb, w1));
+            s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(p0, ones));
+            s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(p1, ones));
+        }
+        const __m256 dx = _mm256_set1_ps(xd[g]);
+        acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s0), dx, acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s1), dx, acc1);
+    }
+    _mm256_storeu_ps(out, acc0);
+    _mm256_storeu_ps(out + 8, acc1);
+}
+
+/* int4_row for 4 input rows at once (see the AVX-512 version): one 8-row half of the block at a time, so
+ * the four rows' sums and accumulators stay in the 16 registers. */
+#define ES_ROWS4 1
+static void int4_rows4(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq, int64_t K,
+                       const float *xd, const float *xs, float out[4][16]) {
+    const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    for (int h = 0; h < 2; h++) {
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *c = codes + g * 256 + 32 * h;
+            prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128), prefetch(c + PREFETCH + 192);
+            prefetch(params + g * 32 + PREFETCH / 4);
+            __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+            for (int j = 0; j < 4; j++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * j));
+                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                for (int r = 0; r < 4; r++) {
+                    const int8_t *x = xq + r * K + g * 32;
+                    s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(x + 4 * j))));
+                    s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(x + 16 + 4 * j))));
+                }
+            }
+            const uint16_t *p = params + g * 32 + 8 * h;
+            const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+            const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+            for (int r = 0; r < 4; r++) {
+                const __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], ones));
+                acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(sc, _mm256_set1_ps(xd[r * groups + g])), acc[r]);
+                acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs[r * groups + g]), acc[r]);
+            }
+        }
+        for (int r = 0; r < 4; r++) _mm256_storeu_ps(out[r] + 8 * h, acc[r]);
+    }
+}
+
+#elif defined(ES_NEON)
+#ifdef ES_SDOT
+#define DOT_LANE(acc, w, xv, lane) vdotq_laneq_s32(acc, w, xv, lane)
+#else
+/* sdot emulated: 4 rows x 4 codes of w times the 4 codes in lane `lane` of xv, added to the 4 int32 of acc.
+ * Products fit int16 (<= 127^2) and so do pair sums (<= 2 * 127^2); vpadalq widens to int32. */
+static inline int32x4_t dot_lane_emul(int32x4_t acc, int8x16_t w, int8x16_t xq4) {
+    const int16x8_t p0 = vmull_s8(vget_low_s8(w), vget_low_s8(xq4)), p1 = vmull_high_s8(w, xq4);
+    return vpadalq_s16(acc, vpaddq_s16(p0, p1));
+}
+#define DOT_LANE(acc, w, xv, lane) \
+    dot_lane_emul(acc, w, vreinterpretq_s8_s32(vdupq_laneq_s32(vreinterpretq_s32_s8(xv), lane)))
+#endif
+
+static inline float32x4_t f16x4(const uint16_t *p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+
+static void int4_row(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq,
+                     const float *xd, const float *xs, float *out) {
+    const uint8x16_t low4 = vdupq_n_u8(15);
+    float32x4_t acc[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *c = codes + g * 256;
+        prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128), prefetch(c + PREFETCH + 192);
+        prefetch(params + g * 32 + PREFETCH / 4);
+        const int8x16_t xa = vld1q_s8(xq + g * 32), xb = vld1q_s8(xq + g * 32 + 16); /* kq 0-3, 4-7 */
+        int32x4_t s[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+#define INT4_CHUNK(j)                                                                   \
+    for (int i = 0; i < 4; i++) { /* rows 4i..4i+3 */                                    \
+        const uint8x16_t v = vld1q_u8(c + 64 * (j) + 16 * i);                           \
+        s[i] = DOT_LANE(s[i], vreinterpretq_s8_u8(vandq_u8(v, low4)), xa, j);           \
+        s[i] = DOT_LANE(s[i], vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), xb, j);            \
+    }
+        INT4_CHUNK(0)
+        INT4_CHUNK(1)
+        INT4_CHUNK(2)
+        INT4_CHUNK(3)
+#undef INT4_CHUNK
+        const uint16_t *p = params + g * 32;
+        for (int i = 0; i < 4; i++) {
+            acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(s[i]), vmulq_n_f32(f16x4(p + 4 * i), xd[g]));
+            acc[i] = vfmaq_f32(acc[i], f16x4(p + 16 + 4 * i), vdupq_n_f32(xs[g]));
+        }
+    }
+    for (int i = 0; i < 4; i++) vst1q_f32(out + 4 * i, acc[i]);
+}
+
+static void int8_row(const int8_t *codes, int64_t groups, const int8_t *xq, const float *xd, float *out) {
+    float32x4_t acc[4] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)};
+    for (int64_t g = 0; g < groups; g++) {
+        const int8_t *c = codes + g * 512;
+        for (int line = 0; line < 512; line += 64) prefetch(c + 2 * PREFETCH + line);
+        const int8x16_t xa = vld1q_s8(xq + g * 32), xb = vld1q_s8(xq + g * 32 + 16);
+        int32x4_t s[4] = {vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0), vdupq_n_s32(0)};
+#define INT8_KQ(kq, xv, lane) \
+    for (int i = 0; i < 4; i++) s[i] = DOT_LANE(s[i], vld1q_s8(c + 64 * (kq) + 16 * i), xv, lane);
+        INT8_KQ(0, xa, 0)
+        INT8_KQ(1, xa, 1)
+        INT8_KQ(2, xa, 2)
+        INT8_KQ(3, xa, 3)
+        INT8_KQ(4, xb, 0)
+        INT8_KQ(5, xb, 1)
+        INT8_KQ(6, xb, 2)
+        INT8_KQ(7, xb, 3)
+#undef INT8_KQ
+        for (int i = 0; i < 4; i++) acc[i] = vfmaq_f32(acc[i], vcvtq_f32_s32(s[i]), vdupq_n_f32(xd[g]));
+    }
+    for (int i = 0; i < 4; i++) vst1q_f32(out + 4 * i, acc[i]);
+}
+
+#else /* plain C: the same arithmetic, one output row at a time (a reference, and for other CPUs) */
+static void int4_row(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq,
+                     const float *xd, const float *xs, float *out) {
+    for (int n = 0; n < 16; n++) {
+        float acc = 0.0f;
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *c = codes + g * 256;
+            const int8_t *x = xq + g * 32;
+            int32_t isum = 0;
+            for (int j = 0; j < 4; j++)
+                for (int e = 0; e < 4; e++) {
+                    const uint8_t byte = c[64 * j + 4 * n + e];
+                    isum += (byte & 15) * x[4 * j + e] + (byte >> 4) * x[16 + 4 * j + e];
+                }
+            const uint16_t *p = params + g * 32;
+            acc = fmaf((float)isum, f16_f(p[n]) * xd[g], acc);
+            acc = fmaf(f16_f(p[16 + n]), xs[g], acc);
+        }
+        out[n] = acc;
+    }
+}
+
+static void int8_row(const int8_t *codes, int64_t groups, const int8_t *xq, const float *xd, float *out) {
+    for (int n = 0; n < 16; n++) {
+        float acc = 0.0f;
+        for (int64_t g = 0; g < groups; g++) {
+            int32_t isum = 0;
+            for (int kq = 0; kq < 8; kq++)
+                for (int e = 0; e < 4; e++) isum += codes[g * 512 + 64 * kq + 4 * n + e] * xq[g * 32 + 4 * kq + e];
+            acc = fmaf((float)isum, xd[g], acc);
+        }
+        out[n] = acc;
+    }
+}
+#endif
+
+/* ---- y = x @ W.T over a range of 16-row blocks ------------------------------------------------------------ */
+
+typedef struct {
+    int8_t *q;     /* (M, K) int8 codes of the input rows */
+    float *d, *s;  /* (M, K/32): block scale, and scale * code sum */
+} qrows;
+
+/* One output row's 16 values of block nb -> bf16 y (int8: times the row scales; bias as the layers add it:
+ * bf16 output + bf16 bias, rounded again). */
+static inline void store_row(const float *out, int64_t valid, const uint16_t *scales, const uint16_t *bias, int64_t n0,
+                             uint16_t *dst) {
+    for (int64_t i = 0; i < valid; i++) {
+        const float v = scales ? out[i] * bf16_f(scales[n0 + i]) : out[i];
+        dst[i] = bias ? f_bf16(bf16_f(f_bf16(v)) + bf16_f(bias[n0 + i])) : f_bf16(v);
+    }
+}
+
+/* Output blocks [b0, b1) for M quantized rows; int8 weights when `scales` is set. */
+static void mm_blocks(const qrows *xr, int64_t M, int64_t K, const void *codes, const uint16_t *params,
+                      const uint16_t *scales, const uint16_t *bias, int64_t N, uint16_t *y, int64_t b0, int64_t b1) {
+    const int64_t groups = K / 32;
+    for (int64_t nb = b0; nb < b1; nb++) {
+        const int64_t n0 = nb * 16, valid = N - n0 < 16 ? N - n0 : 16;
+        int64_t m = 0;
+#ifdef ES_ROWS4
+        for (; !scales && m + 4 <= M; m += 4) { /* int4, 4 rows per pass: the same operations per output */
+            float out[4][16];
+            int4_rows4((const uint8_t *)codes + nb * groups * 256, params + nb * groups * 32, groups, xr->q + m * K,
+                       K, xr->d + m * groups, xr->s + m * groups, out);
+            for (int r = 0; r < 4; r++) store_row(out[r], valid, 0, bias, n0, y + (m + r) * N + n0);
+        }
+#endif
+        for (; m < M; m++) { /* the block's weights stay in L1 across the rows */
+            float out[16];
+            if (scales)
+                int8_row((const int8_t *)codes + nb * groups * 512, groups, xr->q + m * K, xr->d + m * groups, out);
+            else
+                int4_row((const uint8_t *)codes + nb * groups * 256, params + nb * groups * 32, groups,
+                         xr->q + m * K, xr->d + m * groups, xr->s + m * groups, out);
+            store_row(out, valid, scales, bias, n0, y + m * N + n0);
+        }
+    }
+}
+
+static int qrows_alloc(qrows *r, int64_t M, int64_t K) {
+    r->q = malloc((size_t)(M * K));
+    r->d = malloc((size_t)(M * (K / 32)) * sizeof(float));
+    r->s = malloc((size_t)(M * (K / 32)) * sizeof(float));
+    return r->q && r->d && r->s ? 0 : -1;
+}
+
+static void qrows_free(qrows *r) { free(r->q), free(r->d), free(r->s); }
+
+/* Threads worth using for a product of M rows by N x K weights: an OpenMP fork/join costs a few us. */
+static int useful_threads(int threads, int64_t M, int64_t N, int64_t K) {
+    return threads > 1 && M * N * K >= (1 << 17) ? threads : 1;
+}
+
+static int mm(const uint16_t *x, int64_t M, int64_t K, const void *codes, const uint16_t *params,
+              const uint16_t *scales, int64_t N, uint16_t *y, int threads) {
+    qrows xr;
+    if (qrows_alloc(&xr, M, K)) {
+        qrows_free(&xr);
+        return -1;
+    }
+    for (int64_t m = 0; m < M; m++) quantize_row(x + m * K, K, xr.q + m * K, xr.d + m * (K / 32), xr.s + m * (K / 32));
+    const int64_t blocks = (N + 15) / 16;
+    const int nt = useful_threads(threads, M, N, K);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    { /* a contiguous slice of blocks per thread; each element's arithmetic is the serial path's */
+#ifdef _OPENMP
+        const int t = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+        const int t = 0, n = 1;
+        (void)nt;
+#endif
+        mm_blocks(&xr, M, K, codes, params, scales, 0, N, y, blocks * t / n, blocks * (t + 1) / n);
+    }
+    qrows_free(&xr);
+    return 0;
+}
+
+/* The instruction set this library was built for ("avx512-vnni", "avx512", "avx2", "neon-dot", "neon",
+ * "generic"): node/native.py checks it against the variant it asked for. */
+const char *es_dot_isa(void) { return ES_ISA; }
+
+/* y (M, N) bf16 = x (M, K) bf16 @ W.T, W int4 packed by pack_dot_int4. Returns 0, or -1 (no memory). */
+int es_dot_int4_mm(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *params,
+                   int64_t N, uint16_t *y, int threads) {
+    return mm(x, M, K, codes, params, 0, N, y, threads);
+}
+
+/* y (M, N) bf16 = x (M, K) bf16 @ W.T, W int8 packed by pack_dot_int8 with bf16 row scales. 0 or -1. */
+int es_dot_int8_mm(const uint16_t *x, int64_t M, int64_t K, const int8_t *codes, const uint16_t *scales,
+                   int64_t N, uint16_t *y, int threads) {
+    return mm(x, M, K, codes, 0, scales, N, y, threads);
+}
+
+/* ---- whole-stage decode (node/fused.py), the same call and numerics as decode.c's AMX version ------------ *
+ * Vector loops below are plain C over 16 independent lanes, which the compiler turns into the ISA's vectors
+ * without reassociating anything: each result is the same whatever the batch and thread count. */
+
+typedef struct {
+    int64_t kind;            /* 4: int4 (codes, fp16 params), 8: int8 (codes, bf16 row scales) */
+    const void *codes;
+    const uint16_t *params;  /* int4 params or int8 scales */
+    const uint16_t *bias;    /* bf16 (N,) or NULL */
+    int64_t n, k;
+} es_linear;
+
+typedef struct {
+    es_linear qkv, o, gate_up, down;
+    const float *norm1, *norm2;
+} es_layer;
+
+static inline float sum16(const float *p) { /* fixed pairwise order */
+    float a[8];
+    for (int i = 0; i < 8; i++) a[i] = p[i] + p[i + 8];
+    for (int i = 0; i < 4; i++) a[i] = a[i] + a[i + 4];
+    return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+/* exp(x) as 2^n * p(f), |rel err| < 2e-7 (decode.c's exp_ps); x < -87 gives exp(-87). Branch-free and
+ * without library calls, so loops over it vectorize: n = round-to-nearest-even(t) by adding and removing
+ * 1.5 * 2^23 (exact for |t| < 2^22; the build never reassociates), and 2^n from n's integer bits. */
+static inline float exp_approx(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float t = x * 1.44269504088896341f, z = t + 12582912.0f, n = z - 12582912.0f;
+    const float r = (t - n) * 0.693147180559945f;
+    float p = 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int32_t zi;
+    memcpy(&zi, &z, sizeof zi); /* z's mantissa holds n + 2^22 */
+    const int32_t bits = (zi - 0x4B400000 + 127) * (1 << 23);
+    float two;
+    memcpy(&two, &bits, sizeof two);
+    return p * two;
+}
+
+/* out (bf16, D) = x / sqrt(mean(x^2) + eps) * w, in float32 (D % 16 == 0) */
+static void rms_norm(const float *x, const float *w, int64_t D, float eps, uint16_t *out) {
+    float acc[16] = {0};
+    for (int64_t d = 0; d < D; d += 16)
+        for (int l = 0; l < 16; l++) acc[l] += x[d + l] * x[d + l];
+    const float r = 1.0f / sqrtf(sum16(acc) / (float)D + eps);
+    for (int64_t d = 0; d < D; d++) out[d] = f_bf16(x[d] * r * w[d]);
+}
+
+/* q and k heads of one row, in place: v * cos + roll(v, hd/2) * signed_sin (model.apply_rotary). */
+static void rotary(uint16_t *heads, int64_t count, int64_t hd, const uint16_t *cos, const uint16_t *ssin) {
+    float c[256], s[256], v[256];
+    for (int64_t i = 0; i < hd; i++) c[i] = bf16_f(cos[i]), s[i] = bf16_f(ssin[i]);
+    for (int64_t h = 0; h < count; h++) {
+        uint16_t *p = heads + h * hd;
+        for (int64_t i = 0; i < hd; i++) v[i] = bf16_f(p[i]);
+        for (int64_t i = 0; i < hd; i++) p[i] = f_bf16(v[i] * c[i] + v[(i + hd / 2) % hd] * s[i]);
+    }
+}
+
+/* sum_d a[d] * b[d] over hd (a multiple of 32) floats, in one fixed order per build */
+static inline float dot_f32(const float *a, const float *b, int64_t hd) {
+#if ES_X86 == 512
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), _mm512_loadu_ps(b + d + 16), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+#elif ES_X86 == 256
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
+    }
+    const __m256 s = _mm256_add_ps(s0, s1);
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
+#elif defined(ES_NEON)
+    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = vdupq_n_f32(0.0f);
+    for (int64_t d = 0; d < hd; d += 8) {
+        s0 = vfmaq_f32(s0, vld1q_f32(a + d), vld1q_f32(b + d));
+        s1 = vfmaq_f32(s1, vld1q_f32(a + d + 4), vld1q_f32(b + d + 4));
+    }
+    return vaddvq_f32(vaddq_f32(s0, s1));
+#else
+    float part[16] = {0};
+    for (int64_t d = 0; d < hd; d += 16)
+        for (int l = 0; l < 16; l++) part[l] += a[d + l] * b[d + l];
+    return sum16(part);
+#endif
+}
+
+#define ATT_MAX_GROUP 16 /* query heads per kv head */
+
+/* Attend `group` query heads q (group, hd) bf16 to keys/values (len, hd) bf16; out (group, hd) bf16.
+ * scores: float scratch of group * len. Each key and value row is converted to float once for all the
+ * group's heads; a score is a 16-lane partial dot product summed in a fixed order. */
+static void attend_group(const uint16_t *q, int64_t group, int64_t hd, const uint16_t *k, const uint16_t *v,
+                         int64_t len, float scale, float *scores, uint16_t *out) {
+    float qf[ATT_MAX_GROUP][256], row[256], acc[ATT_MAX_GROUP][256];
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t d = 0; d < hd; d++) qf[h][d] = bf16_f(q[h * hd + d]);
+    for (int64_t j = 0; j < len; j++) {
+        const uint16_t *kj = k + j * hd;
+        for (int64_t d = 0; d < hd; d++) row[d] = bf16_f(kj[d]);
+        for (int64_t h = 0; h < group; h++) {
+            scores[h * len + j] = dot_f32(qf[h], row, hd) * scale;
+        }
+    }
+    for (int64_t h = 0; h < group; h++) { /* softmax in place */
+        float *sc = scores + h * len, mx = -INFINITY, tot[16] = {0};
+        for (int64_t j = 0; j < len; j++) mx = sc[j] > mx ? sc[j] : mx;
+        int64_t j = 0;
+        for (; j + 16 <= len; j += 16)
+            for (int l = 0; l < 16; l++) {
+                sc[j + l] = exp_approx(sc[j + l] - mx);
+                tot[l] += sc[j + l];
+            }
+        for (int l = 0; j + l < len; l++) {
+            sc[j + l] = exp_approx(sc[j + l] - mx);
+            tot[l] += sc[j + l];
+        }
+        const float inv = 1.0f / sum16(tot);
+        for (j = 0; j < len; j++) sc[j] *= inv;
+        for (int64_t d = 0; d < hd; d++) acc[h][d] = 0.0f;
+    }
+    for (int64_t j = 0; j < len; j++) { /* out = P V */
+        const uint16_t *vj = v + j * hd;
+        for (int64_t d = 0; d < hd; d++) row[d] = bf16_f(vj[d]);
+        for (int64_t h = 0; h < group; h++) {
+            const float p = scores[h * len + j];
+            for (int64_t d = 0; d < hd; d++) acc[h][d] += p * row[d];
+        }
+    }
+    for (int64_t h = 0; h < group; h++)
+        for (int64_t d = 0; d < hd; d++) out[h * hd + d] = f_bf16(acc[h][d]);
+}
+
+/* act (bf16, F) = silu(g) * u for gu = [g | u] (bf16, 2F) */
+static void silu_mul(const uint16_t *gu, int64_t F, uint16_t *act) {
+    for (int64_t j = 0; j < F; j++) {
+        const float g = bf16_f(gu[j]), u = bf16_f(gu[F + j]);
+        act[j] = f_bf16(g / (1.0f + exp_approx(-g)) * u);
+    }
+}
+
+#define MAX2(a, b) ((a) > (b) ? (a) : (b))
+
+/* The per-thread slice of a linear layer on quantized rows xr (every thread calls it, then a barrier). */
+static void linear_slice(const es_linear *l, const qrows *xr, int64_t M, uint16_t *y, int t, int nt) {
+    const int64_t blocks = (l->n + 15) / 16;
+    mm_blocks(xr, M, l->k, l->codes, l->kind == 8 ? 0 : l->params, l->kind == 8 ? l->params : 0, l->bias, l->n, y,
+              blocks * t / nt, blocks * (t + 1) / nt);
+}
+
+/* Run `layers` decoder layers for S decode rows (see decode.c for the arguments). One OpenMP team for the
+ * whole call: matmuls split their output blocks over the threads, rows and attention heads are split for
+ * the rest, with a barrier between steps; no thread split changes any element's arithmetic. Returns 0, or -1
+ * (no memory, or shapes outside this code's range: the caller runs the module path). */
+int es_decode_stage(const es_layer *layer_weights, int64_t layers, int64_t S, int64_t D, int64_t H,
+                    int64_t Hkv, int64_t hd, int64_t F, float eps, float *x, const uint16_t *cos,
+                    const uint16_t *ssin, const int64_t *kv, const int64_t *cap, const int64_t *pos, int threads) {
+    const int64_t group = H / Hkv, qkv_n = (H + 2 * Hkv) * hd;
+    if (H % Hkv || group > ATT_MAX_GROUP || hd % 32 || hd > 256 || D % 32 || F % 32) return -1;
+    int64_t longest = 0;
+    for (int64_t s = 0; s < S; s++) longest = MAX2(longest, pos[s] + 1);
+    const int64_t narrow = MAX2(MAX2(D, F), H * hd), widest = MAX2(MAX2(qkv_n, 2 * F), D);
+    int nt = threads < 1 ? 1 : threads;
+    uint16_t *h = malloc(S * narrow * 2), *wide = malloc(S * widest * 2), *att = malloc(S * H * hd * 2);
+    float *scores = malloc(nt * group * longest * sizeof(float));
+    qrows xr;
+    int rc = qrows_alloc(&xr, S, narrow) || !h || !wide || !att || !scores ? -1 : 0;
+    if (rc == 0) {
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+#ifdef _OPENMP
+            const int t = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+            const int t = 0, n = 1;
+#endif
+            const float scale = 1.0f / sqrtf((float)hd);
+            for (int64_t l = 0; l < layers; l++) {
+                const es_layer *w = layer_weights + l;
+                const int64_t DB = D / 32, FB = F / 32, AB = H * hd / 32;
+                for (int64_t s = t; s < S; s += n) {
+                    rms_norm(x + s * D, w->norm1, D, eps, h + s * D);
+                    quantize_row(h + s * D, D, xr.q + s * D, xr.d + s * DB, xr.s + s * DB);
+                }
+#pragma omp barrier
+                linear_slice(&w->qkv, &xr, S, wide, t, n); /* (S, (H + 2Hkv) * hd) */
+#pragma omp barrier
+                for (int64_t s = t; s < S; s += n) {
+                    uint16_t *row = wide + s * qkv_n;
+                    rotary(row, H + Hkv, hd, cos + s * hd, ssin + s * hd);
+                    uint16_t *kc = (uint16_t *)kv[s] + l * 2 * Hkv * cap[s] * hd, *vc = kc + Hkv * cap[s] * hd;
+                    for (int64_t g = 0; g < Hkv; g++) {
+                        memcpy(kc + (g * cap[s] + pos[s]) * hd, row + (H + g) * hd, hd * 2);
+                        memcpy(vc + (g * cap[s] + pos[s]) * hd, row + (H + Hkv + g) * hd, hd * 2);
+                    }
+                }
+#pragma omp barrier
+                for (int64_t item = t; item < S * Hkv; item += n) {
+                    const int64_t s = item / Hkv, g = item % Hkv;
+                    const uint16_t *kc = (const uint16_t *)kv[s] + l * 2 * Hkv * cap[s] * hd;
+                    const uint16_t *vc = kc + Hkv * cap[s] * hd;
+                    attend_group(wide + s * qkv_n + g * group * hd, group, hd, kc + g * cap[s] * hd,
+                                 vc + g * cap[s] * hd, pos[s] + 1, scale, scores + t * group * longest,
+                                 att + (s * H + g * group) * hd);
+                }
+#pragma omp barrier
+                for (int64_t s = t; s < S; s += n)
+                    quantize_row(att + s * H * hd, H * hd, xr.q + s * H * hd, xr.d + s * AB, xr.s + s * AB);
+#pragma omp barrier
+                linear_slice(&w->o, &xr, S, h, t, n); /* (S, D) */
+#pragma omp barrier
+                for (int64_t s = t; s < S; s += n) {
+                    for (int64_t d = 0; d < D; d++) x[s * D + d] += bf16_f(h[s * D + d]);
+                    rms_norm(x + s * D, w->norm2, D, eps, h + s * D);
+                    quantize_row(h + s * D, D, xr.q + s * D, xr.d + s * DB, xr.s + s * DB);
+                }
+#pragma omp barrier
+                linear_slice(&w->gate_up, &xr, S, wide, t, n); /* (S, 2F) */
+#pragma omp barrier
+                for (int64_t s = t; s < S; s += n) {
+                    silu_mul(wide + s * 2 * F, F, h + s * F);
+                    quantize_row(h + s * F, F, xr.q + s * F, xr.d + s * FB, xr.s + s * FB);
+                }
+#pragma omp barrier
+                linear_slice(&w->down, &xr, S, wide, t, n); /* (S, D) */
+#pragma omp barrier
+                for (int64_t s = t; s < S; s += n)
+                    for (int64_t d = 0; d < D; d++) x[s * D + d] += bf16_f(wide[s * D + d]);
+                /* the next layer's first step works on the same rows per thread: no barrier needed */
+            }
+        }
+    }
+    qrows_free(&xr);
+    free(h), free(wide), free(att), free(scores);
+    return rc;
+}
