@@ -9,16 +9,18 @@ Two families, one chosen per process at first use (`kernel_set()`):
   (Raspberry Pi 4). Input rows are quantized to int8 per 32 and multiplied with the weight codes by
   integer dot products, as llama.cpp does; see dot.c for why and for the layout (node/kernels.py's layers).
 
-Each variant is compiled from the same source with explicit ISA flags (never -march=native, so a build
-cache shared by different CPUs never hands one of them an instruction it lacks) on first use (about a
-second) into `$EDGESHARD_HOME/kernels` (default `~/.cache/edgeshard/kernels`), keyed by source, flags and
-machine, and picked at run time from the CPU's features. The libraries link OpenMP by soname only, so they
-share torch's runtime and thread pool.
+Each variant is compiled from the same source with explicit ISA flags (never -march=native: one install
+serves every CPU of its architecture, and none is handed an instruction it lacks) when edgeshard is
+installed: setup.py builds every set of the machine's architecture (lowbit/variants.py) as a library next to
+this file, the way Python packages build their C extensions. At run time the set is picked from the CPU's
+features and loaded from the package; nothing is compiled into, or loaded from, a user-writable cache
+(EDGESHARD_BUILD_KERNELS=1 does that, for developers editing the C). The libraries link OpenMP by soname
+only, so they share torch's runtime and thread pool.
 
 `EDGESHARD_KERNELS=amx|avx512|avx512-vnni|avx2|neon|neon-dot|generic|torch` forces a set (to measure the
 users' paths on a bigger CPU; a set this CPU cannot run falls back to torch's kernels and `status()` says
-why); `EDGESHARD_NATIVE=0` is the same as `torch`. Without a C compiler, or on a CPU with none of these, the
-layers keep torch's kernels: the same formats, results to bf16 precision.
+why); `EDGESHARD_NATIVE=0` is the same as `torch`. Installed without a C compiler, or on a CPU with none of
+these, the layers keep torch's kernels (the same formats, results to bf16 precision) and the node says so.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.machinery
 import os
 import platform
 import shutil
@@ -34,6 +37,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from edgeshard.node.lowbit.variants import (
+    _ARM_ORDER,
+    _COMMON,
+    _DOT_COMMON,
+    _X86_ORDER,
+    VARIANTS,
+    library_stem,
+)
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"  # includes lowbit.c
 DOT_SOURCE = SOURCE.with_name("dot.c")  # the integer dot-product kernels for CPUs without AMX
@@ -57,29 +69,6 @@ _DOT_SIGNATURES = {
     "es_dot_isa": ([], ctypes.c_char_p),
     "es_decode_stage": _DECODE_STAGE,
 }
-_COMMON = ["-O3", "-fPIC", "-shared", "-fopenmp"]
-# dot.c: -ffp-contract=off so that plain C `a * b + c` is never fused in one place and not another (the
-# same row must give the same bits in every code path); -fno-math-errno and -fno-trapping-math let loops
-# with sqrtf, rounding and selects vectorize (neither changes a value: no -ffast-math reassociation).
-_DOT_COMMON = [*_COMMON, "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
-_X86_512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
-# kernel set -> (compiler flags, CPU features it needs: /proc/cpuinfo flags on x86, Features on ARM)
-VARIANTS: dict[str, tuple[list[str], set[str]]] = {
-    "amx": (
-        [*_X86_512, "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
-        {"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"},
-    ),
-    "avx512-vnni": (
-        [*_X86_512, "-mavx512vnni"],
-        {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma", "f16c"},
-    ),  # fmt: skip
-    "avx512": (_X86_512, {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"}),
-    "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
-    "neon-dot": (["-march=armv8.2-a+dotprod"], {"asimd", "asimddp"}),
-    "neon": (["-march=armv8-a"], {"asimd"}),
-    "generic": ([], set()),  # plain C: a reference, never picked automatically
-}
-_X86_ORDER, _ARM_ORDER = ("amx", "avx512-vnni", "avx512", "avx2"), ("neon-dot", "neon")
 _why_not = ""
 
 
@@ -119,7 +108,7 @@ def build(cc: str, variant: str) -> Path:
     the library's path. "amx" is decode.c (which includes lowbit.c); every other set is dot.c with its ISA's
     explicit flags (VARIANTS). The one place the kernels are compiled."""
     source = SOURCE if variant == "amx" else DOT_SOURCE
-    flags = [*(_COMMON if variant == "amx" else _DOT_COMMON), *VARIANTS[variant][0]]
+    flags = ["-shared", *(_COMMON if variant == "amx" else _DOT_COMMON), *VARIANTS[variant][0]]
     sources = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.c")))
     key = hashlib.sha256(sources + " ".join([cc, *flags, platform.machine()]).encode())
     target = _cache_dir() / f"lowbit-{variant}-{key.hexdigest()[:16]}.so"
@@ -151,23 +140,50 @@ def runnable(variant: str) -> str:
     return f"this CPU lacks {', '.join(sorted(missing))} for {variant}" if missing else ""
 
 
+def installed(variant: str) -> Path | None:
+    """The library of kernel set `variant` that setup.py compiled when edgeshard was installed, if any."""
+    here = Path(__file__).parent
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = here / f"{library_stem(variant)}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
 @functools.cache
 def variant_library(variant: str) -> ctypes.CDLL:
-    """Build (once) and load kernel set `variant`; raises RuntimeError when it cannot run here. A process can
-    hold layers of several sets (tests force each); each layer calls its own set's library."""
+    """Load kernel set `variant` (once); raises RuntimeError when it cannot run here. A process can hold
+    layers of several sets (tests force each); each layer calls its own set's library.
+
+    The libraries are compiled when edgeshard is installed (setup.py; an extension module next to this file,
+    written where the package lives), never at run time into a directory another user may write:
+    EDGESHARD_BUILD_KERNELS=1 is the exception, for developers editing the C (it builds into the cache).
+    """
     if why := runnable(variant):
         raise RuntimeError(why)
-    cc = _compiler()
-    if not cc:
-        raise RuntimeError("no C compiler found (install gcc, or set CC)")
-    try:
-        lib = ctypes.CDLL(str(build(cc, variant)))  # ctypes.CDLL releases the GIL during calls
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
-        detail = (getattr(e, "stderr", "") or str(e)).strip()
-        name = SOURCE.name if variant == "amx" else DOT_SOURCE.name
+    path = installed(variant)
+    if path is None and os.environ.get("EDGESHARD_BUILD_KERNELS") == "1":
+        cc = _compiler()
+        if not cc:
+            raise RuntimeError("EDGESHARD_BUILD_KERNELS=1 but no C compiler found (install gcc, or set CC)")
+        try:
+            path = build(cc, variant)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
+            detail = (getattr(e, "stderr", "") or str(e)).strip()
+            name = SOURCE.name if variant == "amx" else DOT_SOURCE.name
+            raise RuntimeError(
+                f"building {name} with {cc} failed: {detail.splitlines()[-1] if detail else e!r}"
+            ) from e
+    if path is None:
         raise RuntimeError(
-            f"building {name} with {cc} failed: {detail.splitlines()[-1] if detail else e!r}"
-        ) from e
+            f"the {variant} kernels were not built when edgeshard was installed (no C compiler then?): "
+            "install gcc and reinstall edgeshard (`pip install --force-reinstall --no-deps edgeshard`, or "
+            "`pip install -e .` in a checkout)"
+        )
+    try:
+        lib = ctypes.CDLL(str(path))  # ctypes.CDLL releases the GIL during calls
+    except OSError as e:
+        raise RuntimeError(f"loading {path.name} failed: {e}") from e
     for name, (args, res) in (_SIGNATURES if variant == "amx" else _DOT_SIGNATURES).items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, res
