@@ -203,7 +203,7 @@ async def _deploy(peers: Sequence[str], model: str, path: Path, quant, console, 
 
     num_layers = open_checkpoint(path).config.num_hidden_layers
     ref = node_model or node_model_ref(model)
-    deployment = await deploy(peers, ref, num_layers, quant, console=console, specs=specs)
+    deployment = await deploy(peers, ref, num_layers, quant, console=console, specs=specs, source=path)
     try:
         return deployment, await deployment.pipeline()
     except BaseException:
