@@ -152,9 +152,10 @@ async def ship_stage(
                     on_progress(report.shipped_bytes, max(total or 0, report.shipped_bytes))
             await call.done_writing()
             reply = await call
-        except _Cut:
+        except _Cut:  # the test hook: a link that breaks once what was written has arrived
+            await asyncio.sleep(0.5)
             call.cancel()
-            await asyncio.sleep(0.05)  # let the node see the cancellation before the next round asks
+            await asyncio.sleep(0.1)  # let the node see the cancellation before the next round asks
             continue
         except grpc.aio.AioRpcError as e:
             if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL):
