@@ -137,6 +137,23 @@ def test_lru_eviction_under_the_limit_spares_pinned_tensors(tmp_path, smollm2_pa
     assert rows[0]["model"] == "smollm2-135m" and rows[0]["bytes"] == cache.total_bytes
 
 
+def test_models_list_shows_the_slices_a_node_holds(tmp_path, smollm2_path, manifest, capsys):
+    import json
+
+    from edgeshard.coordinator.cli.main import main
+
+    cache = SliceCache(tmp_path)
+    cache.save_manifest(manifest)
+    _fill(cache, smollm2_path, manifest, manifest_wants(manifest, ShardSpec(10, 20, 30)))
+    assert main(["models", "list", "--json", "--model-dir", str(tmp_path)]) == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r.get("slice")]
+    assert len(rows) == 1
+    assert rows[0]["layers"] == "10-19" and rows[0]["model"] == "smollm2-135m"
+    assert rows[0]["bytes"] == cache.total_bytes < rows[0]["model_bytes"] / 3
+    assert main(["models", "list", "--model-dir", str(tmp_path)]) == 0
+    assert "10-19" in capsys.readouterr().out
+
+
 def test_a_copied_cache_is_reused_and_checked(tmp_path, smollm2_path, manifest):
     """Objects without an index record (index lost, directory copied) are hashed before they count."""
     want = manifest_wants(manifest, ShardSpec(5, 6, 30))

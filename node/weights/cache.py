@@ -204,24 +204,35 @@ class SliceCache:
     # ----------------------------------------------------------------------------------- listing
 
     def listing(self) -> list[dict]:
-        """The manifests this cache knows, with how much of each it holds (for `edgeshard models list`)."""
+        """The manifests this cache knows, with how much of each it holds (see `list_slices`)."""
         with self._lock:
-            held = {s: max(0, r["size"]) for s, r in self._index.items()}
-        rows = []
-        for p in sorted(self.manifests.glob("*.json")):
-            m = self.manifest(p.stem)
-            if m is None:
-                continue
-            have = [t for t in m.tensors if t.sha256 in held]
-            layers = sorted({int(t.name.split(".")[1]) for t in have if t.name.startswith("blk.")})
-            rows.append(
-                {
-                    "manifest": m.id,
-                    "model": m.model,
-                    "tensors": len({t.sha256 for t in have}),
-                    "bytes": sum({t.sha256: t.nbytes for t in have}.values()),
-                    "model_bytes": sum({t.sha256: t.nbytes for t in m.tensors}.values()),
-                    "layers": f"{layers[0]}-{layers[-1]}" if layers else "",
-                }
-            )
-        return rows
+            return list_slices(self.root.parent)
+
+
+def list_slices(model_dir: str | os.PathLike) -> list[dict]:
+    """The model slices held under `model_dir` (read only: safe next to a running node), one row per manifest:
+    manifest id, model, tensors and bytes held, the whole model's bytes, and the layer range held."""
+    root = Path(model_dir).expanduser() / CACHE_DIRNAME
+    try:
+        held = {p.name: p.stat().st_size for p in (root / "objects").iterdir()}
+    except OSError:
+        return []
+    rows = []
+    for p in sorted((root / "manifests").glob("*.json")):
+        try:
+            m = Manifest.from_json(p.read_text())
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        have = [t for t in m.tensors if t.sha256 in held]
+        layers = sorted({int(t.name.split(".")[1]) for t in have if t.name.startswith("blk.")})
+        rows.append(
+            {
+                "manifest": m.id,
+                "model": m.model,
+                "tensors": len({t.sha256 for t in have}),
+                "bytes": sum({t.sha256: t.nbytes for t in have}.values()),
+                "model_bytes": sum({t.sha256: t.nbytes for t in m.tensors}.values()),
+                "layers": f"{layers[0]}-{layers[-1]}" if layers else "",
+            }
+        )
+    return rows
