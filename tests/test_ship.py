@@ -14,7 +14,7 @@ import torch
 
 from edgeshard.coordinator.errors import CapacityError
 from edgeshard.coordinator.pipeline import ship
-from edgeshard.coordinator.pipeline.deploy import deploy
+from edgeshard.coordinator.pipeline.deploy import deploy, transfers
 from edgeshard.coordinator.pipeline.generate import AsyncLocalPipeline, Sequence, generate
 from edgeshard.coordinator.sdk.local_nodes import LocalNodes
 from edgeshard.node.model.config import ShardSpec, even_split
@@ -99,6 +99,11 @@ def test_empty_nodes_get_their_slice_and_match_local(aio, cluster, smollm2_path,
         assert entry["weight_bytes"] > 0
         assert dir_bytes(model_dir) < 0.6 * size  # well under the whole file (the ends hold the embedding)
     assert sum(objects(d).__len__() for d in cluster.dirs) >= len(manifest.tensors)
+    live = transfers()  # what /v1/cluster reports per node (coordinator/serving/assemble.py)
+    for entry in plan:
+        t = live[entry["address"]]
+        assert t["phase"] == "ready" and t["shipped_bytes"] == entry["shipped_bytes"] > 0
+        assert t["bytes_done"] == t["bytes_total"] == entry["shipped_bytes"] and t["bytes_per_s"] > 0
 
 
 def test_restarted_node_loads_with_nothing_shipped(aio, cluster, smollm2_path, local_tokens):

@@ -79,6 +79,22 @@ def new_plan_id() -> int:
     return time.time_ns() // 1_000_000
 
 
+# address -> live figures of the latest deploy to that node (shipping bytes, rate, ETA; loading tensors), for
+# /v1/cluster while a deploy runs and after it (coordinator/serving/assemble.py)
+_TRANSFERS: dict[str, dict] = {}
+
+
+def transfers() -> dict[str, dict]:
+    """What each node's latest deploy did or is doing: phase ("shipping", "loading", "ready", "failed"),
+    bytes shipped of the total, bytes per second, ETA seconds, tensors loaded of the total."""
+    return {a: dict(v) for a, v in _TRANSFERS.items()}
+
+
+def _note(address: str, **figures) -> None:
+    entry = _TRANSFERS.setdefault(address, {})
+    entry.update(figures, updated_unix_s=round(time.time(), 3))
+
+
 # model reference -> the file this process ships it from (set by deploy(source=...), used by recovery's
 # deploy calls, which name only the reference)
 _SOURCES: dict[str, Path] = {}
@@ -169,18 +185,25 @@ async def deploy(
                     detail="",
                 )
                 slice_id = ""
+                _TRANSFERS[c.address] = {"node": infos[i].name, "phase": "resolving"}
                 if manifest is not None:
+                    t_ship = time.perf_counter()
 
                     def shipping(done: int, total: int) -> None:
-                        rate = bar.tasks[task].speed if task < len(bar.tasks) else None
-                        bar.update(
-                            task,
-                            total=total,
-                            completed=done,
-                            detail="shipping " + _bytes_text(done, total, rate),
+                        rate = done / max(1e-9, time.perf_counter() - t_ship)
+                        detail = "shipping " + _bytes_text(done, total, rate)
+                        bar.update(task, total=total, completed=done, detail=detail)
+                        _note(
+                            c.address,
+                            phase="shipping",
+                            bytes_done=done,
+                            bytes_total=total,
+                            bytes_per_s=round(rate),
+                            eta_s=round((total - done) / rate, 1) if rate else None,
                         )
 
                     report = await ship_stage(c, model_ref, manifest, source, spec, shipping)
+                    _note(c.address, shipped_bytes=report.shipped_bytes, ship_s=round(report.seconds, 3))
                     if not report.has_model:
                         shipped[i], slice_id = report, manifest.id
                         bar.reset(task, total=None, detail="")
@@ -198,6 +221,9 @@ async def deploy(
                 t0 = time.perf_counter()
 
                 def progress(p: pb.LoadProgress) -> None:
+                    _note(
+                        c.address, phase="loading", tensors_done=p.tensors_done, tensors_total=p.tensors_total
+                    )
                     if p.tensors_total:
                         bar.update(
                             task,
@@ -206,8 +232,13 @@ async def deploy(
                             detail=f"loading {p.tensors_done}/{p.tensors_total} tensors",
                         )
 
-                shard = await c.load(req, progress)
+                try:
+                    shard = await c.load(req, progress)
+                except BaseException:
+                    _note(c.address, phase="failed")
+                    raise
                 load_s[i] = time.perf_counter() - t0
+                _note(c.address, phase="ready", load_s=round(load_s[i], 3))
                 return shard
 
             shards = await asyncio.gather(*(load(i) for i in range(len(clients))))

@@ -10,6 +10,7 @@ coordinator sends that tensor again; a stream that breaks loses only the tensor 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -58,6 +59,11 @@ async def slice_status(cache: SliceCache, req: pb.SliceStatusRequest, model_dir:
     )
 
 
+def _write(f, digest, data: bytes) -> None:
+    f.write(data)
+    digest.update(data)
+
+
 async def ship_slice(cache: SliceCache, chunks: AsyncIterator[pb.SliceChunk]) -> pb.ShipSliceReply:
     """Receive tensors chunk by chunk into the cache (see the module docstring); the reply lists them."""
     reply = pb.ShipSliceReply()
@@ -83,18 +89,19 @@ async def ship_slice(cache: SliceCache, chunks: AsyncIterator[pb.SliceChunk]) ->
                 sha, expected, size = chunk.sha256, sizes[chunk.sha256], 0
                 part = await asyncio.to_thread(cache.begin, sha)
                 f = open(part, "r+b")  # noqa: SIM115 - stays open across chunks
+                digest = hashlib.sha256()  # hashed as it arrives: admission need not read the file again
             if chunk.offset != size or size + len(chunk.data) > expected:
                 raise invalid(
                     f"tensor {sha[:12]}: chunk at {chunk.offset} does not follow byte {size} of {expected}"
                 )
-            await asyncio.to_thread(f.write, chunk.data)
+            await asyncio.to_thread(_write, f, digest, chunk.data)
             size += len(chunk.data)
             reply.bytes_received += len(chunk.data)
             if chunk.last:
                 f.close()
                 f = None
                 try:
-                    await asyncio.to_thread(cache.admit, sha, part, expected)
+                    await asyncio.to_thread(cache.admit, sha, part, expected, digest.hexdigest())
                     reply.admitted.append(sha)
                 except HashMismatchError as e:
                     log.warning("ShipSlice: %s; dropped, asking for it again", e)

@@ -161,11 +161,12 @@ class SliceCache:
         p.write_bytes(b"")
         return p
 
-    def admit(self, sha: str, part: Path, nbytes: int) -> None:
+    def admit(self, sha: str, part: Path, nbytes: int, digest: str | None = None) -> None:
         """Verify a received tensor and move it into the cache; HashMismatchError drops it, CacheFullError
-        when it cannot fit under the limit."""
+        when it cannot fit under the limit. `digest`: the SHA-256 the receiver computed as the bytes came in
+        (None: hash the file)."""
         try:
-            if part.stat().st_size != nbytes or sha256_file(part) != sha:
+            if part.stat().st_size != nbytes or (digest or sha256_file(part)) != sha:
                 raise HashMismatchError(f"tensor {sha[:12]}: received bytes do not match its SHA-256")
             with self._lock:
                 self._make_room(nbytes, keep=sha)
