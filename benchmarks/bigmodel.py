@@ -190,6 +190,8 @@ async def run_cluster(path: Path, args, work: Path) -> dict:
                 "rss_after_load": after_load[i][0],
                 "peak_rss": peak,
                 "peak_over_baseline_per_weight_byte": round((peak - baseline[i]) / entry["weight_bytes"], 3),
+                # what the runtime adds beyond the idle node and the weights (load temporaries, KV, activations)
+                "runtime_overhead_bytes": peak - baseline[i] - entry["weight_bytes"],
                 "model_dir_bytes": kept[i],
             }
         )
@@ -243,13 +245,14 @@ def main() -> None:
         f"\nmodel {args.size}: {result['parameters'] / 1e9:.2f}B params, {result['file_bytes'] / 1e9:.2f} GB; "
         f"{args.nodes} nodes, --memory-limit {result['nodes'][0]['memory_limit'] / 1e9:.2f} GB each"
     )
-    head = f"{'node':6} {'layers':>7} {'weights MB':>10} {'shipped MB':>10} {'ship s':>7} {'at link s':>9} {'load s':>7} {'base MB':>8} {'peak MB':>8} {'(peak-base)/w':>13} {'dir MB':>7}"
+    head = f"{'node':6} {'layers':>7} {'weights MB':>10} {'shipped MB':>10} {'ship s':>7} {'at link s':>9} {'load s':>7} {'base MB':>8} {'peak MB':>8} {'(peak-base)/w':>13} {'over MB':>7} {'dir MB':>7}"
     print(head)
     for n in result["nodes"]:
         print(
             f"{n['node']:6} {n['start_layer']:>3}-{n['end_layer'] - 1:<3} {n['weight_bytes'] / 1e6:>10.1f} "
             f"{n['shipped_bytes'] / 1e6:>10.1f} {n['ship_s']:>7.2f} {n['ship_s_at_link_rate']:>9.2f} {n['load_s']:>7.2f} "
             f"{n['baseline_rss'] / 1e6:>8.0f} {n['peak_rss'] / 1e6:>8.0f} {n['peak_over_baseline_per_weight_byte']:>13.3f} "
+            f"{n['runtime_overhead_bytes'] / 1e6:>7.0f} "
             f"{n['model_dir_bytes'] / 1e6:>7.1f}"
         )
     print(
