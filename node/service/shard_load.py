@@ -180,6 +180,7 @@ async def load_shard(
         if slices is not None:  # the loaded shard's tensors stay in the cache whatever --cache-limit says
             slices.pin("loaded", _slice_hashes(ckpt, spec))
             slices.unpin("incoming")
+            slices.loaded = req.slice_manifest
     finally:
         node.loading = False
     yield pb.LoadProgress(
@@ -218,6 +219,8 @@ async def _holds(
     spec = held.spec
     if (req.model, req.start_layer, req.end_layer) != (held.model, spec.start_layer, spec.end_layer):
         return False
+    if slices is not None and req.slice_manifest and req.slice_manifest != slices.loaded:
+        return False  # same name, other bytes (the coordinator's file changed): load the new slice
     if (req.num_layers and req.num_layers != spec.num_layers) or spec.is_last != (req.next_hop == LAST):
         return False
     if req.quant:

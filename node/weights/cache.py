@@ -61,6 +61,7 @@ class SliceCache:
             stale.unlink(missing_ok=True)
         self._lock = threading.RLock()
         self._pinned: dict[str, set[str]] = {}  # owner (e.g. "loaded", "incoming") -> hashes
+        self.loaded = ""  # manifest id of the shard the node has installed from this cache ("": none)
         self._index = self._read_index()
 
     # ------------------------------------------------------------------------------------------ index
