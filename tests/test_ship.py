@@ -214,3 +214,28 @@ def test_recovery_ships_the_lost_stage_to_a_spare_without_a_copy(aio, tmp_path, 
         assert got == want
         assert len(recoveries) == 1
         assert objects(dirs[3]) == set(manifest_wants(manifest, even_split(30, 3)[1]))
+
+
+def test_run_peers_cli_ships_to_an_emptied_node_and_matches_run_local(cluster, smollm2_path, capsys):
+    """The command line: `run --peers` over nodes whose model dirs lack the model prints the tokens
+    `run --local` prints; the emptied node gets its slice again (plan entries carry shipped_bytes)."""
+    import json
+    import shutil
+
+    from edgeshard.coordinator.cli.main import main
+
+    os.kill(cluster.procs[0].pid, signal.SIGKILL)
+    cluster.procs[0].wait()
+    shutil.rmtree(cluster.dirs[0] / CACHE_DIRNAME)
+    cluster.restart(0)
+    common = ["--model", str(smollm2_path), "--prompt", "The capital of France is", "--max-tokens", "12"]
+    common += ["--quant", QUANT, "--json"]
+    assert main(["run", "--local", "--threads", "1", *common]) == 0
+    local = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    key = ["--cluster-key-file", str(cluster.key_file)]
+    assert main(["run", "--peers", ",".join(cluster.addresses), *key, *common]) == 0
+    remote = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert remote["tokens"] == local["tokens"]
+    assert remote["plan"][0]["shipped_bytes"] > 0 and remote["plan"][0]["weight_bytes"] > 0
+    assert [p["shipped_bytes"] for p in remote["plan"][1:]] == [0, 0]
+    assert not (cluster.dirs[0] / smollm2_path.name).exists()
