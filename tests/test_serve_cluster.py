@@ -39,6 +39,10 @@ def test_local_cluster_two_nodes_matches_one_process(api_server, smollm2_path):
         info = client.cluster_info()
         assert info["mode"] == "cluster" and [n["status"] for n in info["nodes"]] == ["ok", "ok"]
         assert all(n["steps"] > 0 for n in info["nodes"])
+        live = info["transfers"]  # weight shipping per node: these nodes hold the file, so nothing shipped
+        assert [live[n["address"]]["phase"] for n in info["nodes"]] == ["ready", "ready"]
+        assert [live[n["address"]]["shipped_bytes"] for n in info["nodes"]] == [0, 0]
+        assert all(n["weight_bytes"] > 0 for n in info["nodes"])
     assert cluster.url is None and _gone(pids)
 
 

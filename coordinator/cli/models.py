@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -15,6 +16,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     pull.set_defaults(func=cmd_models_pull)
     lst = msub.add_parser("list", help="known and pulled models")
     lst.add_argument("--json", action="store_true")
+    lst.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="also list the model slices shipped to a node with this --model-dir (default: the model cache)",
+    )
     lst.set_defaults(func=cmd_models_list)
     return models
 
@@ -29,11 +36,15 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
 
 def cmd_models_list(args: argparse.Namespace) -> int:
     """`edgeshard models list`: a table, or one JSON list with `--json`."""
+    from edgeshard.node.weights.cache import list_slices
+    from edgeshard.node.weights.model_dir import default_model_dir
     from edgeshard.node.weights.registry import list_models
 
     rows = list_models()
+    # slices shipped to a node (weight shipping): the tensors of its layers, not the whole file
+    slices = list_slices(args.model_dir or default_model_dir())
     if args.json:
-        print(json.dumps(rows, default=str))
+        print(json.dumps(rows + [{"slice": True, **s} for s in slices], default=str))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -44,4 +55,15 @@ def cmd_models_list(args: argparse.Namespace) -> int:
             r["name"], r.get("description", ""), "yes" if r.get("pulled") else "no", str(r.get("path") or "")
         )
     Console().print(table)
+    if slices:
+        held = Table("slice of", "layers", "held", "of the model", "manifest")
+        for s in slices:
+            held.add_row(
+                s["model"],
+                s["layers"],
+                f"{s['bytes'] / 1e6:.1f} MB",
+                f"{s['model_bytes'] / 1e6:.1f} MB",
+                s["manifest"][:12],
+            )
+        Console().print(held)
     return 0

@@ -114,7 +114,9 @@ async def _cluster(args: argparse.Namespace) -> int:
     # the nodes may open only what is under --model-dir: give them the model's own directory
     with LocalNodes(args.nodes, model_dir=path.parent, threads=args.threads) as cluster:
         try:
-            deployment = await deploy(cluster.addresses, path.name, num_layers, args.quant, console=console)
+            deployment = await deploy(
+                cluster.addresses, path.name, num_layers, args.quant, console=console, source=path
+            )
         except ClusterError as e:
             raise ClusterError(f"{e}\nlog of the local nodes:\n{cluster.log_tail(0)}") from None
         try:

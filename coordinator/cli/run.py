@@ -154,7 +154,9 @@ async def run_remote(args: argparse.Namespace) -> int:
         plan = await plan_for(opts, args.model, path, args.quant)
         peers, specs = plan.addresses(), plan.specs()
         extra = {"predicted_ms_per_token": plan.latency_ms, "predicted_tok_per_s": round(plan.tok_per_s, 2)}
-    deployment = await deploy(peers, node_model_ref(args.model), num_layers, args.quant, specs=specs)
+    deployment = await deploy(
+        peers, node_model_ref(args.model), num_layers, args.quant, specs=specs, source=path
+    )  # nodes lacking the model get their stage's tensors shipped from `path`
     try:
         # a node that dies mid-generation costs a pause, not the run: the layers move to the nodes left
         # (--peers, or what mDNS finds then), and `recoveries` in --json says what happened

@@ -3,7 +3,14 @@
 `deploy()` is used by `run --peers/--discover`, `serve`, `cluster`, `demo`, recovery and the benchmarks: it
 connects to the nodes, splits the layers (the planner's `Plan.specs()`, or evenly in the given order), and
 loads every shard at once with a progress bar per node. `Deployment.plan` is a list of
-`{node, address, start_layer, end_layer, quant}` dicts, as `run --json` prints it.
+`{node, address, start_layer, end_layer, quant, weight_bytes, shipped_bytes, ship_s}` dicts, as `run --json`
+prints it.
+
+Weight shipping: given the model file the coordinator holds (`source`), a node that lacks the model gets the
+tensors of its stage first (coordinator/pipeline/ship.py; a node holding the file or the tensors gets none)
+and loads them from its slice cache. `deploy` remembers the source of a model reference, so a re-deploy by
+failure recovery, which passes only the reference, ships to a spare too. A node whose --memory-limit is
+below its stage's weights is refused before anything is shipped (CapacityError naming what is missing).
 """
 
 from __future__ import annotations
@@ -12,14 +19,17 @@ import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from edgeshard.coordinator.errors import ClusterError
+from edgeshard.coordinator.errors import CapacityError, ClusterError
 from edgeshard.coordinator.pipeline.remote import RemotePipeline
+from edgeshard.coordinator.pipeline.ship import ShipReport, manifest_for, ship_stage
 from edgeshard.coordinator.pipeline.stage_client import GrpcStageClient, connect
 from edgeshard.node.model.config import ShardSpec, even_split
+from edgeshard.node.presence.capability import format_bytes
 from edgeshard.node.security.channels import Security
 from edgeshard.node.wire import edgeshard_pb2 as pb
 
@@ -33,10 +43,12 @@ class Deployment:
     shards: list[pb.ShardInfo]  # what each node loaded
     plan_id: int
     load_s: list[float] = field(default_factory=list)  # seconds each node took to load
+    shipped: list[ShipReport | None] = field(default_factory=list)  # weight shipping per node (None: none)
 
     @property
     def plan(self) -> list[dict]:
         """The plan as `run --json` reports it."""
+        shipped = self.shipped or [None] * len(self.clients)
         return [
             {
                 "node": info.name,
@@ -44,8 +56,11 @@ class Deployment:
                 "start_layer": s.start_layer,
                 "end_layer": s.end_layer,
                 "quant": s.quant,
+                "weight_bytes": s.weight_bytes,
+                "shipped_bytes": r.shipped_bytes if r else 0,
+                "ship_s": round(r.seconds, 3) if r else 0.0,
             }
-            for c, info, s in zip(self.clients, self.infos, self.shards, strict=True)
+            for c, info, s, r in zip(self.clients, self.infos, self.shards, shipped, strict=True)
         ]
 
     async def pipeline(self) -> RemotePipeline:
@@ -64,6 +79,54 @@ def new_plan_id() -> int:
     return time.time_ns() // 1_000_000
 
 
+# address -> live figures of the latest deploy to that node (shipping bytes, rate, ETA; loading tensors), for
+# /v1/cluster while a deploy runs and after it (coordinator/serving/assemble.py)
+_TRANSFERS: dict[str, dict] = {}
+
+
+def transfers() -> dict[str, dict]:
+    """What each node's latest deploy did or is doing: phase ("shipping", "loading", "ready", "failed"),
+    bytes shipped of the total, bytes per second, ETA seconds, tensors loaded of the total."""
+    return {a: dict(v) for a, v in _TRANSFERS.items()}
+
+
+def _note(address: str, **figures) -> None:
+    entry = _TRANSFERS.setdefault(address, {})
+    entry.update(figures, updated_unix_s=round(time.time(), 3))
+
+
+# model reference -> the file this process ships it from (set by deploy(source=...), used by recovery's
+# deploy calls, which name only the reference)
+_SOURCES: dict[str, Path] = {}
+
+
+def _bytes_text(done: float, total: float | None, rate: float | None) -> str:
+    text = f"{format_bytes(done)}/{format_bytes(total or 0)}"
+    return f"{text} {format_bytes(rate)}/s" if rate else text
+
+
+def check_memory(infos: Sequence[pb.NodeInfo], addresses: Sequence[str], specs, source: Path, quant) -> None:
+    """CapacityError when a node's --memory-limit is below the weights of its stage (it would not fit)."""
+    from edgeshard.node.model.cost import ModelCost
+    from edgeshard.node.weights.checkpoint import open_checkpoint
+    from edgeshard.node.weights.loader import checkpoint_quant
+
+    limits = [i.capabilities.memory_limit for i in infos]
+    if not any(limits):
+        return
+    ckpt = open_checkpoint(source)
+    cost = ModelCost.of(ckpt.config, quant or checkpoint_quant(ckpt))
+    for info, address, spec, limit in zip(infos, addresses, specs, limits, strict=True):
+        need = cost.weight_bytes(spec.start_layer, spec.end_layer)
+        if limit and need > limit:
+            raise CapacityError(
+                f"node {info.name} ({address}) has --memory-limit {format_bytes(limit)} but layers "
+                f"{spec.start_layer}-{spec.end_layer - 1} need {format_bytes(need)} of {cost.quant} weights: "
+                f"{format_bytes(need - limit)} missing (plus its KV cache); give it fewer layers "
+                "(--layers auto places them by memory), raise its limit, or add a node"
+            )
+
+
 async def deploy(
     addresses: Sequence[str],
     model_ref: str,
@@ -73,13 +136,21 @@ async def deploy(
     metadata: Sequence[tuple[str, str]] = (),
     specs: Sequence[ShardSpec] | None = None,
     security: Security | None = None,
+    source: Path | None = None,
 ) -> Deployment:
     """Connect to `addresses` (pipeline order), split `num_layers` evenly, and load the shards on all nodes.
 
     `model_ref` is what each node opens: a name relative to its --model-dir, or a registry name. `specs`
     (one per address, e.g. `Plan.specs()` of the planner) replaces the even split. `security`: the cluster
-    key or INSECURE for the channels (None: this process's, see node/security.py).
+    key or INSECURE for the channels (None: this process's, see node/security.py). `source`: the GGUF file
+    this process holds for `model_ref`; nodes that lack the model get their stage's tensors shipped from it
+    (None: the file given for `model_ref` before in this process, else nothing is shipped).
     """
+    if source is not None:
+        _SOURCES[model_ref] = Path(source)
+    source = _SOURCES.get(model_ref)
+    if source is not None and (source.is_dir() or not source.is_file()):
+        source = None  # a Hugging Face directory is not shipped: the nodes need their own copy
     if len(addresses) > num_layers:
         raise ClusterError(
             f"{len(addresses)} nodes but the model has only {num_layers} layers; use fewer nodes"
@@ -91,14 +162,19 @@ async def deploy(
             raise ClusterError(f"{len(specs)} layer ranges for {len(clients)} nodes; give one per node")
         plan_id = new_plan_id()
         console = console or Console(stderr=True)
+        manifest = None
+        if source is not None:
+            await asyncio.to_thread(check_memory, infos, [c.address for c in clients], specs, source, quant)
+            manifest = await manifest_for(source, model_ref)
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("tensors"),
+            TextColumn("{task.fields[detail]}"),
+            TimeRemainingColumn(),
             TimeElapsedColumn(),
         )
         load_s = [0.0] * len(clients)
+        shipped: list[ShipReport | None] = [None] * len(clients)
         with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
 
             async def load(i: int) -> pb.ShardInfo:
@@ -106,7 +182,31 @@ async def deploy(
                 task = bar.add_task(
                     f"{infos[i].name} ({c.address}) layers {spec.start_layer}-{spec.end_layer - 1}",
                     total=None,
+                    detail="",
                 )
+                slice_id = ""
+                _TRANSFERS[c.address] = {"node": infos[i].name, "phase": "resolving"}
+                if manifest is not None:
+                    t_ship = time.perf_counter()
+
+                    def shipping(done: int, total: int) -> None:
+                        rate = done / max(1e-9, time.perf_counter() - t_ship)
+                        detail = "shipping " + _bytes_text(done, total, rate)
+                        bar.update(task, total=total, completed=done, detail=detail)
+                        _note(
+                            c.address,
+                            phase="shipping",
+                            bytes_done=done,
+                            bytes_total=total,
+                            bytes_per_s=round(rate),
+                            eta_s=round((total - done) / rate, 1) if rate else None,
+                        )
+
+                    report = await ship_stage(c, model_ref, manifest, source, spec, shipping)
+                    _note(c.address, shipped_bytes=report.shipped_bytes, ship_s=round(report.seconds, 3))
+                    if not report.has_model:
+                        shipped[i], slice_id = report, manifest.id
+                        bar.reset(task, total=None, detail="")
                 req = pb.LoadShardRequest(
                     model=model_ref,
                     start_layer=spec.start_layer,
@@ -116,19 +216,33 @@ async def deploy(
                     num_layers=num_layers,
                     next_hop=clients[i + 1].address if i + 1 < len(clients) else "last",
                     stages=len(clients),  # batching keeps one group of sequences per node in flight
+                    slice_manifest=slice_id,
                 )
                 t0 = time.perf_counter()
 
                 def progress(p: pb.LoadProgress) -> None:
+                    _note(
+                        c.address, phase="loading", tensors_done=p.tensors_done, tensors_total=p.tensors_total
+                    )
                     if p.tensors_total:
-                        bar.update(task, total=p.tensors_total, completed=p.tensors_done)
+                        bar.update(
+                            task,
+                            total=p.tensors_total,
+                            completed=p.tensors_done,
+                            detail=f"loading {p.tensors_done}/{p.tensors_total} tensors",
+                        )
 
-                shard = await c.load(req, progress)
+                try:
+                    shard = await c.load(req, progress)
+                except BaseException:
+                    _note(c.address, phase="failed")
+                    raise
                 load_s[i] = time.perf_counter() - t0
+                _note(c.address, phase="ready", load_s=round(load_s[i], 3))
                 return shard
 
             shards = await asyncio.gather(*(load(i) for i in range(len(clients))))
-        return Deployment(clients, infos, list(shards), plan_id, load_s)
+        return Deployment(clients, infos, list(shards), plan_id, load_s, shipped)
     except BaseException:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         raise

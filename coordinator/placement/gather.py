@@ -142,7 +142,8 @@ def node_model_ref(model: str) -> str:
     """What a remote node is told to open for `--model`: a registry name as is, a path by its name.
 
     Nodes open files only under their own --model-dir, so a path given to the coordinator is sent as its last
-    component; put the same file in each node's model directory (weight shipping is a later issue).
+    component. A node without that file gets the tensors of its layers shipped from the coordinator's copy
+    (`pipeline.deploy`, docs/shipping.md).
     """
     from edgeshard.node.weights.registry import REGISTRY
 

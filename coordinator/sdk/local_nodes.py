@@ -48,12 +48,17 @@ class LocalNodes:
         log_dir: Path | None = None,
         security: Security | None = None,
         node_args: Sequence[str] = (),
+        model_dirs: Sequence[Path] | None = None,
     ) -> None:
         if n < 1:
             raise ClusterError(f"a cluster needs at least 1 node, got {n}")
         self.n, self.model_dir, self.threads, self.name = n, model_dir, threads, name
         self.max_sessions = max_sessions
         self.node_args = list(node_args)  # more `edgeshard node` flags for every node (--memory-limit 300M)
+        # one --model-dir per node (weight shipping: each fills its own slice cache); overrides model_dir
+        self.model_dirs = list(model_dirs) if model_dirs is not None else None
+        if self.model_dirs is not None and len(self.model_dirs) != n:
+            raise ClusterError(f"{len(self.model_dirs)} model directories for {n} nodes; give one per node")
         self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="edgeshard-cluster-")
         self.log_dir = Path(log_dir or self._tmp.name)
         # the cluster key of these nodes: the one configured, else an ephemeral one (node/security.py)
@@ -84,7 +89,9 @@ class LocalNodes:
             "--state-dir",
             str(self.log_dir / f"state{i + 1}"),
         ]  # one identity per node process
-        if self.model_dir is not None:
+        if self.model_dirs is not None:
+            cmd += ["--model-dir", str(self.model_dirs[i])]
+        elif self.model_dir is not None:
             cmd += ["--model-dir", str(self.model_dir)]
         cmd += self.security_args()
         return cmd + self.node_args

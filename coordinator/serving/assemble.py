@@ -111,9 +111,21 @@ def deployment_info(deployment, plan=None) -> Callable[[], Awaitable[dict]]:
         }
         if plan is not None:
             out["prediction"] = plan.to_dict()
+        out["transfers"] = _transfers()  # weight shipping and loading per node (live while a deploy runs)
         return out
 
     return info
+
+
+def _transfers() -> dict:
+    from edgeshard.coordinator.pipeline.deploy import transfers
+
+    return transfers()
+
+
+async def _transfer_info() -> dict:
+    """/v1/cluster before a plan runs (serve --discover): what the deploys in progress are doing."""
+    return {"mode": "cluster", "transfers": _transfers()}
 
 
 def node_status(entry: dict, reply: Any) -> dict:
@@ -227,7 +239,7 @@ async def _deploy(peers: Sequence[str], model: str, path: Path, quant, console, 
 
     num_layers = open_checkpoint(path).config.num_hidden_layers
     ref = node_model or node_model_ref(model)
-    deployment = await deploy(peers, ref, num_layers, quant, console=console, specs=specs)
+    deployment = await deploy(peers, ref, num_layers, quant, console=console, specs=specs, source=path)
     try:
         return deployment, await deployment.pipeline()
     except BaseException:
@@ -291,7 +303,7 @@ async def discovered_engine(
     current()  # no cluster key: ClusterKeyError now, not silently inside the background planning task
     path = resolve_model(model)
     reason = "no plan can run yet: looking for nodes"
-    engine = _remote_engine(path, model, None, None, reason, opts.context, **engine_kw)
+    engine = _remote_engine(path, model, None, _transfer_info, reason, opts.context, **engine_kw)
     held: list = []  # deployment, pipeline once attached
     # after a failure, the layers are re-placed over the nodes mDNS knows then (joined ones included)
     discovery = ZeroconfDiscovery(list(opts.mdns_interfaces), opts.cluster)

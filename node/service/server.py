@@ -44,6 +44,8 @@ from edgeshard.node.security.channels import (
 from edgeshard.node.service.next_hop import coalesce, drain, now_us
 from edgeshard.node.service.ring import COMPUTE_MODES, MAX_BATCH_ROWS, RingNode
 from edgeshard.node.service.shard_load import load_shard
+from edgeshard.node.service.slices import ship_slice, slice_status
+from edgeshard.node.weights.cache import SliceCache
 from edgeshard.node.wire import PROTOCOL_VERSION
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire import edgeshard_pb2_grpc as pb_grpc
@@ -77,6 +79,9 @@ class NodeOptions:
     mdns_interfaces: list[str] = field(default_factory=list)  # IPv4 addresses mDNS runs on (empty: all)
     cluster: str = "default"  # cluster name it announces; coordinators of other clusters skip the node
     memory_limit: int = 0  # bytes of shards + KV the planner may put here (0: whatever is free)
+    cache_limit: int = (
+        0  # bytes the slice cache (shipped tensors, node/weights/cache.py) may hold (0: no limit)
+    )
     benchmark: bool = True  # run the capability microbenchmark at start (node/capability.py)
     benchmark_every: float = 300.0  # and again every this many seconds while idle (0: only at start)
     # the cluster key (TLS + per-call tokens, node/security.py), or INSECURE; None refuses to start
@@ -122,6 +127,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.node_id = node_id
         self.address = address
         self.model_dir = options.model_dir or _default_model_dir()
+        self.slices = SliceCache(self.model_dir, options.cache_limit)  # shipped tensors (weight shipping)
         self.load_lock = asyncio.Lock()
         self.capability = Capability()  # set by serve() from the start-up benchmark
         self.streams: set[asyncio.Queue] = set()  # reply/result queues of open streams, ended on shutdown
@@ -151,11 +157,24 @@ class NodeServicer(pb_grpc.NodeServicer):
     async def LoadShard(self, request: pb.LoadShardRequest, context):  # noqa: N802
         async with self.load_lock:  # one load at a time; a second waits and then replaces the first
             try:
-                async for progress in load_shard(self.node, request, self.model_dir):
+                async for progress in load_shard(self.node, request, self.model_dir, slices=self.slices):
                     yield progress
             except WireError as e:
                 log.warning("LoadShard %r refused: %s", request.model, e.message)
                 await context.abort(e.code, e.message)
+
+    async def SliceStatus(self, request: pb.SliceStatusRequest, context) -> pb.SliceStatusReply:  # noqa: N802
+        try:
+            return await slice_status(self.slices, request, self.model_dir)
+        except WireError as e:
+            await context.abort(e.code, e.message)
+
+    async def ShipSlice(self, request_iterator, context) -> pb.ShipSliceReply:  # noqa: N802
+        try:
+            return await ship_slice(self.slices, request_iterator)
+        except WireError as e:
+            log.warning("ShipSlice refused: %s", e.message)
+            await context.abort(e.code, e.message)
 
     async def Forward(self, request_iterator, context):  # noqa: N802
         replies: asyncio.Queue = asyncio.Queue()
@@ -377,6 +396,13 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
         help="memory the planner may use here for shards and KV, e.g. 512M or 2G (default: what is free)",
     )
     p.add_argument(
+        "--cache-limit",
+        default=None,
+        metavar="SIZE",
+        help="disk the cache of shipped model slices (<model-dir>/.edgeshard-slices) may use, e.g. 4G; the "
+        "least recently used tensors no loaded shard needs are evicted (default: no limit)",
+    )
+    p.add_argument(
         "--no-benchmark",
         action="store_true",
         help="skip the start-up microbenchmark (the planner then assumes an average speed)",
@@ -415,6 +441,7 @@ def options_from_args(args: argparse.Namespace) -> NodeOptions:
         mdns_interfaces=list(args.mdns_interface),
         cluster=args.cluster,
         memory_limit=parse_size(args.memory_limit) if args.memory_limit else 0,
+        cache_limit=parse_size(args.cache_limit) if args.cache_limit else 0,
         benchmark=not args.no_benchmark,
         benchmark_every=args.benchmark_every,
         security=security_from_args(args, required=True),  # ClusterKeyError (a ValueError) says what to do

@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -23,6 +24,7 @@ from edgeshard.node.lowbit.formats import QUANT_FORMATS
 from edgeshard.node.model.config import ShardSpec, UnsupportedModelError
 from edgeshard.node.model.executor import ShardExecutor
 from edgeshard.node.service.ring import LAST, LoadedShard, RingNode
+from edgeshard.node.weights.cache import SliceCache
 from edgeshard.node.weights.checkpoint import CheckpointError, open_checkpoint
 from edgeshard.node.weights.loader import checkpoint_quant, load_stage, stage_weight_bytes
 from edgeshard.node.weights.model_dir import resolve_in_model_dir
@@ -30,6 +32,30 @@ from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire.tensors import WireError, invalid
 
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+
+
+_LIBC: Any = None
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by the allocator back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    Converting a tensor allocates temporaries (dequantized rows, repacked codes) in the loader thread's malloc
+    arena; glibc keeps what they free for reuse, so without this a node's resident memory after loading is
+    about twice its weights (measured: benchmarks/bigmodel.py). Trimming after each tensor keeps it at the
+    weights plus the largest single tensor's temporaries.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 def tensors_in_stage(spec: ShardSpec) -> int:
@@ -50,14 +76,21 @@ def check_request(req: pb.LoadShardRequest) -> None:
 
 
 async def load_shard(
-    node: RingNode, req: pb.LoadShardRequest, model_dir: Path, max_len: int | None = None
+    node: RingNode,
+    req: pb.LoadShardRequest,
+    model_dir: Path,
+    max_len: int | None = None,
+    slices: SliceCache | None = None,
 ) -> AsyncIterator[pb.LoadProgress]:
-    """Load the shard `req` names and install it on `node`, yielding progress; raises WireError."""
+    """Load the shard `req` names and install it on `node`, yielding progress; raises WireError.
+
+    With `req.slice_manifest` the tensors come from the slice cache `slices` (shipped by the coordinator,
+    node/service/slices.py) instead of a file in `model_dir`."""
     check_request(req)
     yield pb.LoadProgress(stage="resolving")
     t0 = time.perf_counter()
     held = node.shard
-    if held is not None and await _holds(held, req, model_dir):
+    if held is not None and await _holds(held, req, model_dir, slices):
         shard = LoadedShard(
             executor=ShardExecutor(
                 held.executor.stage,
@@ -82,9 +115,8 @@ async def load_shard(
     await node.unload()  # old sessions belong to the old plan; free their memory before loading
     node.loading = True
     try:
-        path = await asyncio.to_thread(resolve_in_model_dir, req.model, model_dir)
         try:
-            ckpt = await asyncio.to_thread(open_checkpoint, path)
+            ckpt = await asyncio.to_thread(_open, req, model_dir, slices)
         except (CheckpointError, UnsupportedModelError) as e:
             raise WireError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot load {req.model!r}: {e}") from e
         n = ckpt.config.num_hidden_layers
@@ -105,6 +137,7 @@ async def load_shard(
         done = [0, 0]
 
         def on_tensor(name: str, nbytes: int) -> None:  # in the loader thread
+            release_free_memory()  # the tensor's conversion temporaries go back to the OS, not to the heap
             done[0] += 1
             done[1] += nbytes
             loop.call_soon_threadsafe(progress.put_nowait, (done[0], done[1]))
@@ -144,6 +177,10 @@ async def load_shard(
             stages=req.stages,
         )
         await node.install(shard)
+        if slices is not None:  # the loaded shard's tensors stay in the cache whatever --cache-limit says
+            slices.pin("loaded", _slice_hashes(ckpt, spec))
+            slices.unpin("incoming")
+            slices.loaded = req.slice_manifest
     finally:
         node.loading = False
     yield pb.LoadProgress(
@@ -156,17 +193,39 @@ async def load_shard(
     )
 
 
-async def _holds(held: LoadedShard, req: pb.LoadShardRequest, model_dir: Path) -> bool:
+def _open(req: pb.LoadShardRequest, model_dir: Path, slices: SliceCache | None):
+    """The checkpoint `req` names: the slice of its manifest in the cache, or the file in the model dir."""
+    if req.slice_manifest:
+        manifest = slices.manifest(req.slice_manifest) if slices is not None else None
+        if manifest is None:
+            raise WireError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"slice manifest {req.slice_manifest[:12]!r} is unknown to this node; the coordinator sends it "
+                "(SliceStatus) before loading",
+            )
+        return slices.open_slice(manifest)
+    return open_checkpoint(resolve_in_model_dir(req.model, model_dir))
+
+
+def _slice_hashes(ckpt, spec: ShardSpec) -> list[str]:
+    manifest = getattr(ckpt, "manifest", None)
+    return [] if manifest is None else [t.sha256 for t in manifest.stage_tensors(spec)]
+
+
+async def _holds(
+    held: LoadedShard, req: pb.LoadShardRequest, model_dir: Path, slices: SliceCache | None = None
+) -> bool:
     """`held` is the shard `req` asks for: same model reference, layer range and format (and last-ness)."""
     spec = held.spec
     if (req.model, req.start_layer, req.end_layer) != (held.model, spec.start_layer, spec.end_layer):
         return False
+    if slices is not None and req.slice_manifest and req.slice_manifest != slices.loaded:
+        return False  # same name, other bytes (the coordinator's file changed): load the new slice
     if (req.num_layers and req.num_layers != spec.num_layers) or spec.is_last != (req.next_hop == LAST):
         return False
     if req.quant:
         return req.quant == held.quant
     try:  # "" is the checkpoint's own format: look it up (the header only, a fraction of a second)
-        path = await asyncio.to_thread(resolve_in_model_dir, req.model, model_dir)
-        return checkpoint_quant(await asyncio.to_thread(open_checkpoint, path)) == held.quant
+        return checkpoint_quant(await asyncio.to_thread(_open, req, model_dir, slices)) == held.quant
     except (WireError, CheckpointError, UnsupportedModelError, OSError):
         return False  # the normal path reports what is wrong

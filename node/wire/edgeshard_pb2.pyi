@@ -196,7 +196,7 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., loaded: _Optional[bool] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., max_sessions: _Optional[int] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., address: _Optional[str] = ..., cluster: _Optional[str] = ..., clock_unix_s: _Optional[float] = ..., version: _Optional[str] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "quant", "plan_id", "next_hop", "num_layers", "stages")
+    __slots__ = ("model", "start_layer", "end_layer", "quant", "plan_id", "next_hop", "num_layers", "stages", "slice_manifest")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,7 @@ class LoadShardRequest(_message.Message):
     NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
+    SLICE_MANIFEST_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_layer: int
     end_layer: int
@@ -213,7 +214,8 @@ class LoadShardRequest(_message.Message):
     next_hop: str
     num_layers: int
     stages: int
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., next_hop: _Optional[str] = ..., num_layers: _Optional[int] = ..., stages: _Optional[int] = ...) -> None: ...
+    slice_manifest: str
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., next_hop: _Optional[str] = ..., num_layers: _Optional[int] = ..., stages: _Optional[int] = ..., slice_manifest: _Optional[str] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("stage", "tensors_done", "tensors_total", "bytes_done", "done", "shard")
@@ -352,3 +354,75 @@ class HealthReply(_message.Message):
     plan_id: int
     payload: bytes
     def __init__(self, ok: _Optional[bool] = ..., loaded: _Optional[bool] = ..., plan_id: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class SliceTensor(_message.Message):
+    __slots__ = ("name", "ggml_type", "shape", "nbytes", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    GGML_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    ggml_type: int
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    nbytes: int
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., ggml_type: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class SliceManifest(_message.Message):
+    __slots__ = ("id", "model", "metadata_json", "tensors")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    model: str
+    metadata_json: bytes
+    tensors: _containers.RepeatedCompositeFieldContainer[SliceTensor]
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., metadata_json: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[SliceTensor, _Mapping]]] = ...) -> None: ...
+
+class SliceStatusRequest(_message.Message):
+    __slots__ = ("manifest", "model", "want")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WANT_FIELD_NUMBER: _ClassVar[int]
+    manifest: SliceManifest
+    model: str
+    want: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, manifest: _Optional[_Union[SliceManifest, _Mapping]] = ..., model: _Optional[str] = ..., want: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SliceStatusReply(_message.Message):
+    __slots__ = ("has_model", "have", "cache_bytes", "cache_limit")
+    HAS_MODEL_FIELD_NUMBER: _ClassVar[int]
+    HAVE_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    has_model: bool
+    have: _containers.RepeatedScalarFieldContainer[str]
+    cache_bytes: int
+    cache_limit: int
+    def __init__(self, has_model: _Optional[bool] = ..., have: _Optional[_Iterable[str]] = ..., cache_bytes: _Optional[int] = ..., cache_limit: _Optional[int] = ...) -> None: ...
+
+class SliceChunk(_message.Message):
+    __slots__ = ("manifest_id", "sha256", "offset", "data", "last")
+    MANIFEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    manifest_id: str
+    sha256: str
+    offset: int
+    data: bytes
+    last: bool
+    def __init__(self, manifest_id: _Optional[str] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class ShipSliceReply(_message.Message):
+    __slots__ = ("admitted", "rejected", "bytes_received")
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    admitted: _containers.RepeatedScalarFieldContainer[str]
+    rejected: _containers.RepeatedScalarFieldContainer[str]
+    bytes_received: int
+    def __init__(self, admitted: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[str]] = ..., bytes_received: _Optional[int] = ...) -> None: ...

@@ -59,6 +59,16 @@ class NodeStub:
                 request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.HealthRequest.SerializeToString,
                 response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.SliceStatus = channel.unary_unary(
+                '/edgeshard.v1.Node/SliceStatus',
+                request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceStatusRequest.SerializeToString,
+                response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceStatusReply.FromString,
+                _registered_method=True)
+        self.ShipSlice = channel.stream_unary(
+                '/edgeshard.v1.Node/ShipSlice',
+                request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceChunk.SerializeToString,
+                response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ShipSliceReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -99,6 +109,23 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SliceStatus(self, request, context):
+        """Weight shipping (#16): does the node hold the model file, and which tensors of a manifest are in its slice
+        cache (verified). The node keeps the manifest, so a later LoadShard can name it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShipSlice(self, request_iterator, context):
+        """Weight shipping: the coordinator streams tensors into the node's slice cache, tensor by tensor in chunks
+        (gRPC flow control paces it). Each tensor is admitted when its last chunk has arrived and its SHA-256
+        matches the manifest, so a broken stream loses at most the tensor in flight.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +153,16 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.HealthRequest.FromString,
                     response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.HealthReply.SerializeToString,
+            ),
+            'SliceStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.SliceStatus,
+                    request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceStatusRequest.FromString,
+                    response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceStatusReply.SerializeToString,
+            ),
+            'ShipSlice': grpc.stream_unary_rpc_method_handler(
+                    servicer.ShipSlice,
+                    request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceChunk.FromString,
+                    response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ShipSliceReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +300,60 @@ class Node:
             '/edgeshard.v1.Node/Health',
             edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.HealthRequest.SerializeToString,
             edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SliceStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeshard.v1.Node/SliceStatus',
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceStatusRequest.SerializeToString,
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceStatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShipSlice(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/edgeshard.v1.Node/ShipSlice',
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceChunk.SerializeToString,
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ShipSliceReply.FromString,
             options,
             channel_credentials,
             insecure,
