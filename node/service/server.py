@@ -47,7 +47,7 @@ from edgeshard.node.wire import PROTOCOL_VERSION
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire import edgeshard_pb2_grpc as pb_grpc
 from edgeshard.node.wire.limits import SERVER_OPTIONS, check_subscriber
-from edgeshard.node.wire.options import GRPC_OPTIONS
+from edgeshard.node.wire.options import GRPC_OPTIONS, SERVER_KEEPALIVE_OPTIONS
 from edgeshard.node.wire.tensors import WireError
 
 log = logging.getLogger("edgeshard.node")
@@ -222,7 +222,7 @@ async def serve(options: NodeOptions, ready_out=sys.stdout) -> None:
         compute=options.compute,
     )
     server = grpc.aio.server(
-        options=GRPC_OPTIONS + SERVER_OPTIONS + [("grpc.so_reuseport", 0)],
+        options=GRPC_OPTIONS + SERVER_KEEPALIVE_OPTIONS + SERVER_OPTIONS + [("grpc.so_reuseport", 0)],
         interceptors=server_interceptors(security, options.name),  # the membership check, before handlers
     )
     servicer = NodeServicer(node, options, identity.node_id)
