@@ -8,8 +8,13 @@ running plan), asks the live ones for GetInfo, and takes the first of these that
    it holds only takes the new plan id (node/shard_load.py), so only the replacements load, and the numbers
    stay bit-identical to the uninterrupted run in every weight format. A node that restarted at the address
    of its stage simply takes its stage again.
-2. re-split: an even split over the live nodes in candidate order (what --peers without --layers means);
-3. plan: the planner's best placement over the live nodes (coordinator/planner.py);
+2. re-split over every live node: an even split in candidate order when `even` (what --peers without
+   --layers means) and it fits, else the split that the cost model predicts fastest among those that give
+   every live node at least one layer and fit its memory (`split_over_all`). Every survivor keeps working:
+   the planner alone, optimising latency on a cost model without contention, put all 30 layers on one of
+   two survivors, leaving the other idle and its memory unused;
+3. plan: the planner's best placement over the live nodes (coordinator/planner.py), when no split over all
+   of them fits (it may leave nodes out, saying why);
 4. nothing fits: `CapacityError`, naming the nodes left, the memory missing and the node to add.
 
 Only a re-split or a new plan moves layer boundaries; in bf16/int4 a boundary rounds the residual stream to
@@ -138,7 +143,8 @@ class Replanner:
         return Placement(plan, action, probes)
 
     def _resplit(self, nodes: list[PlanNode], probes) -> Placement:
-        """An even split over the live nodes when `even` and it fits, else the planner's (PlanError: none)."""
+        """A split over every live node (evenly when `even` and it fits, else the predicted fastest that
+        fits), else the planner's (PlanError: nothing fits)."""
         if not nodes:
             raise PlanError("no node is left")
         if self.even and len(nodes) <= self.cost.num_layers:
@@ -147,9 +153,51 @@ class Replanner:
                 plan = evaluate(nodes, counts, self.cost, **self._kw())
                 return Placement(plan, f"re-split the layers evenly over {len(nodes)} node(s)", probes)
             except PlanError:
-                pass  # an even split does not fit: let the planner find one that does
+                pass  # an even split does not fit: one that gives the big nodes more may
+        m = CostModel(self.cost, self.context, self.sessions, POSITION)
+        counts = split_over_all(nodes, m, self.objective)
+        if counts is not None:
+            plan = evaluate(nodes, counts, self.cost, **self._kw())
+            return Placement(plan, f"re-split the layers over all {len(nodes)} live node(s)", probes)
         plan = make_plan(nodes, self.cost, **self._kw())
         return Placement(plan, f"re-planned over {len(plan.stages)} node(s)", probes)
+
+
+def split_over_all(nodes: Sequence[PlanNode], m: CostModel, objective: str = "latency") -> list[int] | None:
+    """Layer counts that give every node of `nodes` (in this order) at least one layer and fit each one's
+    memory, with the least predicted time per token (`latency`: the sum of the stages; `throughput`: the
+    slowest stage) under the planner's cost model; None when no such split fits (or there are more nodes
+    than layers). An exact dynamic program over (node, layers placed): O(nodes x layers^2) stage costs."""
+    total, n = m.cost.num_layers, len(nodes)
+    if not n or n > total:
+        return None
+    inf = float("inf")
+    best = [[inf] * (total + 1) for _ in range(n + 1)]  # best[i][k]: first i nodes hold layers [0, k)
+    took = [[0] * (total + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for i, node in enumerate(nodes):
+        left_after = n - i - 1  # nodes still to come, one layer each at least
+        for start in range(i, total - left_after):
+            if best[i][start] == inf:
+                continue
+            ends = [total] if left_after == 0 else range(start + 1, total - left_after + 1)
+            for end in ends:
+                if m.memory(start, end) > node.usable_bytes:
+                    break  # more layers only need more memory
+                stage = m.stage(node, start, end)
+                if objective == "latency":
+                    value = best[i][start] + stage.compute_ms + stage.hop_ms
+                else:
+                    value = max(best[i][start], stage.stage_ms)
+                if value < best[i + 1][end]:
+                    best[i + 1][end], took[i + 1][end] = value, end - start
+    if best[n][total] == inf:
+        return None
+    counts, k = [], total
+    for i in range(n, 0, -1):
+        counts.append(took[i][k])
+        k -= took[i][k]
+    return counts[::-1]
 
 
 _LINK = Link(1.0, DEFAULT_MBPS, False)  # links are not re-measured in a recovery: the planner's default
