@@ -95,6 +95,7 @@ def test_run_json_survivors_resplit_and_match_one_process(smollm2_path, layers):
         assert event["action"] == "re-split the layers over all 2 live node(s)"
         assert event["plan"][0]["start_layer"] == 0 and event["plan"][-1]["end_layer"] == 30
     assert event["load_ms"] > 0 and event["pause_ms"] >= event["load_ms"] + event["replay_ms"]
+    assert event["resumed_ms"] >= event["pause_ms"] >= event["probe_ms"]  # the failed call's next result
     assert "recovered in" in err.decode()  # the one log line a user sees
 
 

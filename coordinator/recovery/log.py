@@ -75,16 +75,17 @@ class SessionHistory:
 class RecoveryEvent:
     """One recovery: what failed, what was done, and how long each part took (milliseconds)."""
 
-    detected_at: (
-        float  # wall clock (Unix seconds) when the failure first showed (an error, a missed deadline)
-    )
+    detected_at: float  # wall clock (Unix seconds) when the call that failed began
     cause: str  # what showed it, and what the probes found
     nodes: list[str]  # the failed nodes, "name (address)"
-    probe_ms: float = 0.0  # from the first sign to knowing which nodes failed
+    probe_ms: float = 0.0  # from the start of the call that failed to knowing which nodes failed
     replan_ms: float = 0.0  # probing candidates and placing the layers
     load_ms: float = 0.0  # LoadShard on every node of the new plan (survivors only take the new plan id)
     replay_ms: float = 0.0  # rebuilding the KV caches of every session in flight
-    pause_ms: float = 0.0  # from the first sign to serving again: what a user waited
+    # from the start of the call that failed (the client has waited since: the deadline of a hang included)
+    # to serving again, and to that call's result on the new plan (the next token: what a user waited)
+    pause_ms: float = 0.0
+    resumed_ms: float = 0.0
     attempts: int = 0  # rounds of place + load + replay it took
     sessions: int = 0  # sessions replayed
     replayed_tokens: int = 0

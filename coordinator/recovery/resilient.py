@@ -148,13 +148,18 @@ class ResilientPipeline:
 
     async def _call(self, session: SessionHistory, make: Callable | None, rows: int):
         """`make(pipeline)` for `session` on the current plan, rebuilding the ring and retrying on failures."""
+        failed: NodeFailure | None = None
         for _ in range(self.policy.attempts + 1):
             pipe, epoch = await self._current()
             try:
                 if session.epoch != epoch:  # not open on this plan yet (or missed the replay)
                     await self._replay(session, pipe, epoch)
-                return None if make is None else await self._guard(make(pipe), rows)
+                result = None if make is None else await self._guard(make(pipe), rows)
+                if failed is not None:
+                    self._resumed(failed)
+                return result
             except NodeFailure as failure:
+                failed = failed or failure
                 await self._recover(epoch, failure)
         raise ClusterError(
             f"session {session.session_id}: the ring failed {self.policy.attempts + 1} times in a row; "
@@ -317,6 +322,17 @@ class ResilientPipeline:
                     session.predicted[1],
                     session.predicted[1],
                 )
+
+    def _resumed(self, failure: NodeFailure) -> None:
+        """A call that met `failure` has its result on the new plan: the recovery's `resumed_ms` (the first
+        such call, from the start of the call that failed) is what its client waited."""
+        for i in range(len(self.events) - 1, -1, -1):
+            event = self.events[i]
+            if event.outcome == "recovered" and event.started >= failure.t0:
+                if not event.resumed_ms:
+                    event.resumed_ms = (time.perf_counter() - failure.t0) * 1e3
+                    self.recoveries[i] = event.to_dict()
+                return
 
     def _record(self, event: RecoveryEvent) -> None:
         self.events.append(event)
