@@ -167,3 +167,23 @@ def test_the_log_line_says_what_failed_and_how_long_each_part_took():
     assert line.startswith("n2 (192.0.2.2:1) failed (n2 down: connection refused); recovered in 2.4 s")
     assert "load 1800 ms" in line and "replay 1 sequence (300 tokens) 500 ms" in line and "n4 10-19" in line
     assert set(e.to_dict()) >= {"detected_at", "cause", "nodes", "replan_ms", "load_ms", "pause_ms"}
+
+
+def test_a_node_that_comes_back_is_balanced_in_only_when_predicted_faster(cost):
+    """After a re-split over n1 and n3, n2 returns. For throughput the bottleneck drops from 15 layers to 10:
+    balance it in. For latency the cost model charges the extra hop and the compute is the same: stay."""
+    resplit = [
+        {"node": "n1", "address": "192.0.2.1:1", "start_layer": 0, "end_layer": 15},
+        {"node": "n3", "address": "192.0.2.3:1", "start_layer": 15, "end_layer": 30},
+    ]
+    live = [member(1, 4096), member(3, 4096), member(2, 4096)]
+    fast = Replanner([], cost, model="m", objective="throughput").better(resplit, live)
+    assert fast is not None and fast.action.startswith("balanced in 1 node(s): predicted")
+    assert [(s.node, s.start_layer, s.end_layer) for s in fast.plan.stages] == [
+        ("n1", 0, 10),
+        ("n3", 10, 20),
+        ("n2", 20, 30),
+    ]
+    assert Replanner([], cost, model="m", objective="latency").better(resplit, live) is None
+    assert Replanner([], cost, objective="throughput").better(resplit, live[:2]) is None  # nobody new
+    assert Replanner([], cost, objective="throughput").better(resplit, live[1:]) is None  # n1 is down

@@ -24,6 +24,8 @@ class RecoveryPolicy:
     wait_s: float = 120.0  # requests arriving during a recovery wait at most this long for it
     attempts: int = 5  # re-place + load + replay rounds per recovery (a node may die during one)
     retry_s: float = 5.0  # while the nodes left cannot hold the model: try again this often
+    # while no session is open: look this often for nodes outside the plan worth balancing in (0: never)
+    rebalance_s: float = 30.0
 
     def deadline(self, rows: int) -> float:
         """Seconds a call feeding `rows` tokens may take before the nodes are probed."""
