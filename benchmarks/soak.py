@@ -11,9 +11,12 @@ Checked, and written to benchmarks/results/soak.json:
   client waits a moment and sends again; anything else is an error;
 - answers: every completion against the same prompt's one-at-a-time answer (this process, every layer, the
   same format) computed before the soak;
-- memory: RSS of the coordinator (this process) and of every node process, sampled every 10 s; growth from
-  `--baseline-s` (minute 2) to the end, per process that lived through that span (a restarted node is a new
-  process: its own span, from its start + `--baseline-s` when that is later).
+- memory: RSS of the coordinator (this process) and of every node process, sampled every 10 s. The
+  coordinator's growth from `--baseline-s` (minute 2) to the end. A node's memory changes legitimately when
+  a recovery gives it other layers (a re-split: 15 layers instead of 10) or it loads after a restart, so a
+  node's growth is given per span without such a change: from `--settle-s` after a recovery (or after
+  `--baseline-s`) to the next recovery, for spans of at least `--min-span-s`; a leak shows in every span.
+  The whole run's figures are in the JSON too (`rss_samples`, `recovered_at_s`).
 
     python benchmarks/soak.py                                # 10 minutes, 64 clients, a kill every 2 minutes
     python benchmarks/soak.py --minutes 3 --kill-every 60 --baseline-s 60   # a shorter run
@@ -109,6 +112,7 @@ async def soak(args: argparse.Namespace, nodes: LocalNodes, prompts, want: list[
     latencies: list[float] = []
     wrong: list[dict] = []
     rss: dict[str, list[tuple[float, int]]] = {}  # process label -> [(t, rss)]
+    recovered_at: list[float] = []  # when each recovery ended (seconds since the start)
     born: dict[str, float] = {}
     kills: list[dict] = []
     restarter = ThreadPoolExecutor(1, thread_name_prefix="restarter")  # its thread keeps restarted nodes
@@ -143,6 +147,8 @@ async def soak(args: argparse.Namespace, nodes: LocalNodes, prompts, want: list[
     async def sampler() -> None:
         while time.monotonic() < end + SAMPLE_S:
             now = time.monotonic() - t0
+            while len(recovered_at) < len(pipe.recoveries):
+                recovered_at.append(now)  # (within one sample period)
             rss.setdefault("coordinator", []).append((now, _rss(os.getpid()) or 0))
             for i, proc in enumerate(nodes.procs):
                 if proc.poll() is None and (r := _rss(proc.pid)) is not None:
@@ -177,19 +183,31 @@ async def soak(args: argparse.Namespace, nodes: LocalNodes, prompts, want: list[
         await served.close()
         restarter.shutdown(wait=False)
 
-    growth = {}
+    growth = []
     for name, samples in rss.items():
-        start = max(args.baseline_s, born.get(name, 0.0) + args.baseline_s)
-        span = [(t, r) for t, r in samples if t >= start]
-        if len(span) < 2 or span[-1][0] - span[0][0] < args.min_span_s:
-            continue  # did not live long enough past its baseline
-        growth[name] = {
-            "from_s": round(span[0][0]),
-            "to_s": round(span[-1][0]),
-            "rss_from_mib": round(span[0][1] / 2**20, 1),
-            "rss_to_mib": round(span[-1][1] / 2**20, 1),
-            "growth_pct": round(100 * (span[-1][1] - span[0][1]) / span[0][1], 2),
-        }
+        if name == "coordinator":
+            cuts = [(args.baseline_s, float("inf"))]
+        else:  # spans between shard changes (recoveries), each settled first
+            edges = [max(args.baseline_s, born.get(name, 0.0)), *(t + args.settle_s for t in recovered_at)]
+            ends = [*recovered_at, float("inf")]
+            cuts = [
+                (a, min(b for b in ends if b > a) if any(b > a for b in ends) else float("inf"))
+                for a in edges
+            ]
+        for a, b in cuts:
+            span = [(t, r) for t, r in samples if a <= t < b]
+            if len(span) < 2 or span[-1][0] - span[0][0] < args.min_span_s:
+                continue  # too short to tell
+            growth.append(
+                {
+                    "process": name,
+                    "from_s": round(span[0][0]),
+                    "to_s": round(span[-1][0]),
+                    "rss_from_mib": round(span[0][1] / 2**20, 1),
+                    "rss_to_mib": round(span[-1][1] / 2**20, 1),
+                    "growth_pct": round(100 * (span[-1][1] - span[0][1]) / span[0][1], 2),
+                }
+            )
     return {
         "completions": counts["ok"],
         "busy_429": counts["429"],
@@ -209,6 +227,7 @@ async def soak(args: argparse.Namespace, nodes: LocalNodes, prompts, want: list[
             for r in recoveries
         ],
         "rss_growth": growth,
+        "recovered_at_s": [round(t) for t in recovered_at],
         "rss_samples": {k: [(round(t), round(r / 2**20, 1)) for t, r in v] for k, v in rss.items()},
     }
 
@@ -221,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--down-s", type=float, default=5.0, help="seconds a killed node stays down")
     p.add_argument("--baseline-s", type=float, default=120.0, help="RSS growth is measured from here")
     p.add_argument("--min-span-s", type=float, default=60.0, help="shortest span an RSS growth is given for")
+    p.add_argument("--settle-s", type=float, default=20.0, help="after a recovery, RSS spans start this late")
     p.add_argument("--quant", default="f32", help="f32 (bit-exact re-splits) or int4")
     p.add_argument("--max-tokens", type=int, default=12)
     p.add_argument("--max-running", type=int, default=8, help="the engine's sequences in flight")
@@ -254,10 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             f"recovery: {r['outcome']}, {r['action']}, pause {r['pause_ms']} ms, next result {r['resumed_ms']} ms"
         )
     print(f"\n{'process':<22}{'span':>12}{'RSS from':>12}{'RSS to':>10}{'growth':>9}")
-    for name, g in result["rss_growth"].items():
+    for g in result["rss_growth"]:
         print(
-            f"{name:<22}{g['from_s']:>5}-{g['to_s']:<4}s {g['rss_from_mib']:>9} MiB{g['rss_to_mib']:>7} MiB"
-            f"{g['growth_pct']:>8}%"
+            f"{g['process']:<22}{g['from_s']:>5}-{g['to_s']:<4}s {g['rss_from_mib']:>9} MiB"
+            f"{g['rss_to_mib']:>7} MiB{g['growth_pct']:>8}%"
         )
     print(f"\nwrote {args.out}")
     return 0
