@@ -183,31 +183,7 @@ async def soak(args: argparse.Namespace, nodes: LocalNodes, prompts, want: list[
         await served.close()
         restarter.shutdown(wait=False)
 
-    growth = []
-    for name, samples in rss.items():
-        if name == "coordinator":
-            cuts = [(args.baseline_s, float("inf"))]
-        else:  # spans between shard changes (recoveries), each settled first
-            edges = [max(args.baseline_s, born.get(name, 0.0)), *(t + args.settle_s for t in recovered_at)]
-            ends = [*recovered_at, float("inf")]
-            cuts = [
-                (a, min(b for b in ends if b > a) if any(b > a for b in ends) else float("inf"))
-                for a in edges
-            ]
-        for a, b in cuts:
-            span = [(t, r) for t, r in samples if a <= t < b]
-            if len(span) < 2 or span[-1][0] - span[0][0] < args.min_span_s:
-                continue  # too short to tell
-            growth.append(
-                {
-                    "process": name,
-                    "from_s": round(span[0][0]),
-                    "to_s": round(span[-1][0]),
-                    "rss_from_mib": round(span[0][1] / 2**20, 1),
-                    "rss_to_mib": round(span[-1][1] / 2**20, 1),
-                    "growth_pct": round(100 * (span[-1][1] - span[0][1]) / span[0][1], 2),
-                }
-            )
+    growth = rss_growth(rss, born, [k["killed_at_s"] for k in kills], recovered_at, args)
     return {
         "completions": counts["ok"],
         "busy_429": counts["429"],
@@ -227,9 +203,45 @@ async def soak(args: argparse.Namespace, nodes: LocalNodes, prompts, want: list[
             for r in recoveries
         ],
         "rss_growth": growth,
-        "recovered_at_s": [round(t) for t in recovered_at],
+        "recovered_at_s": [round(t, 1) for t in recovered_at],
+        "born_s": {k: round(v, 1) for k, v in born.items()},
         "rss_samples": {k: [(round(t), round(r / 2**20, 1)) for t, r in v] for k, v in rss.items()},
     }
+
+
+def rss_growth(
+    rss: dict[str, list[tuple[float, int]]],
+    born: dict[str, float],
+    killed_at: list[float],
+    recovered_at: list[float],
+    args: argparse.Namespace,
+) -> list[dict]:
+    """RSS growth of the coordinator from `baseline_s` to the end, and of each node process over every span
+    in which its shard cannot change: from `settle_s` after its start or after a recovery ended (not before
+    `baseline_s`) to the next kill (a recovery's loads come after one)."""
+    out = []
+    for name, samples in rss.items():
+        if name == "coordinator":
+            cuts = [(args.baseline_s, float("inf"))]
+        else:
+            first = born.get(name, 0.0)
+            starts = {max(args.baseline_s, t + args.settle_s) for t in [first, *recovered_at] if t >= first}
+            cuts = [(a, min([k for k in killed_at if k > a] + [float("inf")])) for a in sorted(starts)]
+        for a, b in cuts:
+            span = [(t, r) for t, r in samples if a <= t < b]
+            if len(span) < 2 or span[-1][0] - span[0][0] < args.min_span_s:
+                continue  # too short to tell
+            out.append(
+                {
+                    "process": name,
+                    "from_s": round(span[0][0]),
+                    "to_s": round(span[-1][0]),
+                    "rss_from_mib": round(span[0][1] / 2**20, 1),
+                    "rss_to_mib": round(span[-1][1] / 2**20, 1),
+                    "growth_pct": round(100 * (span[-1][1] - span[0][1]) / span[0][1], 2),
+                }
+            )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,11 +97,12 @@ class RecoveryEvent:
     outcome: str = "recovering"  # recovered, capacity (the nodes left cannot hold the model) or failed
     error: str = ""  # why it did not recover
     started: float = field(default_factory=time.perf_counter, repr=False)
+    origin: float = field(default=0.0, repr=False)  # perf_counter when the call that failed began
 
     def to_dict(self) -> dict:
         """JSON-friendly, times rounded (for `/v1/cluster` and `run --json`)."""
         d = asdict(self)
-        del d["started"]
+        del d["started"], d["origin"]
         for k, v in d.items():
             if k.endswith("_ms"):
                 d[k] = round(v, 1)

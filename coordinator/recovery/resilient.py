@@ -215,6 +215,7 @@ class ResilientPipeline:
             self.state = "recovering"
             self._retire(self.pipeline)
             event = RecoveryEvent(failure.detected_at, failure.cause, failure.nodes, failure.probe_ms)
+            event.origin = failure.t0
             try:
                 try:
                     await self._rebuild(event)
@@ -337,13 +338,14 @@ class ResilientPipeline:
                 )
 
     def _resumed(self, failure: NodeFailure) -> None:
-        """A call that met `failure` has its result on the new plan: the recovery's `resumed_ms` (the first
-        such call, from the start of the call that failed) is what its client waited."""
+        """A call that met `failure` has its result on the new plan: the recovery's `resumed_ms` (at the
+        first such call, from the start of the call whose failure began the recovery) is what a client
+        waited for its next token."""
         for i in range(len(self.events) - 1, -1, -1):
             event = self.events[i]
             if event.outcome == "recovered" and event.started >= failure.t0:
                 if not event.resumed_ms:
-                    event.resumed_ms = (time.perf_counter() - failure.t0) * 1e3
+                    event.resumed_ms = (time.perf_counter() - (event.origin or failure.t0)) * 1e3
                     self.recoveries[i] = event.to_dict()
                 return
 
