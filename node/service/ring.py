@@ -51,6 +51,7 @@ MAX_BATCH_ROWS = 256  # rows one batched forward takes at most (--max-batch-rows
 COMPUTE_MODES = ("thread", "inline")  # where the stage computes (--compute; see the module docstring)
 KV_AVAILABLE_FRACTION = 0.5  # default KV budget: this share of the memory available once the weights are in
 SESSION_IDLE_S = 1800.0  # a session nobody stepped for this long is ended (--session-idle-timeout)
+INLINE_MAX_ROWS = 16  # a lone session's step runs on the event loop only up to this many rows (see _run)
 BURST_WAIT_S = 0.002  # longest a node waits for the rest of an arriving burst before it starts a forward
 ReplyFn = Callable[[pb.ForwardReply], None]  # puts an error reply on the sender's stream (never blocks)
 __all__ = ["LAST", "LoadedShard", "NextHop", "RingNode"]
@@ -341,8 +342,11 @@ class RingNode:
             if steps:
                 times.record(steps, time.perf_counter())
             work = partial(run_batch, shard.executor, self.name, controls, steps)
-            # one session (or none): nothing else can arrive meanwhile, so skip the thread hand-off
-            inline = self.worker is None or len(shard.executor.sessions) <= 1
+            # one session (or none): nothing else can arrive meanwhile, so skip the thread hand-off; but not
+            # for a long step (a prefill chunk): on the event loop it would keep Health unanswered for its
+            # whole length, and a coordinator probing a slow or busy node then takes it for hung
+            rows = sum(item.req.length for item in steps if item.req is not None)
+            inline = self.worker is None or (len(shard.executor.sessions) <= 1 and rows <= INLINE_MAX_ROWS)
             try:
                 outcomes, encode_s = work() if inline else await loop.run_in_executor(self.worker, work)
             except Exception as e:  # run_batch answers for every message; this is a bug in it
