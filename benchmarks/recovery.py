@@ -8,6 +8,10 @@ re-split the layers (both load), and the three-node ring is deployed again befor
 
     python benchmarks/recovery.py                  # 5 trials, spare, the checkpoint's own format (int4)
     python benchmarks/recovery.py --mode resplit --quant f32 --trials 3
+    python benchmarks/recovery.py --prompt-tokens 1500 --hot-spare --trials 3   # a long context
+
+`--hot-spare` loads the lost stage's layers on the spare before the kill (a spare already holding the
+weights): the recovery then loads nothing and kill to next token is detection + replay.
 
 Reported per trial: kill -> next token (what the user waits, measured where the tokens arrive), and the parts
 of the recovery (coordinator/recovery_log.py): detect (probing), re-plan, load, replay, pause (first sign ->
@@ -40,7 +44,36 @@ from edgeshard.node.model.sampling import SamplingParams
 from edgeshard.node.weights.registry import resolve_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "recovery.json"
-PROMPT = list(range(1000, 1100))  # 100 token ids: a prefill of one chunk and a bit
+PROMPT = list(range(1000, 1100))  # 100 token ids: a prefill of one chunk and a bit (--prompt-tokens)
+
+
+async def preload_spare(pipe, cluster: LocalNodes, stage: int, quant: str | None) -> None:
+    """Load `stage`'s layers on a node outside the plan (under a plan id of its own), so the recovery finds
+    a spare already holding them."""
+    from edgeshard.coordinator.pipeline.deploy import new_plan_id
+    from edgeshard.coordinator.pipeline.stage_client import connect
+    from edgeshard.node.wire import edgeshard_pb2 as pb
+
+    plan = pipe.deployment.plan
+    used = {s["address"] for s in plan}
+    spare = next(a for a, p in zip(cluster.addresses, cluster.procs) if a not in used and p.poll() is None)
+    s = plan[stage]
+    nxt = "last" if stage == len(plan) - 1 else plan[stage + 1]["address"]
+    (client,), _ = await connect([spare])
+    try:
+        req = pb.LoadShardRequest(
+            model=pipe.deployment.shards[0].model,
+            start_layer=s["start_layer"],
+            end_layer=s["end_layer"],
+            num_layers=30,
+            quant=pipe.deployment.shards[0].quant,
+            plan_id=new_plan_id(),
+            next_hop=nxt,
+            stages=len(plan),
+        )
+        await client.load(req, lambda _progress: None)
+    finally:
+        await client.close()
 
 
 async def run_trial(pipe, cluster: LocalNodes, tokens: int, stage: int, after: int) -> dict:
@@ -89,6 +122,8 @@ async def main_async(args: argparse.Namespace, path: Path, cluster: LocalNodes) 
             if i == 0:  # the uninterrupted reference (and a warm-up)
                 reference = [t async for t in generate(pipe, Sequence(PROMPT, SamplingParams(), args.tokens))]
             stage, after = rng.randrange(3), rng.randrange(2, args.tokens - 2)
+            if args.hot_spare:
+                await preload_spare(pipe, cluster, stage, args.quant)
             trial = await run_trial(pipe, cluster, args.tokens, stage, after)
             trial["same_output"] = trial.pop("tokens") == reference
             trials.append(trial)
@@ -149,8 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=7, help="where the kills land")
+    p.add_argument("--prompt-tokens", type=int, default=100, help="context before generating")
+    p.add_argument("--hot-spare", action="store_true", help="the spare holds the lost stage's weights")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    global PROMPT
+    PROMPT = [1000 + i % 40000 for i in range(args.prompt_tokens)]
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     path = resolve_model(args.model)
@@ -193,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}  # one entry per mode and format: a spare run does not erase the re-split one
     with contextlib.suppress(FileNotFoundError, ValueError, AttributeError):
         runs = dict(json.loads(args.out.read_text()).get("runs", {}))
-    runs[f"{args.mode}-{report['quant']}"] = report
+    key = f"{args.mode}-{report['quant']}"
+    if args.prompt_tokens != 100 or args.hot_spare:
+        key += f"-{args.prompt_tokens}tok" + ("-hot" if args.hot_spare else "")
+    runs[key] = report
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
     print(f"wrote {args.out}")

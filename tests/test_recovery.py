@@ -357,8 +357,9 @@ def test_too_few_nodes_fail_clearly_and_serving_resumes(aio, cluster, smollm2_pa
         assert failed.value.status == 503 and failed.value.missing_bytes > 0
         assert all(a in message for a in left), message
         assert "short" in message and "Add a node with at least" in message, message
-        with pytest.raises(ServerUnavailableError, match="Add a node"):  # new requests: refused at once
+        with pytest.raises(ServerUnavailableError, match="Add a node") as refused:  # new requests: at once
             engine.submit(request)
+        assert refused.value.status == 503 and refused.value.code == "insufficient_memory"  # docs/recovery.md
         info = (await engine.cluster_info())["recovery"]
         assert info["state"] == "down" and info["recoveries"][-1]["outcome"] == "capacity"
         assert all(info["nodes"][cluster.addresses[i]]["state"] == "down" for i in victims)

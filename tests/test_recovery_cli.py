@@ -58,7 +58,10 @@ def local_tokens(path) -> list[int]:
     return asyncio.run(run())
 
 
-def test_run_json_survivors_resplit_and_match_one_process(smollm2_path):
+@pytest.mark.parametrize("layers", [None, "10,10,10"])
+def test_run_json_survivors_resplit_and_match_one_process(smollm2_path, layers):
+    """Without --layers the two survivors split evenly; with --layers (a planned ring) they re-split over
+    both survivors as the cost model predicts best (before, the planner put all 30 layers on one)."""
     want = local_tokens(smollm2_path)
     assert len(want) > 20  # long enough to be killed in the middle
     with LocalNodes(3, model_dir=smollm2_path.parent, name="cli", node_args=["--no-benchmark"]) as cluster:
@@ -67,6 +70,7 @@ def test_run_json_survivors_resplit_and_match_one_process(smollm2_path):
             *("--peers", ",".join(cluster.addresses), "--quant", "f32", "--prompt", PROMPT, "--chat"),
             *("--max-tokens", str(MAX_TOKENS), "--temperature", "0", "--json"),
             *cluster.security_args(),
+            *(("--layers", layers) if layers else ()),
         ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -82,9 +86,16 @@ def test_run_json_survivors_resplit_and_match_one_process(smollm2_path):
     assert summary["tokens"] == want
     (event,) = summary["recoveries"]
     assert event["outcome"] == "recovered" and cluster.addresses[1] in event["nodes"][0]
-    assert event["action"] == "re-split the layers evenly over 2 node(s)"
-    assert [(s["start_layer"], s["end_layer"]) for s in event["plan"]] == [(0, 15), (15, 30)]
+    survivors = {cluster.addresses[0], cluster.addresses[2]}
+    assert {s["address"] for s in event["plan"]} == survivors  # every survivor holds layers
+    if layers is None:
+        assert event["action"] == "re-split the layers evenly over 2 node(s)"
+        assert [(s["start_layer"], s["end_layer"]) for s in event["plan"]] == [(0, 15), (15, 30)]
+    else:
+        assert event["action"] == "re-split the layers over all 2 live node(s)"
+        assert event["plan"][0]["start_layer"] == 0 and event["plan"][-1]["end_layer"] == 30
     assert event["load_ms"] > 0 and event["pause_ms"] >= event["load_ms"] + event["replay_ms"]
+    assert event["resumed_ms"] >= event["pause_ms"] >= event["probe_ms"]  # the failed call's next result
     assert "recovered in" in err.decode()  # the one log line a user sees
 
 

@@ -81,7 +81,45 @@ def test_without_a_spare_the_survivors_re_split_or_the_planner_places(cost):
     assert even.action == "re-split the layers evenly over 2 node(s)"
     assert [(s.start_layer, s.end_layer) for s in even.plan.stages] == [(0, 15), (15, 30)]
     planned = Replanner([], cost, model="m", even=False).choose(running(1, 2, 3), survivors)
-    assert planned.action.startswith("re-planned") and planned.plan.stages[-1].end_layer == 30
+    assert planned.action == "re-split the layers over all 2 live node(s)"
+    assert [s.node for s in planned.plan.stages] == ["n1", "n3"]  # both survivors work (not all on one)
+    assert planned.plan.stages[0].start_layer == 0 and planned.plan.stages[-1].end_layer == 30
+
+
+def test_a_re_split_uses_every_survivor_within_its_memory(cost):
+    """A planned ring (--layers, --discover) that loses a node re-splits over ALL the survivors: before, the
+    planner put all 30 layers on one of two survivors. A small survivor gets fewer layers, not none."""
+    from edgeshard.coordinator.placement.cost_model import POSITION, CostModel, evaluate, with_fallback_speeds
+    from edgeshard.coordinator.placement.gather import plan_node
+    from edgeshard.coordinator.recovery.replan import _LINK, split_over_all
+
+    four = [  # a ring of four stages loses n2: three survivors, no spare
+        {"node": f"n{i}", "address": f"192.0.2.{i}:1", "start_layer": a, "end_layer": b}
+        for i, (a, b) in zip((1, 2, 3, 4), [(0, 8), (8, 16), (16, 24), (24, 30)])
+    ]
+    survivors = [member(1, 60), member(3, 4096), member(4, 4096)]
+    for even in (True, False):  # an even split (10 layers each) does not fit n1's 60 MiB either
+        placed = Replanner([], cost, model="m", even=even).choose(four, survivors)
+        assert placed.action == "re-split the layers over all 3 live node(s)"
+        stages = placed.plan.stages
+        assert [s.node for s in stages] == ["n1", "n3", "n4"] and all(
+            s.end_layer > s.start_layer for s in stages
+        )
+        assert 0 < stages[0].end_layer - stages[0].start_layer < 10  # fewer layers on the small node
+        assert all(s.weight_bytes + s.kv_bytes <= s.usable_bytes for s in stages)
+    # the split is the cost model's best among those using every node: no other fitting split is faster
+    nodes = with_fallback_speeds([plan_node(m, _LINK) for m in survivors])  # as `choose` sees them
+    m = CostModel(cost, placed.plan.context, placed.plan.sessions, POSITION)
+    counts = split_over_all(nodes, m)
+    best = evaluate(nodes, counts, cost, context=placed.plan.context).latency_ms
+    for a in range(1, 29):
+        for b in range(1, 30 - a):
+            try:
+                other = evaluate(nodes, [a, b, 30 - a - b], cost, context=placed.plan.context)
+            except Exception:
+                continue  # does not fit
+            assert best <= other.latency_ms + 1e-9
+    assert split_over_all(nodes[:1] * 31, m) is None  # more nodes than layers
 
 
 def test_a_node_back_at_its_address_takes_its_stage_again(cost):
@@ -129,3 +167,23 @@ def test_the_log_line_says_what_failed_and_how_long_each_part_took():
     assert line.startswith("n2 (192.0.2.2:1) failed (n2 down: connection refused); recovered in 2.4 s")
     assert "load 1800 ms" in line and "replay 1 sequence (300 tokens) 500 ms" in line and "n4 10-19" in line
     assert set(e.to_dict()) >= {"detected_at", "cause", "nodes", "replan_ms", "load_ms", "pause_ms"}
+
+
+def test_a_node_that_comes_back_is_balanced_in_only_when_predicted_faster(cost):
+    """After a re-split over n1 and n3, n2 returns. For throughput the bottleneck drops from 15 layers to 10:
+    balance it in. For latency the cost model charges the extra hop and the compute is the same: stay."""
+    resplit = [
+        {"node": "n1", "address": "192.0.2.1:1", "start_layer": 0, "end_layer": 15},
+        {"node": "n3", "address": "192.0.2.3:1", "start_layer": 15, "end_layer": 30},
+    ]
+    live = [member(1, 4096), member(3, 4096), member(2, 4096)]
+    fast = Replanner([], cost, model="m", objective="throughput").better(resplit, live)
+    assert fast is not None and fast.action.startswith("balanced in 1 node(s): predicted")
+    assert [(s.node, s.start_layer, s.end_layer) for s in fast.plan.stages] == [
+        ("n1", 0, 10),
+        ("n3", 10, 20),
+        ("n2", 20, 30),
+    ]
+    assert Replanner([], cost, model="m", objective="latency").better(resplit, live) is None
+    assert Replanner([], cost, objective="throughput").better(resplit, live[:2]) is None  # nobody new
+    assert Replanner([], cost, objective="throughput").better(resplit, live[1:]) is None  # n1 is down

@@ -24,6 +24,8 @@ class RecoveryPolicy:
     wait_s: float = 120.0  # requests arriving during a recovery wait at most this long for it
     attempts: int = 5  # re-place + load + replay rounds per recovery (a node may die during one)
     retry_s: float = 5.0  # while the nodes left cannot hold the model: try again this often
+    # while no session is open: look this often for nodes outside the plan worth balancing in (0: never)
+    rebalance_s: float = 30.0
 
     def deadline(self, rows: int) -> float:
         """Seconds a call feeding `rows` tokens may take before the nodes are probed."""
@@ -75,16 +77,17 @@ class SessionHistory:
 class RecoveryEvent:
     """One recovery: what failed, what was done, and how long each part took (milliseconds)."""
 
-    detected_at: (
-        float  # wall clock (Unix seconds) when the failure first showed (an error, a missed deadline)
-    )
+    detected_at: float  # wall clock (Unix seconds) when the call that failed began
     cause: str  # what showed it, and what the probes found
     nodes: list[str]  # the failed nodes, "name (address)"
-    probe_ms: float = 0.0  # from the first sign to knowing which nodes failed
+    probe_ms: float = 0.0  # from the start of the call that failed to knowing which nodes failed
     replan_ms: float = 0.0  # probing candidates and placing the layers
     load_ms: float = 0.0  # LoadShard on every node of the new plan (survivors only take the new plan id)
     replay_ms: float = 0.0  # rebuilding the KV caches of every session in flight
-    pause_ms: float = 0.0  # from the first sign to serving again: what a user waited
+    # from the start of the call that failed (the client has waited since: the deadline of a hang included)
+    # to serving again, and to that call's result on the new plan (the next token: what a user waited)
+    pause_ms: float = 0.0
+    resumed_ms: float = 0.0
     attempts: int = 0  # rounds of place + load + replay it took
     sessions: int = 0  # sessions replayed
     replayed_tokens: int = 0
@@ -94,11 +97,12 @@ class RecoveryEvent:
     outcome: str = "recovering"  # recovered, capacity (the nodes left cannot hold the model) or failed
     error: str = ""  # why it did not recover
     started: float = field(default_factory=time.perf_counter, repr=False)
+    origin: float = field(default=0.0, repr=False)  # perf_counter when the call that failed began
 
     def to_dict(self) -> dict:
         """JSON-friendly, times rounded (for `/v1/cluster` and `run --json`)."""
         d = asdict(self)
-        del d["started"]
+        del d["started"], d["origin"]
         for k, v in d.items():
             if k.endswith("_ms"):
                 d[k] = round(v, 1)

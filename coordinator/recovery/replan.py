@@ -8,9 +8,19 @@ running plan), asks the live ones for GetInfo, and takes the first of these that
    it holds only takes the new plan id (node/shard_load.py), so only the replacements load, and the numbers
    stay bit-identical to the uninterrupted run in every weight format. A node that restarted at the address
    of its stage simply takes its stage again.
-2. re-split: an even split over the live nodes in candidate order (what --peers without --layers means);
-3. plan: the planner's best placement over the live nodes (coordinator/planner.py);
+2. re-split over every live node: an even split in candidate order when `even` (what --peers without
+   --layers means) and it fits, else the split that the cost model predicts fastest among those that give
+   every live node at least one layer and fit its memory (`split_over_all`). Every survivor keeps working:
+   the planner alone, optimising latency on a cost model without contention, put all 30 layers on one of
+   two survivors, leaving the other idle and its memory unused;
+3. plan: the planner's best placement over the live nodes (coordinator/planner.py), when no split over all
+   of them fits (it may leave nodes out, saying why);
 4. nothing fits: `CapacityError`, naming the nodes left, the memory missing and the node to add.
+
+Nodes that come back (or join) are balanced in when the cost model says the ring gets faster
+(`Replanner.better`, run by the ResilientPipeline between requests): the placement over every live node,
+as a re-split would make it, against the running plan evaluated on the same nodes, by at least
+`REBALANCE_GAIN`.
 
 Only a re-split or a new plan moves layer boundaries; in bf16/int4 a boundary rounds the residual stream to
 bf16 (node/model.py), so only f32 shards are then bit-identical to the uninterrupted run.
@@ -42,6 +52,7 @@ from edgeshard.node.model.cost import ModelCost
 from edgeshard.node.presence.capability import format_bytes
 
 CONFIRM_TIMEOUT_S = 2.0
+REBALANCE_GAIN = 0.10  # a re-balance must be predicted this much faster (a reload costs the load's seconds)
 Candidates = Callable[[], Awaitable[Sequence[str]]]  # addresses that may serve (order: preference)
 
 
@@ -102,6 +113,49 @@ class Replanner:
         except PlanError as e:
             raise _capacity(e, lost, list(members), self.cost, self.model) from None
 
+    async def place_better(self, current: Sequence[dict]) -> Placement | None:
+        """Probe the candidates; `better` over the live ones (None: nothing to gain, or a node is down)."""
+        given = self.candidates if not callable(self.candidates) else await self.candidates()
+        addresses = list(dict.fromkeys([*(s["address"] for s in current), *given]))
+        if len(addresses) == len(current):
+            return None  # no node outside the plan: nothing to balance in
+        probes = self.probes = tuple(await probe_all(addresses, None, self.probe_timeout))
+        live = [p.address for p in probes if p.answers]
+        members = [m for m in await _confirm_all(live) if m.ok]
+        return self.better(current, members, probes)
+
+    def better(self, current: Sequence[dict], members: Sequence[Member], probes=()) -> Placement | None:
+        """A placement over every live member that the cost model predicts at least REBALANCE_GAIN faster
+        (latency, or the bottleneck for `throughput`) than the running plan on the same figures; None when
+        no node outside the plan is live, a node of the plan is not (that is a failure, not ours), or the
+        gain is smaller."""
+        nodes = with_fallback_speeds([plan_node(m, _LINK) for m in members])
+        by_address = {n.address: n for n in nodes}
+        running = {s["address"] for s in current}
+        if any(a not in by_address for a in running) or all(n.address in running for n in nodes):
+            return None
+        m = CostModel(self.cost, self.context, self.sessions, POSITION)
+        order = [_holding(by_address[s["address"]], m, s["start_layer"], s["end_layer"]) for s in current]
+        counts = [s["end_layer"] - s["start_layer"] for s in current]
+        try:
+            now = evaluate(order, counts, self.cost, **self._kw())
+            candidate = self._resplit(nodes, tuple(probes))
+        except PlanError:
+            return None
+        if len(candidate.plan.stages) <= len(current):
+            return None  # the nodes that came back would not be used: nothing to balance in
+
+        def figure(plan: Plan) -> float:
+            return plan.bottleneck_ms if self.objective == "throughput" else plan.latency_ms
+
+        if figure(candidate.plan) > figure(now) * (1 - REBALANCE_GAIN):
+            return None
+        action = (
+            f"balanced in {len(candidate.plan.stages) - len(current)} node(s): predicted "
+            f"{figure(candidate.plan):.1f} ms per token instead of {figure(now):.1f} ({candidate.action})"
+        )
+        return Placement(candidate.plan, action, tuple(probes))
+
     def _kw(self) -> dict:
         return dict(model=self.model, context=self.context, sessions=self.sessions, objective=self.objective)
 
@@ -115,13 +169,7 @@ class Replanner:
             start, end = s["start_layer"], s["end_layer"]
             node = by_address.get(s["address"])
             if node is not None:
-                # it ran this stage until now (or restarted right here): it can hold it, whatever its free
-                # memory says now (its KV caches of the old plan are still counted there)
-                node = dataclasses.replace(
-                    node,
-                    capability=dataclasses.replace(node.capability, memory_limit=0),
-                    available_bytes=max(node.available_bytes, m.memory(start, end) + _HOLDS_IT),
-                )
+                node = _holding(node, m, start, end)
             else:
                 node = next((n for n in idle if n.usable_bytes >= m.memory(start, end)), None)
                 if node is None:
@@ -138,7 +186,8 @@ class Replanner:
         return Placement(plan, action, probes)
 
     def _resplit(self, nodes: list[PlanNode], probes) -> Placement:
-        """An even split over the live nodes when `even` and it fits, else the planner's (PlanError: none)."""
+        """A split over every live node (evenly when `even` and it fits, else the predicted fastest that
+        fits), else the planner's (PlanError: nothing fits)."""
         if not nodes:
             raise PlanError("no node is left")
         if self.even and len(nodes) <= self.cost.num_layers:
@@ -147,9 +196,61 @@ class Replanner:
                 plan = evaluate(nodes, counts, self.cost, **self._kw())
                 return Placement(plan, f"re-split the layers evenly over {len(nodes)} node(s)", probes)
             except PlanError:
-                pass  # an even split does not fit: let the planner find one that does
+                pass  # an even split does not fit: one that gives the big nodes more may
+        m = CostModel(self.cost, self.context, self.sessions, POSITION)
+        counts = split_over_all(nodes, m, self.objective)
+        if counts is not None:
+            plan = evaluate(nodes, counts, self.cost, **self._kw())
+            return Placement(plan, f"re-split the layers over all {len(nodes)} live node(s)", probes)
         plan = make_plan(nodes, self.cost, **self._kw())
         return Placement(plan, f"re-planned over {len(plan.stages)} node(s)", probes)
+
+
+def split_over_all(nodes: Sequence[PlanNode], m: CostModel, objective: str = "latency") -> list[int] | None:
+    """Layer counts that give every node of `nodes` (in this order) at least one layer and fit each one's
+    memory, with the least predicted time per token (`latency`: the sum of the stages; `throughput`: the
+    slowest stage) under the planner's cost model; None when no such split fits (or there are more nodes
+    than layers). An exact dynamic program over (node, layers placed): O(nodes x layers^2) stage costs."""
+    total, n = m.cost.num_layers, len(nodes)
+    if not n or n > total:
+        return None
+    inf = float("inf")
+    best = [[inf] * (total + 1) for _ in range(n + 1)]  # best[i][k]: first i nodes hold layers [0, k)
+    took = [[0] * (total + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for i, node in enumerate(nodes):
+        left_after = n - i - 1  # nodes still to come, one layer each at least
+        for start in range(i, total - left_after):
+            if best[i][start] == inf:
+                continue
+            ends = [total] if left_after == 0 else range(start + 1, total - left_after + 1)
+            for end in ends:
+                if m.memory(start, end) > node.usable_bytes:
+                    break  # more layers only need more memory
+                stage = m.stage(node, start, end)
+                if objective == "latency":
+                    value = best[i][start] + stage.compute_ms + stage.hop_ms
+                else:
+                    value = max(best[i][start], stage.stage_ms)
+                if value < best[i + 1][end]:
+                    best[i + 1][end], took[i + 1][end] = value, end - start
+    if best[n][total] == inf:
+        return None
+    counts, k = [], total
+    for i in range(n, 0, -1):
+        counts.append(took[i][k])
+        k -= took[i][k]
+    return counts[::-1]
+
+
+def _holding(node: PlanNode, m: CostModel, start: int, end: int) -> PlanNode:
+    """`node` as able to hold layers [start, end): it ran them until now (or restarted right there),
+    whatever its free memory says now (its shard and KV caches are counted as used there)."""
+    return dataclasses.replace(
+        node,
+        capability=dataclasses.replace(node.capability, memory_limit=0),
+        available_bytes=max(node.available_bytes, m.memory(start, end) + _HOLDS_IT),
+    )
 
 
 _LINK = Link(1.0, DEFAULT_MBPS, False)  # links are not re-measured in a recovery: the planner's default

@@ -18,7 +18,13 @@ unseeded sampler gets its seed here, so a replay draws what the first run drew) 
   what is missing, what to add) and `broken` says so (the engine answers 503); the placement is retried every
   `retry_s` and serving resumes once enough nodes are back.
 
-Every recovery is a `RecoveryEvent`, logged as one line and kept in `events` (`recoveries`: as dicts).
+- re-balance: while no session is open, every `rebalance_s` it looks for live nodes outside the plan (ones
+  that came back after a failure, new ones) and moves to the placement over all of them when the cost model
+  predicts it faster (replan.py `Replanner.better`). Only between requests: a sequence in flight would
+  need a replay, which costs more than a faster ring saves in one request.
+
+Every recovery (and re-balance) is a `RecoveryEvent`, logged as one line and kept in `events` (`recoveries`:
+as dicts).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from rich.console import Console
 from edgeshard.coordinator.errors import CapacityError, ClusterError
 from edgeshard.coordinator.recovery.liveness import NodeFailure, probe_all
 from edgeshard.coordinator.recovery.log import RecoveryEvent, RecoveryPolicy, SessionHistory
-from edgeshard.coordinator.recovery.replan import Replanner
+from edgeshard.coordinator.recovery.replan import Placement, Replanner
 from edgeshard.coordinator.recovery.watchdog import Watchdog
 from edgeshard.node.model.sampling import SamplingParams
 
@@ -82,6 +88,7 @@ class ResilientPipeline:
         # called with the new deployment after each recovery (the engine's KV admission follows the nodes)
         self.on_new_plan: list[Callable[[object], None]] = []
         self._retry: asyncio.Task | None = None
+        self._rebalancer: asyncio.Task | None = None  # started with the first session (needs a running loop)
 
     @property
     def epoch(self) -> int:
@@ -92,6 +99,8 @@ class ResilientPipeline:
 
     async def open(self, session_id: str, sampling: SamplingParams, max_len: int = 0) -> None:
         """Open the session on every node for up to `max_len` positions (waiting out a recovery)."""
+        if self._rebalancer is None and self.policy.rebalance_s > 0:
+            self._rebalancer = asyncio.ensure_future(self._rebalance_loop())
         if not sampling.greedy and sampling.seed is None:  # fix the seed: a replay must draw the same tokens
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(62))
         session = self.sessions[session_id] = SessionHistory(session_id, sampling, max_len)
@@ -122,7 +131,7 @@ class ResilientPipeline:
 
     async def aclose(self) -> None:
         """Stop retrying, close the pipeline and the deployments made here (the first is its owner's)."""
-        for task in (self._retry, self._recovery):
+        for task in (self._retry, self._recovery, self._rebalancer):
             if task is not None:
                 task.cancel()
         self._retire(self.pipeline)
@@ -148,13 +157,18 @@ class ResilientPipeline:
 
     async def _call(self, session: SessionHistory, make: Callable | None, rows: int):
         """`make(pipeline)` for `session` on the current plan, rebuilding the ring and retrying on failures."""
+        failed: NodeFailure | None = None
         for _ in range(self.policy.attempts + 1):
             pipe, epoch = await self._current()
             try:
                 if session.epoch != epoch:  # not open on this plan yet (or missed the replay)
                     await self._replay(session, pipe, epoch)
-                return None if make is None else await self._guard(make(pipe), rows)
+                result = None if make is None else await self._guard(make(pipe), rows)
+                if failed is not None:
+                    self._resumed(failed)
+                return result
             except NodeFailure as failure:
+                failed = failed or failure
                 await self._recover(epoch, failure)
         raise ClusterError(
             f"session {session.session_id}: the ring failed {self.policy.attempts + 1} times in a row; "
@@ -201,6 +215,7 @@ class ResilientPipeline:
             self.state = "recovering"
             self._retire(self.pipeline)
             event = RecoveryEvent(failure.detected_at, failure.cause, failure.nodes, failure.probe_ms)
+            event.origin = failure.t0
             try:
                 try:
                     await self._rebuild(event)
@@ -221,8 +236,9 @@ class ResilientPipeline:
                 self._record(event)
                 self._ready.set()
 
-    async def _rebuild(self, event: RecoveryEvent) -> None:
-        """Place, load and replay until the ring runs (or `attempts` rounds failed); raises ClusterError."""
+    async def _rebuild(self, event: RecoveryEvent, first: Placement | None = None) -> None:
+        """Place (the first round: `first`, when given), load and replay until the ring runs (or `attempts`
+        rounds failed); raises ClusterError."""
         from edgeshard.coordinator.pipeline.deploy import deploy
 
         why: Exception | None = None
@@ -230,7 +246,10 @@ class ResilientPipeline:
             event.attempts = attempt
             t = time.perf_counter()
             try:
-                placement = await self.replanner.place(self.deployment.plan)  # CapacityError: nothing fits
+                if attempt == 1 and first is not None:
+                    placement = first
+                else:  # CapacityError: nothing fits
+                    placement = await self.replanner.place(self.deployment.plan)
             finally:
                 event.replan_ms += (time.perf_counter() - t) * 1e3
                 self.watchdog.note(self.replanner.probes)
@@ -318,6 +337,18 @@ class ResilientPipeline:
                     session.predicted[1],
                 )
 
+    def _resumed(self, failure: NodeFailure) -> None:
+        """A call that met `failure` has its result on the new plan: the recovery's `resumed_ms` (at the
+        first such call, from the start of the call whose failure began the recovery) is what a client
+        waited for its next token."""
+        for i in range(len(self.events) - 1, -1, -1):
+            event = self.events[i]
+            if event.outcome == "recovered" and event.started >= failure.t0:
+                if not event.resumed_ms:
+                    event.resumed_ms = (time.perf_counter() - (event.origin or failure.t0)) * 1e3
+                    self.recoveries[i] = event.to_dict()
+                return
+
     def _record(self, event: RecoveryEvent) -> None:
         self.events.append(event)
         self.recoveries.append(event.to_dict())
@@ -336,6 +367,46 @@ class ResilientPipeline:
         task = asyncio.ensure_future(retire(list(self.sessions)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def rebalance(self) -> RecoveryEvent | None:
+        """Move to the placement over every live node when the cost model predicts it faster, only while no
+        session is open (requests arriving meanwhile wait for it); the event, or None when nothing moved."""
+        if self.state != "serving" or self.broken is not None or self.sessions:
+            return None
+        async with self._lock:
+            if self.state != "serving" or self.sessions:
+                return None
+            t0 = time.perf_counter()
+            try:
+                placement = await self.replanner.place_better(self.deployment.plan)
+            finally:
+                self.watchdog.note(self.replanner.probes)
+            if placement is None or self.sessions:  # a session opened meanwhile: not now
+                return None
+            self._ready.clear()  # from now on, new calls wait for the new plan
+            self._retire(self.pipeline)
+            event = RecoveryEvent(time.time(), "nodes outside the plan are live", [])
+            event.replan_ms = (time.perf_counter() - t0) * 1e3
+            try:
+                await self._rebuild(event, placement)
+            except ClusterError as e:  # the new nodes failed while loading, and so on: a recovery's outcome
+                event.outcome, event.error = "failed", str(e)
+                self.broken = ClusterError(f"re-balance failed: {e}")
+                self.state = "down"
+                self._retry = asyncio.ensure_future(self._retry_loop())
+            finally:
+                event.pause_ms = (time.perf_counter() - t0) * 1e3
+                self._record(event)
+                self._ready.set()
+            return event
+
+    async def _rebalance_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.policy.rebalance_s)
+            try:
+                await self.rebalance()
+            except Exception:  # a bug must not end the loop silently, nor the server
+                log.exception("re-balance check failed")
 
     async def _retry_loop(self) -> None:
         """While down: place again every `retry_s`; serve again (a new epoch) once the nodes can hold it."""

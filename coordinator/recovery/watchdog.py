@@ -62,6 +62,9 @@ class Watchdog:
 
     async def guard(self, call: Awaitable, rows: int, given_up: asyncio.Event) -> Any:
         """Await `call` (feeding `rows` tokens) under the deadline (see the module docstring)."""
+        # the failure's clock starts when the call did: the client has waited since then (a hang costs the
+        # deadline plus hang_s before anything is known, and the recovery's figures must include that)
+        started = time.perf_counter()
         task = asyncio.ensure_future(call)
         stop = asyncio.ensure_future(given_up.wait())
         deadline, waited = self.policy.deadline(rows), 0.0
@@ -74,13 +77,11 @@ class Watchdog:
                     except ClusterError as e:
                         if about_the_request(e):
                             raise
-                        raise await self.judge(str(e)) from e
+                        raise await self.judge(str(e), started) from e
                 if stop.done():
                     raise NodeFailure("superseded: the plan was given up")
                 waited += deadline
-                failure = await self.diagnose(
-                    f"no result within {waited:g} s", time.perf_counter(), self.policy.hang_s
-                )
+                failure = await self.diagnose(f"no result within {waited:g} s", started, self.policy.hang_s)
                 if failure is not None:
                     raise failure
                 if waited >= self.policy.max_step_s:
@@ -109,12 +110,13 @@ class Watchdog:
         finally:
             task.cancel()
 
-    async def judge(self, error: str) -> NodeFailure:
-        """The failure behind an error: the nodes one round of probes finds failed (the error was their
-        symptom: it goes to the log at info), else the ring itself (a broken stream)."""
+    async def judge(self, error: str, t0: float | None = None) -> NodeFailure:
+        """The failure behind an error (of a call started at `t0`): the nodes one round of probes finds
+        failed (the error was their symptom: it goes to the log at info), else the ring itself."""
         log.info("ring error: %s", error)
-        return await self.diagnose("", time.perf_counter(), 0.0) or NodeFailure(
-            f"{error}; every node answers: rebuilding the ring"
+        t0 = time.perf_counter() if t0 is None else t0
+        return await self.diagnose("", t0, 0.0) or NodeFailure(
+            f"{error}; every node answers: rebuilding the ring", t0=t0
         )
 
     async def diagnose(self, cause: str, t0: float, hang_s: float) -> NodeFailure | None:

@@ -217,7 +217,8 @@ class Engine:
         broken = getattr(self.pipeline, "broken", None)  # RemotePipeline records what broke it
         if self.pipeline is None or broken is not None:
             raise ServerUnavailableError(
-                f"{self.unavailable_reason}: {broken}" if broken else self.unavailable_reason
+                f"{self.unavailable_reason}: {broken}" if broken else self.unavailable_reason,
+                code=getattr(broken, "code", None),  # a ring short of memory: insufficient_memory (503)
             )
 
     def check_model(self, model: str | None) -> None:

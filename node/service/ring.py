@@ -49,6 +49,9 @@ log = logging.getLogger("edgeshard.node")
 LAST = "last"  # LoadShardRequest.next_hop of the node that samples
 MAX_BATCH_ROWS = 256  # rows one batched forward takes at most (--max-batch-rows); a bigger step runs alone
 COMPUTE_MODES = ("thread", "inline")  # where the stage computes (--compute; see the module docstring)
+KV_AVAILABLE_FRACTION = 0.5  # default KV budget: this share of the memory available once the weights are in
+SESSION_IDLE_S = 1800.0  # a session nobody stepped for this long is ended (--session-idle-timeout)
+INLINE_MAX_ROWS = 16  # a lone session's step runs on the event loop only up to this many rows (see _run)
 BURST_WAIT_S = 0.002  # longest a node waits for the rest of an arriving burst before it starts a forward
 ReplyFn = Callable[[pb.ForwardReply], None]  # puts an error reply on the sender's stream (never blocks)
 __all__ = ["LAST", "LoadedShard", "NextHop", "RingNode"]
@@ -93,6 +96,10 @@ class LoadedShard:
         )
 
 
+def _nobody(_reply: pb.ForwardReply) -> None:
+    """Where replies to a message the node made itself go (an end of a reaped session)."""
+
+
 class RingNode:
     """The node's state and its message handling, independent of the gRPC servicer around it."""
 
@@ -105,6 +112,7 @@ class RingNode:
         memory_limit: int = 0,
         max_batch_rows: int = MAX_BATCH_ROWS,
         compute: str = "thread",
+        session_idle_s: float = SESSION_IDLE_S,
     ) -> None:
         if compute not in COMPUTE_MODES:
             raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {compute!r}")
@@ -113,6 +121,9 @@ class RingNode:
         self.kv_budget = kv_budget  # bytes of KV caches sessions may reserve (0: see kv_budget_for)
         self.memory_limit = memory_limit  # bytes for weights + KV (--memory-limit; 0: no limit)
         self.max_batch_rows = max_batch_rows
+        self.session_idle_s = session_idle_s  # 0: sessions never time out
+        self.reaper: asyncio.Task | None = None  # ends idle sessions (see _reap_idle)
+        self.reaped = 0  # sessions ended because their stream closed or they sat idle
         # one compute thread: the event loop keeps reading (and decoding) messages while the stage computes
         self.worker = (
             ThreadPoolExecutor(1, thread_name_prefix="edgeshard-stage") if compute == "thread" else None
@@ -144,6 +155,8 @@ class RingNode:
         self.shard = shard
         self.times = StageTimes()
         self.runner = asyncio.create_task(self._run(shard))
+        if self.session_idle_s > 0:
+            self.reaper = asyncio.create_task(self._reap_idle(shard))
         if shard.next_hop != LAST:
             self.next_hop = NextHop(
                 shard.next_hop, self._relay_reply, self._hop_failed, on_break=self._hop_broke
@@ -155,6 +168,9 @@ class RingNode:
         if self.runner is not None:  # a batch computing now finishes in the thread; its outputs are dropped
             self.runner.cancel()
             self.runner = None
+        if self.reaper is not None:
+            self.reaper.cancel()
+            self.reaper = None
         self.inbox.clear()  # messages of the old plan
         self.queued_rows = 0
         self.room.set()
@@ -166,9 +182,19 @@ class RingNode:
 
     def kv_budget_for(self, weight_bytes: int) -> int:
         """The KV budget of a shard with `weight_bytes` of weights: --kv-budget, else what --memory-limit leaves
-        after the weights, else 0 (no limit)."""
-        if self.kv_budget or not self.memory_limit:
+        after the weights, else KV_AVAILABLE_FRACTION of the memory available now (called once the weights
+        are loaded, so they are no longer counted as available).
+
+        Never unlimited: a node without a budget once accepted 64 sessions reserving 6 GB, more than a Pi has;
+        with one, a session that cannot fit is refused when it opens (RESOURCE_EXHAUSTED, saying why) instead
+        of the node swapping or being killed mid-generation. Half, not all: the OS, the page cache of the
+        model file and the activations of a batch need the rest."""
+        if self.kv_budget:
             return self.kv_budget
+        if not self.memory_limit:
+            import psutil
+
+            return max(1, int(psutil.virtual_memory().available * KV_AVAILABLE_FRACTION))
         left = self.memory_limit - weight_bytes
         if left <= 0:
             log.warning("--memory-limit leaves no room for KV caches after %d bytes of weights", weight_bytes)
@@ -187,6 +213,46 @@ class RingNode:
                 "re-plan and reload the shards"
             )
         return shard
+
+    # ---------------------------------------------------------------------------------- ending sessions
+
+    def stream_closed(self, reply: ReplyFn) -> int:
+        """The Forward stream whose error replies went to `reply` has closed (its coordinator exited or
+        crashed, or the node before this one died): end every session whose messages came on it, here and,
+        by the ends going on along the ring, on every later node. Returns how many were ended.
+
+        Without this a crashed coordinator's sessions held their KV reservations until the next reload, and a
+        few crashes filled a small node. A session a live coordinator still uses is never reaped: its stream
+        is open. (A coordinator that lost its stream rebuilds the ring and replays anyway.)"""
+        ended = [s for s, r in self.upstream.items() if r == reply]
+        for session_id in ended:
+            self._end_here(session_id, "its stream closed")
+        return len(ended)
+
+    async def _reap_idle(self, shard: LoadedShard) -> None:
+        """End the sessions nobody has stepped for `session_idle_s` (a coordinator that opened and forgot
+        them while keeping its stream, or one whose stream close this node never saw)."""
+        every = max(0.05, min(60.0, self.session_idle_s / 4))
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            for session_id, session in list(shard.executor.sessions.items()):
+                if now - session.last_used > self.session_idle_s:
+                    session.last_used = now  # one end per timeout, even if the stage is busy
+                    self._end_here(session_id, f"it was idle for more than {self.session_idle_s:g} s")
+
+    def _end_here(self, session_id: str, why: str) -> None:
+        """Queue an end of `session_id` as if its sender had sent one: it runs in the session's order (after
+        what is queued), frees the cache here and goes on to the next node."""
+        shard = self.shard
+        if shard is None:
+            return
+        log.info("ending session %r: %s", session_id, why)
+        self.reaped += 1
+        msg = pb.ForwardMessage(plan_id=shard.plan_id, session_id=session_id, end=pb.EndSession())
+        self.upstream.pop(session_id, None)  # the sender is gone: its replies have nowhere to go
+        self.inbox.append(Pending(msg, _nobody, "end", arrived=time.perf_counter()))
+        self.ready.set()
 
     # ---------------------------------------------------------------------------------- the data path
 
@@ -276,8 +342,11 @@ class RingNode:
             if steps:
                 times.record(steps, time.perf_counter())
             work = partial(run_batch, shard.executor, self.name, controls, steps)
-            # one session (or none): nothing else can arrive meanwhile, so skip the thread hand-off
-            inline = self.worker is None or len(shard.executor.sessions) <= 1
+            # one session (or none): nothing else can arrive meanwhile, so skip the thread hand-off; but not
+            # for a long step (a prefill chunk): on the event loop it would keep Health unanswered for its
+            # whole length, and a coordinator probing a slow or busy node then takes it for hung
+            rows = sum(item.req.length for item in steps if item.req is not None)
+            inline = self.worker is None or (len(shard.executor.sessions) <= 1 and rows <= INLINE_MAX_ROWS)
             try:
                 outcomes, encode_s = work() if inline else await loop.run_in_executor(self.worker, work)
             except Exception as e:  # run_batch answers for every message; this is a bug in it

@@ -42,7 +42,7 @@ from edgeshard.node.security.channels import (
     server_interceptors,
 )
 from edgeshard.node.service.next_hop import coalesce, drain, now_us
-from edgeshard.node.service.ring import COMPUTE_MODES, MAX_BATCH_ROWS, RingNode
+from edgeshard.node.service.ring import COMPUTE_MODES, MAX_BATCH_ROWS, SESSION_IDLE_S, RingNode
 from edgeshard.node.service.shard_load import load_shard
 from edgeshard.node.service.slices import ship_slice, slice_status
 from edgeshard.node.weights.cache import SliceCache
@@ -50,7 +50,7 @@ from edgeshard.node.wire import PROTOCOL_VERSION
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire import edgeshard_pb2_grpc as pb_grpc
 from edgeshard.node.wire.limits import SERVER_OPTIONS, check_subscriber
-from edgeshard.node.wire.options import GRPC_OPTIONS
+from edgeshard.node.wire.options import GRPC_OPTIONS, SERVER_KEEPALIVE_OPTIONS
 from edgeshard.node.wire.tensors import WireError
 
 log = logging.getLogger("edgeshard.node")
@@ -72,7 +72,8 @@ class NodeOptions:
     model_dir: Path | None = None  # the only directory model files are opened from (None: the model cache)
     state_dir: Path | None = None  # node identity (and, later, keys and the capability benchmark)
     max_sessions: int = 64  # sessions (KV caches) held at once
-    kv_budget: int = 0  # bytes KV caches may reserve (0: what memory_limit leaves, or no limit)
+    kv_budget: int = 0  # bytes KV caches may reserve (0: what memory_limit leaves, else half what is free)
+    session_idle_s: float = SESSION_IDLE_S  # sessions nobody steps for this long are ended (0: never)
     max_batch_rows: int = MAX_BATCH_ROWS  # rows one batched forward takes at most
     compute: str = "thread"  # where the stage computes: "thread" (one worker) or "inline" (the event loop)
     advertise: bool = False  # announce the node on mDNS (node/advertise.py)
@@ -196,6 +197,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         finally:
             self.streams.discard(replies)
             task.cancel()
+            self.node.stream_closed(replies.put_nowait)  # its sessions end here and down the ring
 
     async def Results(self, request: pb.ResultsRequest, context):  # noqa: N802
         subscriber = request.subscriber or uuid.uuid4().hex
@@ -247,9 +249,10 @@ async def serve(options: NodeOptions, ready_out=sys.stdout) -> None:
         memory_limit=options.memory_limit,
         max_batch_rows=options.max_batch_rows,
         compute=options.compute,
+        session_idle_s=options.session_idle_s,
     )
     server = grpc.aio.server(
-        options=GRPC_OPTIONS + SERVER_OPTIONS + [("grpc.so_reuseport", 0)],
+        options=GRPC_OPTIONS + SERVER_KEEPALIVE_OPTIONS + SERVER_OPTIONS + [("grpc.so_reuseport", 0)],
         interceptors=server_interceptors(security, options.name),  # the membership check, before handlers
     )
     servicer = NodeServicer(node, options, identity.node_id)
@@ -362,7 +365,15 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="memory KV caches may reserve, e.g. 256M; a session reserves its whole cache when it opens and "
         "more are refused (RESOURCE_EXHAUSTED) (default: what --memory-limit leaves after the weights, "
-        "else no limit)",
+        "else half the memory available once the weights are loaded)",
+    )
+    p.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=SESSION_IDLE_S,
+        metavar="S",
+        help=f"end a session nobody has stepped for S seconds, freeing its KV cache (default {SESSION_IDLE_S:g}; "
+        "0: never). Sessions also end when the stream that opened them closes (a coordinator exits or crashes)",
     )
     p.add_argument(
         "--max-batch-rows",
@@ -423,6 +434,8 @@ def options_from_args(args: argparse.Namespace) -> NodeOptions:
     """NodeOptions from parsed `add_node_args` flags."""
     if args.max_sessions < 1:
         raise ValueError(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    if args.session_idle_timeout < 0:
+        raise ValueError(f"--session-idle-timeout must be 0 or more seconds, got {args.session_idle_timeout}")
     if args.max_batch_rows < 1:
         raise ValueError(f"--max-batch-rows must be at least 1, got {args.max_batch_rows}")
     if args.model_dir is not None and not args.model_dir.expanduser().is_dir():
@@ -435,6 +448,7 @@ def options_from_args(args: argparse.Namespace) -> NodeOptions:
         state_dir=args.state_dir,
         max_sessions=args.max_sessions,
         kv_budget=parse_size(args.kv_budget) if args.kv_budget else 0,
+        session_idle_s=args.session_idle_timeout,
         max_batch_rows=args.max_batch_rows,
         compute=args.compute,
         advertise=not args.no_advertise,
