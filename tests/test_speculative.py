@@ -1,0 +1,223 @@
+"""Speculative decoding (coordinator/pipeline/speculative.py, Sampler.verify): greedy output equals greedy
+output without it, token for token, for both draft sources on 1 and 3 nodes; with sampling, tokens follow
+the model's distribution (a goodness-of-fit test over many seeded draws on a tiny model)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeshard.coordinator.pipeline.generate import AsyncLocalPipeline, Sequence, generate
+from edgeshard.coordinator.pipeline.speculative import ModelDraft, NgramDraft, Speculation
+from edgeshard.node.model.config import ShardSpec
+from edgeshard.node.model.executor import LocalPipeline, ShardExecutor
+from edgeshard.node.model.sampling import Sampler, SamplingParams
+from edgeshard.node.weights.checkpoint import open_checkpoint
+from edgeshard.node.weights.loader import load_stage
+from edgeshard.node.weights.tokenizer import Tokenizer
+
+PASSAGE = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk. He polished the great lens, "
+    "trimmed the wick, and lit the lamp so that ships far out at sea could find their way past the rocks."
+)
+GROUNDED = f"Repeat this passage exactly:\n{PASSAGE}\nRepeated passage:\n"
+
+
+def _local(path: Path, quant: str, stages: int = 1) -> LocalPipeline:
+    ckpt = open_checkpoint(path)
+    n = ckpt.config.num_hidden_layers
+    bounds = [round(i * n / stages) for i in range(stages + 1)]
+    specs = [ShardSpec(a, b, n) for a, b in itertools.pairwise(bounds)]
+    return LocalPipeline([ShardExecutor(load_stage(ckpt, s, quant=quant)) for s in specs])
+
+
+def _run(
+    pipeline, prompt: list[int], max_tokens: int, spec: Speculation | None = None, **sampling
+) -> list[int]:
+    seq = Sequence(prompt, SamplingParams(**sampling), max_tokens, speculation=spec)
+
+    async def go() -> list[int]:
+        return [t async for t in generate(pipeline, seq)]
+
+    out = asyncio.run(go())
+    assert out == seq.generated
+    return out
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    tok = Tokenizer.from_checkpoint(smollm2_path)
+    return tok, tok.encode(GROUNDED)
+
+
+@pytest.fixture(scope="module")
+def f32_pipeline(smollm2_path):
+    return AsyncLocalPipeline(_local(smollm2_path, "f32"))
+
+
+def test_ngram_proposes_what_followed_the_last_match():
+    d = NgramDraft(min_n=2, max_n=3)
+    ctx = [5, 6, 7, 8, 9, 1, 5, 6, 7]
+    assert d.lookup("s", ctx, 3) == [8, 9, 1]  # "5 6 7" seen before: what followed it
+    assert d.lookup("s", [*ctx, 8, 9, 1, 5, 6], 2) == [7, 8]  # the index grows with the sequence
+    assert d.lookup("t", [1, 2, 3, 4], 4) == []  # nothing repeats: no proposal (and no cost)
+    assert d.lookup("t", [1, 2, 3, 1, 2], 0) == []
+
+
+def test_sampler_verify_greedy_is_the_argmax_chain():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    best = logits.argmax(-1).tolist()
+    s = Sampler(SamplingParams())
+    assert s.verify(logits, best[:3], 10) == best  # all accepted, plus the model's own token
+    assert s.verify(logits, [best[0], (best[1] + 1) % 50, best[2]], 10) == best[:2]  # stops at the mismatch
+    with pytest.raises(ValueError, match="rows of logits"):
+        s.verify(logits, [1], 0)
+
+
+@pytest.mark.parametrize("source", ["ngram", "model"])
+def test_greedy_equal_with_and_without_speculation_one_process(smollm2_path, smol, f32_pipeline, source):
+    """f32 target; the draft is prompt lookup, or the int4 SmolLM2 drafting for its own f32 version."""
+    tok, prompt = smol
+    plain = _run(f32_pipeline, prompt, 48)
+    draft = NgramDraft() if source == "ngram" else ModelDraft(_local(smollm2_path, "int4"), "smollm2-int4")
+    spec = Speculation(draft, k=4)
+    fast = _run(f32_pipeline, prompt, 48, spec)
+    assert fast == plain, (tok.decode(plain), tok.decode(fast))
+    assert spec.proposed > 0 and spec.accepted > 0  # it really checked proposals, and some held
+    if source == "model":
+        assert not draft._fed  # the draft model's session was freed with the sequence
+
+
+def test_greedy_equal_split_over_three_stages(smollm2_path, smol):
+    """Rejected proposals leave stale positions in every stage's cache: the next step must overwrite them."""
+    tok, prompt = smol
+    split = AsyncLocalPipeline(_local(smollm2_path, "f32", stages=3))
+    plain = _run(split, prompt, 40)
+    spec = Speculation(NgramDraft(), k=6)
+    assert _run(split, prompt, 40, spec) == plain
+    assert 0 < spec.accepted < spec.proposed or spec.accepted == spec.proposed > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["ngram", "model"])
+def test_greedy_equal_over_three_nodes(smollm2_path, smol, node_cluster, source):
+    """Real node processes: proposals travel in ForwardMessage.draft, the last node answers Result.tokens."""
+    from edgeshard.coordinator.pipeline.deploy import deploy
+
+    tok, prompt = smol
+
+    async def go() -> tuple[list[int], list[int], Speculation]:
+        dep = await deploy(node_cluster.addresses, Path(smollm2_path).name, 30, "f32")
+        pipe = await dep.pipeline()
+        try:
+            draft = NgramDraft() if source == "ngram" else ModelDraft(_local(smollm2_path, "int4"))
+            spec = Speculation(draft, k=4)
+            seqs = [
+                Sequence(prompt, SamplingParams(), 32),
+                Sequence(prompt, SamplingParams(), 32, speculation=spec),
+            ]
+            outs = []
+            for seq in seqs:
+                outs.append([t async for t in generate(pipe, seq)])
+            return outs[0], outs[1], spec
+        finally:
+            await pipe.aclose()
+            await dep.close()
+
+    plain, fast, spec = asyncio.run(go())
+    assert fast == plain, (tok.decode(plain), tok.decode(fast))
+    assert spec.accepted > 0
+
+
+class _FixedDraft:
+    """Proposes a fixed function of the context: a deterministic draft that is often wrong."""
+
+    name = "fixed"
+
+    async def propose(self, key, context, k):
+        return [(context[-1] * 3 + i + 1) % 6 for i in range(k)]
+
+    def forget(self, key):
+        pass
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    """A random 6-token-vocabulary Llama (made by transformers, loaded by edgeshard in f32)."""
+    transformers = pytest.importorskip("transformers")
+    path = tmp_path_factory.mktemp("tiny-spec")
+    cfg = transformers.LlamaConfig(
+        vocab_size=6, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # peaked enough that accept and reject both happen often
+    model.save_pretrained(path, safe_serialization=True)
+    return _local(path, "f32")
+
+
+def _exact_joint(local: LocalPipeline, prompt: list[int], temperature: float) -> dict[tuple[int, int], float]:
+    """P(first two generated tokens) under the model, computed from its logits."""
+    stage = local.executors[0].stage
+
+    def probs(ids: list[int]) -> torch.Tensor:
+        from edgeshard.node.model.decoder import Segment
+
+        cache = stage.new_cache(64)
+        with torch.no_grad():
+            logits = stage(torch.tensor(ids), [Segment(cache, 0, len(ids))])[-1]
+        return torch.softmax(logits.double() / temperature, -1)
+
+    first = probs(prompt)
+    return {(a, b): float(first[a] * probs([*prompt, a])[b]) for a in range(6) for b in range(6)}
+
+
+def test_sampling_with_speculation_follows_the_model_distribution(tiny_pipeline):
+    """Chi-square goodness of fit of the first two sampled tokens (36 outcomes) over 2,000 seeded runs, with
+    a draft that proposes fixed, often wrong tokens: the accept/reject rule must give the model's joint
+    distribution. The same test of plain sampling is the control."""
+    prompt, temperature, runs = [1, 4, 2], 1.0, 2000
+    exact = _exact_joint(tiny_pipeline, prompt, temperature)
+    pipe = AsyncLocalPipeline(tiny_pipeline)
+
+    def chi2(spec: bool) -> tuple[float, int]:
+        counts: dict[tuple[int, int], int] = {}
+        accepted = 0
+        for seed in range(runs):
+            s = Speculation(_FixedDraft(), k=3) if spec else None
+            out = _run(pipe, prompt, 2, s, temperature=temperature, seed=seed)
+            counts[tuple(out)] = counts.get(tuple(out), 0) + 1
+            accepted += s.accepted if s else 0
+        stat = sum((counts.get(o, 0) - runs * p) ** 2 / (runs * p) for o, p in exact.items() if runs * p >= 1)
+        return stat, accepted
+
+    dof = sum(1 for p in exact.values() if runs * p >= 1) - 1
+    # the 99.9% quantile of chi-square(dof), Wilson-Hilferty: a correct sampler fails 1 run in 1000
+    z = 3.09
+    limit = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    plain, _ = chi2(spec=False)
+    spec, accepted = chi2(spec=True)
+    assert plain < limit, (plain, limit)
+    assert spec < limit, (spec, limit)
+    assert accepted > 0  # proposals were accepted (and, with a fixed draft, many rejected)
+
+
+def test_wrong_distribution_is_caught(tiny_pipeline):
+    """The goodness-of-fit test can fail: always accepting the proposal is far from the model."""
+    prompt = [1, 4, 2]
+    exact = _exact_joint(tiny_pipeline, prompt, 1.0)
+    forced = {(a, b): 0.0 for a in range(6) for b in range(6)}
+    first = _FixedDraft()
+    pairs = asyncio.run(first.propose("k", prompt, 2))
+    forced[tuple(pairs)] = 1.0
+    runs = 2000
+    stat = sum((runs * forced[o] - runs * p) ** 2 / (runs * p) for o, p in exact.items() if runs * p >= 1)
+    assert stat > 200
