@@ -114,3 +114,42 @@ def sampling_params(args: argparse.Namespace):
         )
     except ValueError as e:
         raise UserError(str(e)) from e
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    """--speculative and --draft-tokens (speculative decoding: several tokens per trip through the ring)."""
+    p.add_argument(
+        "--speculative",
+        metavar="ngram|MODEL",
+        default=None,
+        help="propose tokens and check several per trip: 'ngram' (prompt lookup: strong when the answer "
+        "repeats its input) or a draft model with the same tokenizer (a path or `models list` name)",
+    )
+    p.add_argument(
+        "--draft-tokens",
+        type=int,
+        default=4,
+        metavar="K",
+        help="proposed tokens per trip to start with (adapts per request to what is accepted; default 4)",
+    )
+
+
+def speculation_factory(args: argparse.Namespace):
+    """None without --speculative; else a function making each request's `Speculation` (one draft source,
+    loaded once, shared by all requests). A bad value is a `UserError`."""
+    which = getattr(args, "speculative", None)
+    if not which:
+        return None
+    from edgeshard.coordinator.pipeline.speculative import MAX_DRAFT_TOKENS, Speculation, draft_source
+    from edgeshard.node.weights.registry import resolve_model
+    from edgeshard.node.weights.tokenizer import Tokenizer
+
+    k = args.draft_tokens
+    if not 1 <= k <= MAX_DRAFT_TOKENS:
+        raise UserError(f"--draft-tokens must be in [1, {MAX_DRAFT_TOKENS}], got {k}")
+    target = Tokenizer.from_checkpoint(resolve_model(args.model)) if which != "ngram" else None
+    try:
+        source = draft_source(which, target, threads=getattr(args, "threads", None))
+    except ValueError as e:
+        raise UserError(f"--speculative {which}: {e}") from None
+    return lambda: Speculation(source, k=k)

@@ -17,9 +17,11 @@ from edgeshard.coordinator.cli.options import (
     add_model_args,
     add_placement_args,
     add_sampling_args,
+    add_speculative_args,
     add_where_args,
     placement_options,
     sampling_params,
+    speculation_factory,
 )
 from edgeshard.coordinator.errors import UserError
 
@@ -42,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     run.add_argument("--json", action="store_true", help="print a JSON summary on the last line")
     add_placement_args(run)
+    add_speculative_args(run)
     run.set_defaults(func=cmd_run)
     return run
 
@@ -103,6 +106,9 @@ async def stream_generation(args, pipeline, tokenizer, plan: list[dict], extra: 
     sampling = sampling_params(args)
     ids = prompt_ids(tokenizer, args.prompt, args.chat)
     seq = Sequence(ids, sampling, args.max_tokens, frozenset(tokenizer.stop_token_ids))
+    make_speculation = speculation_factory(args)
+    if make_speculation is not None:
+        seq.speculation = make_speculation()
     stream = tokenizer.decode_stream()
     async for token in generate(pipeline, seq):
         piece = stream.step(token)
@@ -122,6 +128,8 @@ async def stream_generation(args, pipeline, tokenizer, plan: list[dict], extra: 
             "finish_reason": seq.finish_reason,
             "ttft_s": round(seq.ttft_s, 4),
             "decode_tok_per_s": round(seq.decode_tok_per_s, 2),
+            "draft_proposed": seq.draft_proposed,  # speculative decoding: proposed tokens checked
+            "draft_accepted": seq.draft_accepted,
             "plan": plan,
             **(extra or {}),
         }

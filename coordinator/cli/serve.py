@@ -19,8 +19,10 @@ from typing import TextIO
 from edgeshard.coordinator.cli.options import (
     add_model_args,
     add_placement_args,
+    add_speculative_args,
     add_where_args,
     placement_options,
+    speculation_factory,
 )
 from edgeshard.coordinator.errors import UserError
 
@@ -37,6 +39,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     add_where_args(serve, "run every layer in this process (the default)")
     add_placement_args(serve)  # --layers, --mdns-interface, --timeout, --cluster, --context, --sessions, ...
     add_http_args(serve)
+    add_speculative_args(serve)
     serve.add_argument(
         "--threads", type=int, default=None, help="torch threads for --local (default: all cores)"
     )
@@ -120,6 +123,9 @@ def _engine_kw(args: argparse.Namespace) -> dict:
         if chunk < 1:
             raise UserError(f"--prefill-chunk must be >= 1, got {chunk}")
         kw["prefill_chunk"] = chunk
+    speculation = speculation_factory(args)  # --speculative (serve): every request speculates
+    if speculation is not None:
+        kw["speculation"] = speculation
     return kw
 
 

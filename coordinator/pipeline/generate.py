@@ -1,4 +1,5 @@
-"""The generation loop the coordinator runs over a pipeline: prefill, then one token at a time.
+"""The generation loop the coordinator runs over a pipeline: prefill, then one token (or, with speculative
+decoding, several checked at once: speculative.py) per trip.
 
 A pipeline is anything with async `open`, `step` and `close` (the `Pipeline` protocol): `AsyncLocalPipeline`
 runs stages in this process, the remote pipeline sends token ids to the first node and receives the sampled
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from edgeshard.coordinator.pipeline.speculative import Speculation
 from edgeshard.node.model.executor import LocalPipeline
 from edgeshard.node.model.sampling import SamplingParams
 
@@ -39,6 +41,17 @@ class Pipeline(Protocol):
     async def close(self, session_id: str) -> None: ...
 
 
+class VerifyingPipeline(Pipeline, Protocol):
+    """A pipeline that can check proposed tokens in one trip (speculative decoding).
+
+    `verify` feeds `tokens` (the last accepted token) and then the `draft` proposals at `start`, and returns
+    the accepted proposals followed by the model's own next token (1 to len(draft)+1 tokens). Positions past
+    the accepted ones hold rejected proposals until the next step overwrites them.
+    """
+
+    async def verify(self, session_id: str, start: int, tokens: list[int], draft: list[int]) -> list[int]: ...
+
+
 class AsyncLocalPipeline:
     """`LocalPipeline` behind the async `Pipeline` protocol (it computes inline: no threads, no copies)."""
 
@@ -50,6 +63,9 @@ class AsyncLocalPipeline:
 
     async def step(self, session_id: str, start: int, tokens: list[int], sample: bool = True) -> int | None:
         return self.local.step(session_id, start, tokens, sample)
+
+    async def verify(self, session_id: str, start: int, tokens: list[int], draft: list[int]) -> list[int]:
+        return self.local.verify(session_id, start, tokens, draft)
 
     async def close(self, session_id: str) -> None:
         self.local.close(session_id)
@@ -69,11 +85,22 @@ class Sequence:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+    speculation: Speculation | None = None  # propose tokens and check several per trip (speculative.py)
 
     @property
     def max_len(self) -> int:
         """Positions this sequence may reach: its KV cache on every stage."""
         return len(self.prompt) + self.max_tokens
+
+    @property
+    def draft_proposed(self) -> int:
+        """Proposed tokens sent for checking (0 without speculation)."""
+        return self.speculation.proposed if self.speculation is not None else 0
+
+    @property
+    def draft_accepted(self) -> int:
+        """Proposed tokens the model agreed with."""
+        return self.speculation.accepted if self.speculation is not None else 0
 
     @property
     def ttft_s(self) -> float:
@@ -109,19 +136,30 @@ async def generate(
             chunk = seq.prompt[start : start + prefill_chunk]
             last = start + len(chunk) == len(seq.prompt)
             token = await pipeline.step(seq.session_id, start, chunk, sample=last)
+        spec = seq.speculation if hasattr(pipeline, "verify") else None
+        made = [token]  # tokens the last trip produced (one, or several with speculation)
         while True:
             if seq.first_token_at is None:
                 seq.first_token_at = time.perf_counter()
-            if token in seq.stop_ids:
-                seq.finish_reason = "stop"
-                break
-            seq.generated.append(token)
-            yield token
-            if len(seq.generated) >= seq.max_tokens:
-                seq.finish_reason = "length"
-                break
+            for token in made:
+                if token in seq.stop_ids:
+                    seq.finish_reason = "stop"
+                    return
+                seq.generated.append(token)
+                yield token
+                if len(seq.generated) >= seq.max_tokens:
+                    seq.finish_reason = "length"
+                    return
             pos = len(seq.prompt) + len(seq.generated) - 1
-            token = await pipeline.step(seq.session_id, pos, [token])
+            room = seq.max_tokens - len(seq.generated) - 1  # the trip also makes one token of its own
+            draft = await spec.propose(seq.prompt + seq.generated, room) if spec is not None else []
+            if draft:
+                made = await pipeline.verify(seq.session_id, pos, [token], draft)
+                spec.observe(len(draft), len(made) - 1)
+            else:
+                made = [await pipeline.step(seq.session_id, pos, [token])]
     finally:
         seq.finished_at = time.perf_counter()
+        if seq.speculation is not None:
+            seq.speculation.close()
         await pipeline.close(seq.session_id)

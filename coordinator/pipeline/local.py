@@ -32,6 +32,9 @@ class ThreadedLocalPipeline:
     async def step(self, session_id: str, start: int, tokens: list[int], sample: bool = True) -> int | None:
         return await self._call(self.local.step, session_id, start, tokens, sample)
 
+    async def verify(self, session_id: str, start: int, tokens: list[int], draft: list[int]) -> list[int]:
+        return await self._call(self.local.verify, session_id, start, tokens, draft)
+
     async def close(self, session_id: str) -> None:
         # shielded: closing runs during cancellation, and a cancelled wait must not drop the queued close
         await asyncio.shield(self._call(self.local.close, session_id))

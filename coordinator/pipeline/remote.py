@@ -128,6 +128,23 @@ class RemotePipeline:
             await fut  # earlier chunks of this session: done before this one (the ring is FIFO)
         return int(result.token)
 
+    async def verify(self, session_id: str, start: int, tokens: list[int], draft: list[int]) -> list[int]:
+        """Feed `tokens` then the `draft` proposals at `start`; the last node checks the proposals and answers
+        with the accepted ones and its own next token (speculative decoding; node/model/sampling.py)."""
+        msg = pb.ForwardMessage(plan_id=self.plan_id, session_id=session_id, start=start, sample=True)
+        msg.tokens.ids.extend([*tokens, *draft])
+        msg.draft.extend(draft)
+        result = await self._send_and_wait(session_id, start, msg)
+        for fut in self.unchecked.pop(session_id, ()):
+            await fut
+        if (
+            not result.tokens
+        ):  # a node that does not check proposals (PROTOCOL_VERSION < 3) sampled after them
+            raise ClusterError(
+                "the last node did not check the proposed tokens; update edgeshard on the nodes"
+            )
+        return [int(t) for t in result.tokens]
+
     async def close(self, session_id: str) -> None:
         """End the session on every node (not awaited: the ring frees it in order after the last step)."""
         self.groups.leave(session_id)

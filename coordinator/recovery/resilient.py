@@ -122,6 +122,24 @@ class ResilientPipeline:
             session.predicted = (start + len(tokens), token)
         return token
 
+    async def verify(self, session_id: str, start: int, tokens: list[int], draft: list[int]) -> list[int]:
+        """`RemotePipeline.verify`, surviving node failures as `step` does. The history keeps the proposals as
+        fed (a replay repeats the same calls, so rebuilt caches are bit-identical); the next step overwrites
+        the rejected ones."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise ClusterError(f"session {session_id!r} is not open here; open it first")
+        fed = [*tokens, *draft]
+        session.feed(start, fed)
+        try:
+            accepted = await self._call(
+                session, lambda pipe: pipe.verify(session_id, start, tokens, draft), len(fed)
+            )
+        finally:
+            session.pending = None
+        session.predicted = None  # the last row fed is a proposal: nothing to compare a replay with
+        return accepted
+
     async def close(self, session_id: str) -> None:
         """End the session on every node (nothing to do on nodes that failed or were reloaded)."""
         session = self.sessions.pop(session_id, None)

@@ -36,6 +36,7 @@ from edgeshard.coordinator.errors import (
 )
 from edgeshard.coordinator.pipeline.generate import PREFILL_CHUNK, Pipeline, generate
 from edgeshard.coordinator.pipeline.generate import Sequence as TokenSequence
+from edgeshard.coordinator.pipeline.speculative import Speculation
 from edgeshard.coordinator.serving.admission import Admission
 from edgeshard.coordinator.serving.metrics import ServingMetrics, TokenClock
 from edgeshard.coordinator.serving.text import StopMatcher, render_prompt
@@ -64,19 +65,28 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
+    draft_proposed: int = 0  # speculative decoding: proposed tokens checked (0: none)
+    draft_accepted: int = 0  # of those, the ones the model agreed with
 
     @property
     def total_tokens(self) -> int:
         """Prompt plus completion tokens."""
         return self.prompt_tokens + self.completion_tokens
 
-    def to_dict(self) -> dict[str, int]:
-        """The `usage` object of a response."""
-        return {
+    def to_dict(self) -> dict:
+        """The `usage` object of a response; with speculation, OpenAI's `completion_tokens_details` says how
+        many proposed tokens were accepted and rejected (the fields of its predicted outputs)."""
+        out: dict = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
+        if self.draft_proposed:
+            out["completion_tokens_details"] = {
+                "accepted_prediction_tokens": self.draft_accepted,
+                "rejected_prediction_tokens": self.draft_proposed - self.draft_accepted,
+            }
+        return out
 
 
 @dataclass
@@ -159,6 +169,7 @@ class Engine:
         unavailable_reason: str = "no plan can run: the cluster has no pipeline",
         kv_capacity: int | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        speculation: Callable[[], Speculation] | None = None,
     ) -> None:
         if max_running < 1 or max_queued < 0:
             raise ValueError(f"max_running must be >= 1 and max_queued >= 0, got {max_running}, {max_queued}")
@@ -178,6 +189,9 @@ class Engine:
         self.requests = 0  # admitted since start
         self.tokens = 0  # generated since start
         self.metrics = ServingMetrics()  # Prometheus counters and latency histograms (GET /metrics)
+        self.speculation = speculation  # makes each request's Speculation (None: one token per trip)
+        self.draft_proposed = 0  # speculative decoding since start: tokens proposed, and accepted
+        self.draft_accepted = 0
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -280,6 +294,8 @@ class Engine:
         budget = self.token_budget(len(ids), req.max_tokens)
         stop_ids = frozenset() if req.ignore_eos else frozenset(self.tokenizer.stop_token_ids)
         seq = TokenSequence(ids, sampling, budget, stop_ids)
+        if self.speculation is not None:
+            seq.speculation = self.speculation()
         adm = self.admission
         if not adm.can_start(seq.max_len) and adm.waiting >= self.max_queued:
             kv = f", {adm.reserved} of {adm.kv_capacity} KV positions reserved" if adm.kv_capacity else ""
@@ -345,9 +361,10 @@ class Engine:
                     gen.events.put_nowait(TextDelta(text))
         finally:
             await tokens.aclose()  # closes the session on every stage, also on break and cancellation
-        gen.events.put_nowait(
-            Finished(seq.finish_reason or "stop", Usage(len(seq.prompt), len(seq.generated)))
-        )
+        self.draft_proposed += seq.draft_proposed
+        self.draft_accepted += seq.draft_accepted
+        usage = Usage(len(seq.prompt), len(seq.generated), seq.draft_proposed, seq.draft_accepted)
+        gen.events.put_nowait(Finished(seq.finish_reason or "stop", usage))
 
     def stats(self) -> dict[str, int]:
         """Admission counters."""
@@ -360,6 +377,8 @@ class Engine:
             "kv_reserved": self.admission.reserved,
             "requests": self.requests,
             "generated_tokens": self.tokens,
+            "draft_proposed_tokens": self.draft_proposed,  # speculative decoding (0 when off)
+            "draft_accepted_tokens": self.draft_accepted,
         }
 
     async def cluster_info(self) -> dict[str, Any]:

@@ -36,6 +36,8 @@ class StepRequest:
     tokens: torch.Tensor | None = None  # (T,) int64, first stage only
     hidden: torch.Tensor | None = None  # (T, D), other stages
     sample: bool = True  # last stage: sample a token from the last row (False for a non-final prefill chunk)
+    # speculative decoding: the last len(draft) rows are these proposed tokens; the last stage checks them
+    draft: list[int] | None = None
 
     @property
     def length(self) -> int:
@@ -52,6 +54,7 @@ class StepResult:
     start: int
     hidden: torch.Tensor | None = None  # (T, D) when this is not the last stage
     token: int | None = None  # sampled id when this is the last stage and the request asked for it
+    tokens: list[int] | None = None  # a step with a draft: the accepted proposals, then the model's own token
 
 
 @dataclass
@@ -168,6 +171,14 @@ class ShardExecutor:
                 raise StepError(f"hidden states must be floating point, got {h.dtype}")
         if req.length == 0:
             raise StepError("a step needs at least one row")
+        if req.draft:
+            if not req.sample or len(req.draft) >= req.length:
+                raise StepError(
+                    f"a step with {len(req.draft)} proposed tokens needs more rows than that "
+                    f"({req.length}) and must sample"
+                )
+            if spec.is_last and not all(0 <= t < cfg.vocab_size for t in req.draft):
+                raise StepError(f"proposed token ids must be in [0, {cfg.vocab_size})")
         if req.start < 0 or req.start > session.cache.offset:
             raise StepError(
                 f"session {req.session_id!r}: step starts at position {req.start} but the node holds "
@@ -190,8 +201,14 @@ class ShardExecutor:
         inputs = rows[0] if len(rows) == 1 else torch.cat(rows)  # one request (a decode step): no copy
         if self.stage.spec.is_first:
             inputs = inputs.long()
+        # a step that checks proposals needs the logits of every row, not only each sequence's last
+        all_logits = self.stage.spec.is_last and any(r.draft for r in requests)
         t0 = time.perf_counter()
-        out = self.stage(inputs, segments)
+        out = (
+            self.stage(inputs, segments, all_logits=all_logits)
+            if all_logits
+            else self.stage(inputs, segments)
+        )
         self.compute_s += time.perf_counter() - t0
         self.steps += 1
         now = time.monotonic()
@@ -200,8 +217,16 @@ class ShardExecutor:
             session.last_used = now
             res = StepResult(req.session_id, req.start)
             if self.stage.spec.is_last:
-                if req.sample:
-                    res.token = session.sampler(out[i], req.start + req.length)
+                end = req.start + req.length
+                if req.draft:
+                    k = len(req.draft)
+                    rows = out[
+                        row + req.length - k - 1 : row + req.length
+                    ]  # after each of the last k+1 tokens
+                    res.tokens = session.sampler.verify(rows, req.draft, end - k - 1)
+                    res.token = res.tokens[-1]
+                elif req.sample:
+                    res.token = session.sampler(out[row + req.length - 1] if all_logits else out[i], end)
             else:
                 res.hidden = out[row : row + req.length]
             row += req.length
@@ -235,8 +260,18 @@ class LocalPipeline:
 
     def step(self, session_id: str, start: int, tokens: list[int], sample: bool = True) -> int | None:
         """Feed tokens at `start` through all stages; the sampled next token (None if not sampled)."""
-        req = StepRequest(session_id, start, tokens=torch.tensor(tokens, dtype=torch.long), sample=sample)
+        return self._run(session_id, start, tokens, sample, None).token
+
+    def verify(self, session_id: str, start: int, tokens: list[int], draft: list[int]) -> list[int]:
+        """Feed `tokens` (the last one accepted, then the `draft` proposals) at `start`; the accepted
+        proposals and the model's next token (speculative decoding: `Sampler.verify`)."""
+        return self._run(session_id, start, [*tokens, *draft], True, list(draft)).tokens
+
+    def _run(self, session_id: str, start: int, tokens: list[int], sample: bool, draft: list[int] | None):
+        req = StepRequest(
+            session_id, start, tokens=torch.tensor(tokens, dtype=torch.long), sample=sample, draft=draft
+        )
         for ex in self.executors:
             (res,) = ex.step([req])
-            req = StepRequest(session_id, start, hidden=res.hidden, sample=sample)
-        return res.token
+            req = StepRequest(session_id, start, hidden=res.hidden, sample=sample, draft=draft)
+        return res

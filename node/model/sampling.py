@@ -55,13 +55,54 @@ class Sampler:
 
         With a position, the draw depends only on (seed, position); without, draws follow one another.
         """
+        if self.params.greedy:
+            return _argmax(logits)
+        probs = self._probs(logits, position)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def verify(self, logits: torch.Tensor, draft: list[int], start: int) -> list[int]:
+        """Check proposed tokens: the accepted prefix of `draft`, then one token of the model's own.
+
+        logits: (k+1, V), row j computed after the token at position `start + j`; draft: the k proposals for
+        positions start+1 .. start+k. Greedy: a proposal is accepted while it is the argmax, so the output is
+        exactly what one-token steps would give. Sampling: the proposals are deterministic (prompt lookup, a
+        greedy draft model), so the standard rule (accept d with probability min(1, p(d) / q(d)), q(d) = 1;
+        on a rejection draw from p with d removed, renormalized) makes every token follow the model's
+        distribution p, whatever was proposed. Each position's draws use the generator seeded by
+        (seed, position), so a replay repeats them.
+        """
+        if logits.dim() != 2 or logits.shape[0] != len(draft) + 1:
+            raise ValueError(f"verify needs {len(draft) + 1} rows of logits, got {tuple(logits.shape)}")
+        out: list[int] = []
+        for j, proposed in enumerate([*draft, None]):
+            position = start + j + 1
+            if self.params.greedy:
+                token = _argmax(logits[j])
+                out.append(token)
+                if token != proposed:
+                    break
+                continue
+            probs = self._probs(logits[j], position)
+            if proposed is None:  # every proposal accepted: the next token is the model's own draw
+                out.append(int(torch.multinomial(probs, 1, generator=self.generator)))
+                break
+            accept = float(probs[proposed])
+            if float(torch.rand((), generator=self.generator, dtype=torch.float64)) < accept:
+                out.append(proposed)
+                continue
+            rest = probs.clone()
+            rest[proposed] = 0.0
+            if float(rest.sum()) <= 0.0:  # p put all its mass on the proposal (rounding): it stands
+                out.append(proposed)
+                continue
+            out.append(int(torch.multinomial(rest / rest.sum(), 1, generator=self.generator)))
+            break
+        return out
+
+    def _probs(self, logits: torch.Tensor, position: int | None) -> torch.Tensor:
+        """The distribution to draw from (temperature, top-k, top-p applied), with the generator seeded for
+        `position` (when given)."""
         p = self.params
-        if p.greedy:
-            if logits.dtype == torch.float32:
-                # numpy's argmax: ~8 us over a 49152-entry vocabulary where torch.argmax takes ~110 (1 thread);
-                # the same answer (the first maximum; a NaN counts as the maximum)
-                return int(logits.detach().numpy().argmax())
-            return int(torch.argmax(logits))
         if position is not None:
             self.generator.manual_seed((self.seed * 1_000_003 + position) % 2**63)
         logits = logits.float()
@@ -81,5 +122,12 @@ class Sampler:
             drop = cum - torch.softmax(sorted_logits, -1) >= p.top_p
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
-        probs = torch.softmax(logits, -1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return torch.softmax(logits, -1)
+
+
+def _argmax(logits: torch.Tensor) -> int:
+    """The first maximum (a NaN counts as the maximum), as torch.argmax."""
+    if logits.dtype == torch.float32:
+        # numpy's argmax: ~8 us over a 49152-entry vocabulary where torch.argmax takes ~110 (1 thread)
+        return int(logits.detach().numpy().argmax())
+    return int(torch.argmax(logits))

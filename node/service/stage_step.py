@@ -109,9 +109,10 @@ def _output(ex: ShardExecutor, msg: pb.ForwardMessage, res: StepResult) -> pb.Fo
             start=msg.start,
             sampled=res.token is not None,
             token=res.token or 0,
+            tokens=res.tokens or (),
         )
     out = pb.ForwardMessage(
-        plan_id=msg.plan_id, session_id=msg.session_id, start=msg.start, sample=msg.sample
+        plan_id=msg.plan_id, session_id=msg.session_id, start=msg.start, sample=msg.sample, draft=msg.draft
     )
     tensor_to_wire(res.hidden, out.hidden)
     return out

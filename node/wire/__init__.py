@@ -4,5 +4,6 @@
 `python scripts/gen_proto.py` after changing the proto.
 """
 
-PROTOCOL_VERSION = 2  # the wire protocol a node speaks; bump only for incompatible changes
+PROTOCOL_VERSION = 3  # the wire protocol a node speaks; bump only for incompatible changes
 # v2: ForwardMessage.batch and Result.batch (a v1 peer would drop the messages inside a batch)
+# v3: ForwardMessage.draft and Result.tokens (a v2 last node would sample after the proposals, not check them)

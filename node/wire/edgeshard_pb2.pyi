@@ -266,7 +266,7 @@ class EndSession(_message.Message):
     def __init__(self) -> None: ...
 
 class ForwardMessage(_message.Message):
-    __slots__ = ("plan_id", "session_id", "start", "sample", "tokens", "hidden", "open", "end", "error", "sent_at_us", "burst_left", "batch")
+    __slots__ = ("plan_id", "session_id", "start", "sample", "tokens", "hidden", "open", "end", "error", "sent_at_us", "burst_left", "batch", "draft")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -279,6 +279,7 @@ class ForwardMessage(_message.Message):
     SENT_AT_US_FIELD_NUMBER: _ClassVar[int]
     BURST_LEFT_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
     plan_id: int
     session_id: str
     start: int
@@ -291,7 +292,8 @@ class ForwardMessage(_message.Message):
     sent_at_us: int
     burst_left: int
     batch: _containers.RepeatedCompositeFieldContainer[ForwardMessage]
-    def __init__(self, plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sample: _Optional[bool] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., end: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., burst_left: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[ForwardMessage, _Mapping]]] = ...) -> None: ...
+    draft: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sample: _Optional[bool] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., end: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., burst_left: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[ForwardMessage, _Mapping]]] = ..., draft: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("plan_id", "session_id", "start", "error")
@@ -314,7 +316,7 @@ class ResultsRequest(_message.Message):
     def __init__(self, subscriber: _Optional[str] = ..., plan_id: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("kind", "plan_id", "session_id", "start", "sampled", "token", "error", "sent_at_us", "batch")
+    __slots__ = ("kind", "plan_id", "session_id", "start", "sampled", "token", "error", "sent_at_us", "batch", "tokens")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -324,6 +326,7 @@ class Result(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_US_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     kind: ResultKind
     plan_id: int
     session_id: str
@@ -333,7 +336,8 @@ class Result(_message.Message):
     error: Error
     sent_at_us: int
     batch: _containers.RepeatedCompositeFieldContainer[Result]
-    def __init__(self, kind: _Optional[_Union[ResultKind, str]] = ..., plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sampled: _Optional[bool] = ..., token: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[Result, _Mapping]]] = ...) -> None: ...
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, kind: _Optional[_Union[ResultKind, str]] = ..., plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sampled: _Optional[bool] = ..., token: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ("reply_bytes", "payload")

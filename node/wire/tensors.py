@@ -116,18 +116,23 @@ def step_from_wire(
         )
     if not msg.session_id:
         raise invalid("a step needs a session_id")
+    draft = list(msg.draft) or None
+    if draft is not None and not all(0 <= d < vocab_size for d in draft):
+        raise invalid(f"proposed token ids (draft) must be in [0, {vocab_size})")
     if is_first:
         return StepRequest(
             msg.session_id,
             msg.start,
             tokens=tokens_from_wire(msg.tokens, vocab_size, max_rows),
             sample=msg.sample,
+            draft=draft,
         )
     return StepRequest(
         msg.session_id,
         msg.start,
         hidden=tensor_from_wire(msg.hidden, hidden_size, max_rows),
         sample=msg.sample,
+        draft=draft,
     )
 
 
