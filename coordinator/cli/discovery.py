@@ -126,12 +126,11 @@ def members_table(members, dups=None):
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """`edgeshard plan`: print where the layers would go and the predicted speed; nothing is loaded."""
-    from edgeshard.coordinator.placement.gather import plan_for_args
+    from edgeshard.coordinator.placement.gather import plan_for
     from edgeshard.node.weights.registry import resolve_model
 
-    if args.layers is None:
-        args.layers = "auto"
-    plan = asyncio.run(plan_for_args(args, resolve_model(args.model), show=False))
+    opts = placement_options(args, layers=args.layers or "auto")
+    plan = asyncio.run(plan_for(opts, args.model, resolve_model(args.model), args.quant, show=False))
     if args.json:
         print(json.dumps(plan.to_dict()))
         return 0

@@ -44,6 +44,7 @@ class Deployment:
                 "start_layer": s.start_layer,
                 "end_layer": s.end_layer,
                 "quant": s.quant,
+                "weight_bytes": s.weight_bytes,
             }
             for c, info, s in zip(self.clients, self.infos, self.shards, strict=True)
         ]

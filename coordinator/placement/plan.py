@@ -75,7 +75,8 @@ class Plan:
         return [ShardSpec(s.start_layer, s.end_layer, self.num_layers) for s in self.stages]
 
     def run_entries(self) -> list[dict]:
-        """The plan as `run --json` reports it: `{node, address, start_layer, end_layer, quant}` per stage."""
+        """The plan as `run --json` reports it: `{node, address, start_layer, end_layer, quant, weight_bytes}`
+        per stage (layer ranges are [start_layer, end_layer) everywhere: `plan --json`, `nodes --json`)."""
         return [
             {
                 "node": s.node,
@@ -83,6 +84,7 @@ class Plan:
                 "start_layer": s.start_layer,
                 "end_layer": s.end_layer,
                 "quant": self.quant,
+                "weight_bytes": s.weight_bytes,
             }
             for s in self.stages
         ]
