@@ -174,3 +174,31 @@ def test_monitor_reports_the_median_of_recent_runs():
     for cap in runs[1:]:
         monitor.add(cap)
     assert monitor.current.int4_gbps == 4.0  # median of the last five: 9, 2, 3, 50, 4
+
+
+def test_nodes_on_one_machine_take_turns_to_benchmark(tmp_path):
+    """The machine-wide lock: a second benchmark waits for the first (and gives up waiting only at its
+    deadline), so nodes started together never time their kernels against each other's."""
+    import threading
+
+    from edgeshard.node.presence.microbench import bench_lock
+
+    lock = tmp_path / "bench.lock"
+    held, release = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with bench_lock(lock) as taken:
+            assert taken
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert held.wait(10)
+    t0 = time.perf_counter()
+    with bench_lock(lock, wait_s=0.3) as taken:  # the first still holds it: not taken, after the wait
+        assert not taken and time.perf_counter() - t0 >= 0.3
+    release.set()
+    t.join()
+    with bench_lock(lock, wait_s=0.3) as taken:
+        assert taken

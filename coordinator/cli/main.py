@@ -125,7 +125,7 @@ def quiet_grpc() -> None:
     Set before anything imports grpc; the node processes `cluster` starts inherit it. An explicit
     GRPC_VERBOSITY in the environment wins.
     """
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     os.environ.setdefault("GRPC_TRACE", "")
     os.environ.setdefault("GLOG_minloglevel", "2")
 

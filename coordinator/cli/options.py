@@ -56,10 +56,18 @@ def add_mdns_args(p: argparse.ArgumentParser) -> None:
         "--mdns-interface",
         action="append",
         default=[],
+        type=mdns_interface,
         metavar="IP",
         help="IPv4 address of an interface to run mDNS on (repeatable; default: all interfaces)",
     )
     p.add_argument("--cluster", default="default", help="only nodes of this cluster name (default: default)")
+
+
+def mdns_interface(text: str) -> str:
+    """argparse type of --mdns-interface: an IPv4 address of this machine (else a usage error, exit 2)."""
+    from edgeshard.node.presence.advertise import interface_address
+
+    return interface_address(text)
 
 
 def add_placement_args(p: argparse.ArgumentParser) -> None:

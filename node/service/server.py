@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import platform
@@ -25,7 +26,7 @@ from pathlib import Path
 import grpc
 
 from edgeshard.node.lowbit import native
-from edgeshard.node.presence.advertise import package_version, start_advertising
+from edgeshard.node.presence.advertise import interface_address, package_version, start_advertising
 from edgeshard.node.presence.capability import Capability, fill_wire, parse_size
 from edgeshard.node.presence.identity import claim_identity
 from edgeshard.node.presence.microbench import measure
@@ -64,7 +65,8 @@ class NodeOptions:
 
     host: str = "0.0.0.0"  # address to listen on
     port: int = 0  # 0 picks a free port (reported on the READY line)
-    name: str = field(default_factory=socket.gethostname)  # shown in plans and tables
+    # shown in plans and tables; "" (the default): `hostname:port`, so several nodes on one machine differ
+    name: str = ""
     threads: int | None = None  # torch threads (None: torch's default, all cores)
     model_dir: Path | None = None  # the only directory model files are opened from (None: the model cache)
     state_dir: Path | None = None  # node identity (and, later, keys and the capability benchmark)
@@ -213,6 +215,8 @@ async def serve(options: NodeOptions, ready_out=sys.stdout) -> None:
         torch.set_num_threads(options.threads)
     security = _security(options)
     identity = claim_identity(options.state_dir)
+    named = bool(options.name)
+    options.name = options.name or default_name(options.port)
     node = RingNode(
         options.name,
         max_sessions=options.max_sessions,
@@ -226,17 +230,21 @@ async def serve(options: NodeOptions, ready_out=sys.stdout) -> None:
         interceptors=server_interceptors(security, options.name),  # the membership check, before handlers
     )
     servicer = NodeServicer(node, options, identity.node_id)
+    pb_grpc.add_NodeServicer_to_server(servicer, server)
+    try:  # bound before the benchmark: a taken port or a wrong --host fails at once
+        port = listen(server, f"{options.host}:{options.port}", security)
+    except RuntimeError:
+        identity.release()
+        await server.stop(None)  # never started: stopping it here keeps its finalizer quiet
+        raise OSError(listen_problem(options.host, options.port)) from None
+    if not named:
+        options.name = node.name = default_name(port)
+    servicer.address = f"{options.host}:{port}"
     servicer.capability = (
-        measure(memory_limit=options.memory_limit)
+        measure(memory_limit=options.memory_limit, state_dir=options.state_dir)
         if options.benchmark
         else Capability(memory_limit=options.memory_limit)
     )
-    pb_grpc.add_NodeServicer_to_server(servicer, server)
-    try:
-        port = listen(server, f"{options.host}:{options.port}", security)
-    except RuntimeError as e:
-        raise OSError(f"cannot listen on {options.host}:{options.port} ({e}); is the port in use?") from e
-    servicer.address = f"{options.host}:{port}"
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -267,6 +275,38 @@ async def serve(options: NodeOptions, ready_out=sys.stdout) -> None:
         await node.unload()
         identity.release()
         log.info("node %s stopped", options.name)
+
+
+def default_name(port: int) -> str:
+    """A node's name when --name is not given: `hostname:port` (nodes sharing a machine get distinct names)."""
+    return f"{socket.gethostname()}:{port}" if port else socket.gethostname()
+
+
+def listen_problem(host: str, port: int) -> str:
+    """Why the gRPC server could not listen on host:port, found with a plain socket (gRPC only says 'failed')."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return f"--host {host!r} is not an address or a name this machine can resolve; use 0.0.0.0 (all) or 127.0.0.1"
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(sockaddr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (
+                    f"port {port} on {host} is in use (another node or program listens there); "
+                    "pick another --port, or --port 0 for a free one"
+                )
+            if e.errno == errno.EADDRNOTAVAIL:
+                return (
+                    f"--host {host} is not an address of this machine; use one of its addresses, "
+                    "0.0.0.0 (all interfaces) or 127.0.0.1"
+                )
+            if e.errno == errno.EACCES:
+                return f"port {port} needs root; use a port above 1023 (the default is 50051)"
+            return f"cannot listen on {host}:{port}: {e.strerror}"
+    return f"cannot listen on {host}:{port} (gRPC refused it; run with --debug for gRPC's reason)"
 
 
 def _security(options: NodeOptions) -> Security:
@@ -314,7 +354,11 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     """The flags of `edgeshard node` (also `python -m edgeshard.node.service.server`)."""
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
     p.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one")
-    p.add_argument("--name", default=None, help="name shown in plans and tables (default: the hostname)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="name shown in plans and tables (default: hostname:port, unique per node)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument(
         "--model-dir",
@@ -356,6 +400,7 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
         "--mdns-interface",
         action="append",
         default=[],
+        type=interface_address,
         metavar="IP",
         help="IPv4 address of an interface to run mDNS on (repeatable; default: all interfaces)",
     )
