@@ -17,6 +17,7 @@ import grpc
 
 from edgeshard.coordinator.errors import ClusterError
 from edgeshard.node.security.channels import Security, channel, connection_problem
+from edgeshard.node.security.channels import current as current_security
 from edgeshard.node.wire import PROTOCOL_VERSION
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire import edgeshard_pb2_grpc as pb_grpc
@@ -84,9 +85,12 @@ class GrpcStageClient:
         # TLS + per-call membership tokens with the cluster key (None: this process's configured mode)
         self.channel = channel(address, security, GRPC_OPTIONS)
         self.stub = pb_grpc.NodeStub(self.channel)
+        self.security = security
 
     def _error(self, e: grpc.aio.AioRpcError, doing: str) -> ClusterError:
-        why = connection_problem(e.details())
+        # with our mode: a plaintext call a keyed node hangs up on says "Socket closed", which only means
+        # "not a member" when we are the --insecure side
+        why = connection_problem(e.details(), self.security or current_security())
         if why is not None or e.code() == grpc.StatusCode.UNAUTHENTICATED:
             return NotAMemberError(self.address, why or _short(e.details()))
         if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
