@@ -43,6 +43,25 @@ def add_where_args(p: argparse.ArgumentParser, local_help: str) -> None:
     where.add_argument("--discover", action="store_true", help="find nodes with mDNS and plan the layers")
 
 
+def add_take_over_arg(p: argparse.ArgumentParser) -> None:
+    """--take-over: load nodes even when another coordinator's plan runs there."""
+    p.add_argument(
+        "--take-over",
+        action="store_true",
+        help="load nodes that serve another coordinator's plan (its requests then fail over); without it "
+        "such nodes refuse and the error names their coordinator",
+    )
+
+
+def claim_nodes(args: argparse.Namespace, role: str) -> None:
+    """Name this coordinator for the nodes it will hold, and pass on --take-over (pipeline/holder.py)."""
+    from edgeshard.coordinator.pipeline import holder
+
+    holder.set_role(f"edgeshard {role}")
+    if getattr(args, "take_over", False):
+        holder.ask_to_take_over()
+
+
 def add_mdns_args(p: argparse.ArgumentParser) -> None:
     """--timeout, --mdns-interface, --cluster: where and how long to look for nodes."""
     p.add_argument(

@@ -17,7 +17,9 @@ from edgeshard.coordinator.cli.options import (
     add_model_args,
     add_placement_args,
     add_sampling_args,
+    add_take_over_arg,
     add_where_args,
+    claim_nodes,
     placement_options,
     sampling_params,
 )
@@ -41,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch threads for --local (default: all cores)"
     )
     run.add_argument("--json", action="store_true", help="print a JSON summary on the last line")
+    add_take_over_arg(run)
     add_placement_args(run)
     run.set_defaults(func=cmd_run)
     return run
@@ -80,6 +83,7 @@ def check_fits(prompt_tokens: int, max_tokens: int, context_length: int) -> None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    claim_nodes(args, "run")
     if args.local or not (args.peers or args.discover):
         return asyncio.run(_run_local(args))
     return asyncio.run(run_remote(args))

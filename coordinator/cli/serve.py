@@ -19,7 +19,9 @@ from typing import TextIO
 from edgeshard.coordinator.cli.options import (
     add_model_args,
     add_placement_args,
+    add_take_over_arg,
     add_where_args,
+    claim_nodes,
     placement_options,
 )
 from edgeshard.coordinator.errors import UserError
@@ -45,6 +47,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     add_where_args(serve, "run every layer in this process (the default)")
     add_placement_args(serve)  # --layers, --mdns-interface, --timeout, --cluster, --context, --sessions, ...
     add_http_args(serve)
+    add_take_over_arg(serve)
     serve.add_argument(
         "--threads", type=int, default=None, help="torch threads for --local (default: all cores)"
     )
@@ -141,6 +144,7 @@ def _engine_kw(args: argparse.Namespace) -> dict:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`edgeshard serve`."""
+    claim_nodes(args, "serve")
     sock = _bind(args)
     try:
         return asyncio.run(_serve(args, sock))

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from edgeshard.coordinator.errors import ClusterError
+from edgeshard.coordinator.pipeline import holder
 from edgeshard.coordinator.pipeline.remote import RemotePipeline
 from edgeshard.coordinator.pipeline.stage_client import GrpcStageClient, connect
 from edgeshard.node.model.config import ShardSpec, even_split
@@ -56,8 +57,23 @@ class Deployment:
         return pipe
 
     async def close(self) -> None:
-        """Close the channels (the nodes keep their shards)."""
+        """Let go of the nodes (they keep their shards, free for the next coordinator) and close the channels."""
+        await asyncio.gather(*(c.release() for c in self.clients), return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
+
+
+class NodeHeldError(ClusterError):
+    """Nodes serve another coordinator's plan; the message names them, their holder, and --take-over."""
+
+    default_code = "node_held"
+
+    def __init__(self, held: Sequence[tuple[str, str, str]]) -> None:
+        self.held = list(held)
+        nodes = "; ".join(f"{name} ({address}) serves {who}" for address, name, who in held)
+        super().__init__(
+            f"{'a node is' if len(held) == 1 else 'nodes are'} busy with another coordinator's plan: {nodes}. "
+            "Wait until it is done, use other nodes, or pass --take-over to take them (its requests fail over)"
+        )
 
 
 def new_plan_id() -> int:
@@ -74,19 +90,33 @@ async def deploy(
     metadata: Sequence[tuple[str, str]] = (),
     specs: Sequence[ShardSpec] | None = None,
     security: Security | None = None,
+    take_over: bool | None = None,
 ) -> Deployment:
     """Connect to `addresses` (pipeline order), split `num_layers` evenly, and load the shards on all nodes.
 
     `model_ref` is what each node opens: a name relative to its --model-dir, or a registry name. `specs`
     (one per address, e.g. `Plan.specs()` of the planner) replaces the even split. `security`: the cluster
     key or INSECURE for the channels (None: this process's, see node/security.py).
+
+    Plan ownership (coordinator/pipeline/holder.py): this coordinator becomes the nodes' holder. A node
+    another coordinator holds is refused before any node loads (NodeHeldError), unless `take_over` (None:
+    what --take-over asked, once per process).
     """
     if len(addresses) > num_layers:
         raise ClusterError(
             f"{len(addresses)} nodes but the model has only {num_layers} layers; use fewer nodes"
         )
-    clients, infos = await connect(addresses, metadata, security)
+    if take_over is None:
+        take_over = holder.take_over_now()
+    clients, infos = await connect(addresses, (*metadata, *holder.metadata()), security)
     try:
+        held = [
+            (c.address, info.name, who)
+            for c, info in zip(clients, infos)
+            if (who := holder.held_elsewhere(info))
+        ]
+        if held and not take_over:  # nothing loaded yet: the other coordinator's requests keep running
+            raise NodeHeldError(held)
         specs = list(specs) if specs is not None else even_split(num_layers, len(clients))
         if len(specs) != len(clients):
             raise ClusterError(f"{len(specs)} layer ranges for {len(clients)} nodes; give one per node")
@@ -117,6 +147,8 @@ async def deploy(
                     num_layers=num_layers,
                     next_hop=clients[i + 1].address if i + 1 < len(clients) else "last",
                     stages=len(clients),  # batching keeps one group of sequences per node in flight
+                    coordinator=holder.this_coordinator(),
+                    take_over=take_over,
                 )
                 t0 = time.perf_counter()
 

@@ -95,6 +95,8 @@ class GrpcStageClient:
             return NotAMemberError(self.address, why or _short(e.details()))
         if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return NodeUnavailableError(self.address, _short(e.details()))
+        if e.code() == grpc.StatusCode.FAILED_PRECONDITION:  # e.g. held by another coordinator: its words
+            return ClusterError(e.details() or f"node {self.address} refused {doing}")
         return ClusterError(f"node {self.address} refused {doing}: {e.details()} ({e.code().name})")
 
     async def info(self, timeout: float = CONNECT_TIMEOUT_S) -> pb.NodeInfo:
@@ -139,6 +141,18 @@ class GrpcStageClient:
             raise self._error(e, "the Results stream") from None
         finally:
             call.cancel()
+
+    async def release(self, timeout: float = 2.0) -> bool:
+        """Let go of the node (plan ownership; it keeps its shard); False when it was not ours or not reached."""
+        from edgeshard.coordinator.pipeline.holder import holder_id
+
+        try:
+            reply = await self.stub.ReleasePlan(
+                pb.ReleasePlanRequest(coordinator_id=holder_id()), timeout=timeout, metadata=self.metadata
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.released
 
     async def close(self) -> None:
         """Close the channel."""

@@ -42,6 +42,7 @@ from edgeshard.node.security.channels import (
     server_interceptors,
 )
 from edgeshard.node.service.next_hop import coalesce, drain, now_us
+from edgeshard.node.service.ownership import Ownership, caller_id
 from edgeshard.node.service.ring import COMPUTE_MODES, MAX_BATCH_ROWS, RingNode
 from edgeshard.node.service.shard_load import load_shard
 from edgeshard.node.wire import PROTOCOL_VERSION
@@ -119,6 +120,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.load_lock = asyncio.Lock()
         self.capability = Capability()  # set by serve() from the start-up benchmark
         self.streams: set[asyncio.Queue] = set()  # reply/result queues of open streams, ended on shutdown
+        self.ownership = Ownership()  # which coordinator's plan this node serves (node/service/ownership.py)
 
     def end_streams(self) -> None:
         """Finish every open Forward and Results stream with OK, so shutdown does not have to cancel them."""
@@ -127,7 +129,8 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.NodeInfo:  # noqa: N802
         shard = self.node.shard
-        return pb.NodeInfo(
+        self.ownership.touch(caller_id(context))  # a holder's GetInfo is a sign of life
+        info = pb.NodeInfo(
             node_id=self.node_id,
             name=self.node.name,
             protocol_version=PROTOCOL_VERSION,
@@ -141,23 +144,41 @@ class NodeServicer(pb_grpc.NodeServicer):
             clock_unix_s=time.time(),
             version=package_version(),
         )
+        if shard is not None:
+            self.ownership.fill(info.shard)
+        return info
 
     async def LoadShard(self, request: pb.LoadShardRequest, context):  # noqa: N802
         async with self.load_lock:  # one load at a time; a second waits and then replaces the first
+            refusal = self.ownership.refusal(request, self.node.name, self.address)
+            if refusal is not None:  # another coordinator's plan runs here: nothing is touched
+                log.warning("LoadShard refused: %s", refusal)
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
+            old_plan = self.node.shard.plan_id if self.node.shard is not None else 0
             try:
                 async for progress in load_shard(self.node, request, self.model_dir):
+                    if progress.done:
+                        self.ownership.loaded(request, self.node.name, old_plan)
+                        self.ownership.fill(progress.shard)
                     yield progress
             except WireError as e:
                 log.warning("LoadShard %r refused: %s", request.model, e.message)
                 await context.abort(e.code, e.message)
 
+    async def ReleasePlan(self, request: pb.ReleasePlanRequest, context) -> pb.ReleasePlanReply:  # noqa: N802
+        return pb.ReleasePlanReply(released=self.ownership.release(request.coordinator_id))
+
     async def Forward(self, request_iterator, context):  # noqa: N802
         replies: asyncio.Queue = asyncio.Queue()
         self.streams.add(replies)
+        coordinator = caller_id(context)  # "" for the previous node's stream
+        self.ownership.opened(coordinator, replies)
 
         async def pump() -> None:
             try:
                 async for msg in request_iterator:
+                    if self.node.shard is not None and msg.plan_id == self.node.shard.plan_id:
+                        self.ownership.touch()  # the holder's plan is in use
                     await self.node.handle(msg, replies.put_nowait)
             finally:
                 replies.put_nowait(None)
@@ -170,6 +191,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                 await task  # surfaces an exception of the pump as the stream's status
         finally:
             self.streams.discard(replies)
+            self.ownership.closed(coordinator, replies)
             task.cancel()
 
     async def Results(self, request: pb.ResultsRequest, context):  # noqa: N802
@@ -180,6 +202,8 @@ class NodeServicer(pb_grpc.NodeServicer):
             await context.abort(e.code, e.message)
         queue = self.node.subscribe(subscriber)
         self.streams.add(queue)
+        coordinator = caller_id(context)
+        self.ownership.opened(coordinator)
         try:
             yield pb.Result(kind=pb.RESULT_READY, plan_id=self.node.shard.plan_id if self.node.shard else 0)
             while True:  # what queued up meanwhile (a batched forward's results) goes as one message
@@ -191,6 +215,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                     break
         finally:
             self.streams.discard(queue)
+            self.ownership.closed(coordinator)
             self.node.unsubscribe(subscriber, queue)
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthReply:  # noqa: N802

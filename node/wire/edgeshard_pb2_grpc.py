@@ -59,6 +59,11 @@ class NodeStub:
                 request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.HealthRequest.SerializeToString,
                 response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.ReleasePlan = channel.unary_unary(
+                '/edgeshard.v1.Node/ReleasePlan',
+                request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanRequest.SerializeToString,
+                response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -99,6 +104,13 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleasePlan(self, request, context):
+        """Plan ownership: the coordinator that loaded the shard lets go of the node (it keeps the shard loaded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +138,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.HealthRequest.FromString,
                     response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.HealthReply.SerializeToString,
+            ),
+            'ReleasePlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleasePlan,
+                    request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanRequest.FromString,
+                    response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +280,33 @@ class Node:
             '/edgeshard.v1.Node/Health',
             edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.HealthRequest.SerializeToString,
             edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleasePlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeshard.v1.Node/ReleasePlan',
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanRequest.SerializeToString,
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanReply.FromString,
             options,
             channel_credentials,
             insecure,
