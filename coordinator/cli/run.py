@@ -135,6 +135,25 @@ async def _run_local(args: argparse.Namespace) -> int:
     return await stream_generation(args, pipeline, tokenizer, plan, extra={"load_s": round(load_s, 3)})
 
 
+MIN_TOKENS_TO_JUDGE = 8  # fewer decoded tokens say too little about the speed to warn about it
+SPEED_TOLERANCE = 2.0  # measured within this factor of the prediction: no warning
+
+
+def speed_warning(measured: float, predicted: float, tolerance: float = SPEED_TOLERANCE) -> str | None:
+    """A sentence when the measured decode speed strays more than `tolerance`x from the plan's prediction."""
+    if measured <= 0 or predicted <= 0:
+        return None
+    ratio = measured / predicted
+    if 1 / tolerance <= ratio <= tolerance:
+        return None
+    how = f"{ratio:.1f}x faster" if ratio > 1 else f"{1 / ratio:.1f}x slower"
+    return (
+        f"decoding ran at {measured:.1f} tok/s, {how} than the plan predicted ({predicted:.1f} tok/s): the "
+        "nodes' benchmark figures do not match how they run now (other work on them, or a disturbed "
+        "measurement); `edgeshard nodes` shows their figures, which they re-measure while idle"
+    )
+
+
 async def stream_generation(
     args, pipeline, tokenizer, plan: list[dict], extra: dict | None = None, context_length: int | None = None
 ) -> int:
@@ -155,6 +174,11 @@ async def stream_generation(
     if tail:
         sys.stdout.write(tail)
     sys.stdout.write("\n")
+    predicted = (extra or {}).get("predicted_tok_per_s")
+    if predicted and len(seq.generated) >= MIN_TOKENS_TO_JUDGE:
+        warning = speed_warning(seq.decode_tok_per_s, predicted)
+        if warning:
+            print(f"edgeshard: warning: {warning}", file=sys.stderr)
     if args.json:
         summary = {
             "text": tokenizer.decode(seq.generated),
