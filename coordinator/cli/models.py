@@ -38,7 +38,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("name", "description", "pulled", "path")
+    table = Table()
+    table.add_column("name", no_wrap=True)
+    table.add_column("description", overflow="fold")
+    table.add_column("pulled", no_wrap=True)
+    table.add_column("path", overflow="fold")  # folded, never cut with an ellipsis: it is copied
     for r in rows:
         table.add_row(
             r["name"], r.get("description", ""), "yes" if r.get("pulled") else "no", str(r.get("path") or "")

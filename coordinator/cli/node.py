@@ -174,15 +174,12 @@ def node_table(rows: list[dict]):
     from rich.table import Table
 
     table = Table(
-        "node",
-        "address",
-        "layers",
-        "quant",
-        "load s",
-        "compute ms",
-        "network ms",
-        title="per node, ms per token (one decode step makes one token); network: the hop into the node",
+        title="per node, ms per token (one decode step makes one token); network: the hop into the node"
     )
+    for column in ("node", "address"):  # never cut: a cut address cannot be copied into --peers
+        table.add_column(column, no_wrap=True)
+    for column in ("layers", "quant", "load s", "compute ms", "network ms"):
+        table.add_column(column, justify="left" if column in ("layers", "quant") else "right")
     for r in rows:
         if "start_layer" not in r:  # the coordinator: only the hop into it
             table.add_row(r["node"], r["address"], "", "", "", "", f"{r['network_ms_per_step']:.3f}")

@@ -96,6 +96,7 @@ class Plan:
         d = dataclasses.asdict(self)
         d["left_out"] = [list(x) for x in self.left_out]
         d["tok_per_s"] = round(self.tok_per_s, 2)
+        d["plan"] = self.run_entries()  # the stages in the words of `run --json` and /v1/cluster
         d["throughput_tok_per_s"] = round(self.throughput_tok_per_s, 2)
         return d
 
