@@ -59,19 +59,35 @@ def test_an_unknown_command_is_one_usage_line():
     _one_error_line(_cli("rn"), 2, "invalid choice")
 
 
-def test_version_and_help_start_without_the_heavy_libraries():
-    r = _cli("--version")
-    assert r.returncode == 0 and r.stdout.startswith("edgeshard ") and r.stdout.split()[1][0].isdigit()
+def _loaded_after(argv: list[str], modules: tuple[str, ...]) -> tuple[list[str], str]:
+    """Which of `modules` `edgeshard ARGV` (a --help) imported, and what it printed."""
     probe = (
         "import sys\n"
         "from edgeshard.coordinator.cli.main import main\n"
-        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-        "print('HEAVY', sorted(m for m in ('torch', 'grpc', 'zeroconf', 'fastapi') if m in sys.modules))\n"
+        f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        f"print('LOADED', sorted(m for m in {modules!r} if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    loaded = out.stdout.rsplit("LOADED ", 1)[-1].strip()
+    return json.loads(loaded.replace("'", '"')), out.stdout
+
+
+def test_version_and_help_start_without_the_heavy_libraries():
+    r = _cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("edgeshard ") and r.stdout.split()[1][0].isdigit()
+    loaded, text = _loaded_after(["--help"], ("torch", "grpc", "zeroconf", "fastapi", "numpy"))
+    assert loaded == [], loaded
     for command in ("run", "node", "serve", "cluster", "plan", "nodes", "chat", "secret", "doctor"):
-        assert "Traceback" not in out.stderr and command in out.stdout
+        assert command in text
+    # a command's own --help builds its flags but loads neither torch nor the planner nor mDNS
+    loaded, text = _loaded_after(["run", "--help"], ("torch", "zeroconf", "fastapi", "numpy"))
+    assert loaded == [] and "--raw" in text and "--take-over" in text, (loaded, text)
+
+
+def test_a_bad_choice_is_a_usage_line_naming_the_choices():
+    _one_error_line(_cli("plan", "--model", "m", "--quant", "int3"), 2, "int3", "f32, bf16, int8, int4")
+    _one_error_line(_cli("plan", "--model", "m", "--objective", "fast"), 2, "latency, throughput")
 
 
 def test_a_foreign_mdns_interface_is_refused_before_anything_starts():

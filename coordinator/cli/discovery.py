@@ -57,6 +57,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     """`edgeshard nodes`."""
     from edgeshard.coordinator.discovery.mdns import ZeroconfDiscovery, duplicate_ids
 
+    args.timeout = placement_options(args).timeout  # the default when not given
+
     async def browse():
         d = ZeroconfDiscovery(
             args.mdns_interface, None if args.all_clusters else args.cluster, watch_interval=0
