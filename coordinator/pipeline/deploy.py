@@ -58,7 +58,8 @@ class Deployment:
 
     async def close(self) -> None:
         """Let go of the nodes (they keep their shards, free for the next coordinator) and close the channels."""
-        await asyncio.gather(*(c.release() for c in self.clients), return_exceptions=True)
+        # only where our plan still runs: recovery closes the old deployment after loading the new one
+        await asyncio.gather(*(c.release(self.plan_id) for c in self.clients), return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
 
 

@@ -142,13 +142,16 @@ class GrpcStageClient:
         finally:
             call.cancel()
 
-    async def release(self, timeout: float = 2.0) -> bool:
-        """Let go of the node (plan ownership; it keeps its shard); False when it was not ours or not reached."""
+    async def release(self, plan_id: int, timeout: float = 2.0) -> bool:
+        """Let go of the node if it still runs our plan `plan_id` (it keeps its shard); False when it was not
+        ours (any more) or did not answer."""
         from edgeshard.coordinator.pipeline.holder import holder_id
 
         try:
             reply = await self.stub.ReleasePlan(
-                pb.ReleasePlanRequest(coordinator_id=holder_id()), timeout=timeout, metadata=self.metadata
+                pb.ReleasePlanRequest(coordinator_id=holder_id(), plan_id=plan_id),
+                timeout=timeout,
+                metadata=self.metadata,
             )
         except grpc.aio.AioRpcError:
             return False

@@ -166,6 +166,9 @@ class NodeServicer(pb_grpc.NodeServicer):
                 await context.abort(e.code, e.message)
 
     async def ReleasePlan(self, request: pb.ReleasePlanRequest, context) -> pb.ReleasePlanReply:  # noqa: N802
+        shard = self.node.shard
+        if shard is None or shard.plan_id != request.plan_id:  # a newer plan (recovery) holds the node now
+            return pb.ReleasePlanReply(released=False)
         return pb.ReleasePlanReply(released=self.ownership.release(request.coordinator_id))
 
     async def Forward(self, request_iterator, context):  # noqa: N802

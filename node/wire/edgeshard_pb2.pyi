@@ -234,10 +234,12 @@ class PlanHolder(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., host: _Optional[str] = ..., since_unix_ms: _Optional[int] = ...) -> None: ...
 
 class ReleasePlanRequest(_message.Message):
-    __slots__ = ("coordinator_id",)
+    __slots__ = ("coordinator_id", "plan_id")
     COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     coordinator_id: str
-    def __init__(self, coordinator_id: _Optional[str] = ...) -> None: ...
+    plan_id: int
+    def __init__(self, coordinator_id: _Optional[str] = ..., plan_id: _Optional[int] = ...) -> None: ...
 
 class ReleasePlanReply(_message.Message):
     __slots__ = ("released",)
