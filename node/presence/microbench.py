@@ -282,17 +282,19 @@ def measure(
     budget_s: float = 0.4,
     state_dir: Path | None = None,
     jitter_s: float = START_JITTER_S,
+    quiet_wait_s: float = QUIET_WAIT_S,
 ) -> Capability:
     """Run the microbenchmark (about `budget_s` seconds) alone on this machine and describe it.
 
-    A random delay of up to `jitter_s`, then the machine-wide lock (`bench_lock`): nodes started together
-    measure one after the other instead of each other. `threads` sets torch's thread count first (None keeps
+    A random delay of up to `jitter_s`, then the machine-wide lock (`bench_lock`) and up to `quiet_wait_s`
+    for sibling nodes still busy starting: nodes started together measure one after the other instead of
+    each other. `threads` sets torch's thread count first (None keeps
     the process's setting), so the figures are those of the node as it will compute.
     """
     if jitter_s > 0:
         time.sleep(random.uniform(0, jitter_s))
     with bench_lock(lock_path(state_dir)):
-        wait_until_quiet(QUIET_WAIT_S if jitter_s > 0 else 0.0)
+        wait_until_quiet(quiet_wait_s)
         return run_microbenchmark(threads, memory_limit, budget_s)
 
 
