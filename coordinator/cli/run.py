@@ -60,13 +60,14 @@ def add_template_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)  # the default now; still accepted
 
 
-def prompt_ids(tokenizer, prompt: str, raw: bool = False) -> list[int]:
-    """Token ids of the prompt: through the chat template unless `raw` or the model has none.
+def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids of the prompt: through the chat template when `chat` (`run`: unless --raw) and the model
+    has one.
 
     An instruct model given bare text often ends at once (its first token is end-of-turn): the template is
     what it was trained on, so it is the default; `--raw` is for base models and for exact-text experiments.
     """
-    if not raw and tokenizer.chat_template:
+    if chat and tokenizer.chat_template:
         return tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
     return tokenizer.encode(prompt)
 
@@ -116,7 +117,7 @@ async def _run_local(args: argparse.Namespace) -> int:
     tokenizer = (
         Tokenizer.from_gguf(ckpt.reader) if hasattr(ckpt, "reader") else Tokenizer.from_checkpoint(path)
     )
-    ids = prompt_ids(tokenizer, args.prompt, args.raw)
+    ids = prompt_ids(tokenizer, args.prompt, not args.raw)
     check_fits(len(ids), args.max_tokens, ckpt.config.max_position_embeddings)  # before the weights load
     with loading(f"loading {path.name} ({ckpt.config.num_hidden_layers} layers) in this process"):
         stage = load_stage(ckpt, ShardSpec.full(ckpt.config.num_hidden_layers), quant=args.quant)
@@ -161,7 +162,7 @@ async def stream_generation(
     from edgeshard.coordinator.pipeline.generate import Sequence, generate
 
     sampling = sampling_params(args)
-    ids = prompt_ids(tokenizer, args.prompt, getattr(args, "raw", False))
+    ids = prompt_ids(tokenizer, args.prompt, not getattr(args, "raw", False))
     check_fits(len(ids), args.max_tokens, context_length or 1 << 62)
     seq = Sequence(ids, sampling, args.max_tokens, frozenset(tokenizer.stop_token_ids))
     stream = tokenizer.decode_stream()
@@ -217,7 +218,7 @@ async def run_remote(args: argparse.Namespace) -> int:
     num_layers = config.num_hidden_layers
     tokenizer = Tokenizer.from_checkpoint(path)
     check_fits(
-        len(prompt_ids(tokenizer, args.prompt, args.raw)), args.max_tokens, config.max_position_embeddings
+        len(prompt_ids(tokenizer, args.prompt, not args.raw)), args.max_tokens, config.max_position_embeddings
     )
     specs, extra, plan = None, {}, None
     if planned:
