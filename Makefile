@@ -1,13 +1,21 @@
 # The two set-up commands of the README are `make demo` and `make test`; both install what they need.
 PY ?= python3
+# `make demo` installs into a project virtualenv (never the system Python: PEP 668 distributions such as
+# Raspberry Pi OS refuse that). VENV_FLAGS=--system-site-packages reuses a torch the system already has.
+VENV ?= .venv
+VENV_FLAGS ?=
 
 .PHONY: setup demo test test-fast lint proto bench
 
 setup:
 	./scripts/setup
 
-demo: setup
-	edgeshard demo
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV_FLAGS) $(VENV)
+
+demo: $(VENV)/bin/python
+	PYTHON=$(VENV)/bin/python ./scripts/setup --no-test-extras
+	$(VENV)/bin/edgeshard demo
 
 test: setup
 	$(PY) -m pytest -q

@@ -119,3 +119,13 @@ def test_impostor_adverts_are_ignored_before_dialling(caplog):
     logged = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
     for label in impostors:  # logged once per stranger
         assert sum(label in line for line in logged) == 1, logged
+
+
+def test_a_node_seen_by_mdns_and_in_peers_is_not_a_duplicate_id():
+    from edgeshard.coordinator.discovery.members import Member, distinct, duplicate_ids
+
+    via_mdns = Member("n1._edgeshard._tcp.local.", "n1", "127.0.0.1:50051", "mdns", "ok", node_id="abc")
+    via_peers = Member("localhost:50051", "n1", "localhost:50051", "peers", "ok", node_id="abc")
+    clone = Member("n2._edgeshard._tcp.local.", "n2", "127.0.0.1:50052", "mdns", "ok", node_id="abc")
+    assert duplicate_ids([via_mdns, via_peers]) == {} and distinct([via_mdns, via_peers]) == [via_mdns]
+    assert [m.name for m in duplicate_ids([via_mdns, via_peers, clone])["abc"]] == ["n1", "n2"]

@@ -127,7 +127,7 @@ def test_malformed_messages_are_refused_and_the_node_keeps_serving(node_cluster,
             # an error travels the ring to the coordinator waiting for that step
             with pytest.raises(RemoteStepError, match="unknown session") as e:
                 await pipe.step("never-opened", 0, PROMPT)
-            assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.grpc_code == grpc.StatusCode.INVALID_ARGUMENT
             await pipe.close("live")
             after = await _greedy(pipe)
             infos = [await c.info() for c in d.clients]
@@ -285,5 +285,5 @@ def test_a_dead_middle_node_fails_the_step_fast_with_its_address(smollm2_path):
                 await d.close()
 
         err = asyncio.run(run())
-        assert err.code == grpc.StatusCode.UNAVAILABLE
+        assert err.grpc_code == grpc.StatusCode.UNAVAILABLE
         assert cluster.addresses[1] in str(err) and "dies1" in str(err)

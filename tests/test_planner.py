@@ -204,7 +204,8 @@ def test_plan_is_a_value():
     assert Plan.from_msgpack(plan.to_msgpack()) == plan
     assert Plan.from_dict(plan.to_dict()) == plan and hash(plan) == hash(Plan.from_dict(plan.to_dict()))
     assert "predicted" in str(plan) and plan.specs()[0].start_layer == 0
-    assert plan.run_entries()[0].keys() == {"node", "address", "start_layer", "end_layer", "quant"}
+    keys = {"node", "address", "start_layer", "end_layer", "quant", "weight_bytes"}  # as run --json (CLI.md)
+    assert plan.run_entries()[0].keys() == keys
 
 
 def test_unmeasured_nodes_get_the_median_speed():

@@ -121,3 +121,13 @@ def test_chat_repl_reports_errors_and_goes_on(client):
     out = io.StringIO()
     history = chat_repl(client, iter(["Hi", "/exit"]), out, max_tokens=-1)
     assert "error:" in out.getvalue() and history == []
+
+
+def test_chat_repl_keeps_slash_commands_to_itself(client):
+    out = io.StringIO()
+    lines = iter(["/help", "/bogus", "//etc is a directory?", "/exit"])
+    history = chat_repl(client, lines, out, max_tokens=4, temperature=0)
+    # /help and /bogus never reach the model; `//` sends the line with one slash
+    assert [m["content"] for m in history if m["role"] == "user"] == ["/etc is a directory?"]
+    text = out.getvalue()
+    assert "commands: /help" in text and "unknown command /bogus" in text and "/reset" in text

@@ -57,6 +57,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     """`edgeshard nodes`."""
     from edgeshard.coordinator.discovery.mdns import ZeroconfDiscovery, duplicate_ids
 
+    args.timeout = placement_options(args).timeout  # the default when not given
+
     async def browse():
         d = ZeroconfDiscovery(
             args.mdns_interface, None if args.all_clusters else args.cluster, watch_interval=0
@@ -69,7 +71,7 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     members, ignored, strangers = asyncio.run(browse())
     dups = duplicate_ids(members)
     if args.json:
-        rows = [{**m.to_dict(), "duplicate_id": m.node_id in dups} for m in members]
+        rows = [{**member_fields(m), "duplicate_id": m.node_id in dups} for m in members]
         print(json.dumps(rows))
         return 0
     from rich.console import Console
@@ -95,15 +97,42 @@ def cmd_nodes(args: argparse.Namespace) -> int:
     return 0
 
 
+def loaded_range(loaded: str) -> tuple[int, int, int] | None:
+    """(start_layer, end_layer, num_layers) of a member's `loaded` ("start-end/num", end exclusive)."""
+    try:
+        span, num = loaded.split("/")
+        start, end = span.split("-")
+        return int(start), int(end), int(num)
+    except ValueError:
+        return None
+
+
+def member_fields(m) -> dict:
+    """One row of `nodes --json`: every field of the member plus the names the other JSON outputs use
+    (`node`, and the layer range as `start_layer`/`end_layer`, end exclusive as in `run --json`, `plan --json`
+    and /v1/cluster; null when nothing is loaded)."""
+    span = loaded_range(m.loaded)
+    return {
+        "node": m.name,
+        **m.to_dict(),
+        "start_layer": span[0] if span else None,
+        "end_layer": span[1] if span else None,
+        "num_layers": span[2] if span else None,
+    }
+
+
 def members_table(members, dups=None):
     """A rich table of discovered members (one row each; `--json` has every field)."""
     from rich.table import Table
 
     from edgeshard.node.presence.capability import format_bytes
 
-    table = Table(
-        "node", "address", "status", "cpu", "memory", "speed", "loaded", "id", title="edgeshard nodes"
-    )
+    table = Table(title="edgeshard nodes")
+    for column in ("node", "address"):  # never cut: a cut address cannot be copied into --peers
+        table.add_column(column, no_wrap=True, min_width=len(column))
+    for column in ("status", "cpu", "memory", "speed", "layers"):
+        table.add_column(column, overflow="fold")
+    table.add_column("id", no_wrap=True)
     for m in members:
         cap = m.capability
         status = m.status + (", duplicate id" if m.node_id in (dups or {}) else "")
@@ -120,18 +149,19 @@ def members_table(members, dups=None):
             if cap and cap.measured
             else "-"
         )
-        table.add_row(m.name, m.address, status, cpu, memory, speed, m.loaded or "-", m.node_id[:8])
+        span = loaded_range(m.loaded)  # shown inclusive, as every table and plan shows layers
+        layers = f"{span[0]}-{span[1] - 1} of {span[2]}" if span else "-"
+        table.add_row(m.name, m.address, status, cpu, memory, speed, layers, m.node_id[:8])
     return table
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """`edgeshard plan`: print where the layers would go and the predicted speed; nothing is loaded."""
-    from edgeshard.coordinator.placement.gather import plan_for_args
+    from edgeshard.coordinator.placement.gather import plan_for
     from edgeshard.node.weights.registry import resolve_model
 
-    if args.layers is None:
-        args.layers = "auto"
-    plan = asyncio.run(plan_for_args(args, resolve_model(args.model), show=False))
+    opts = placement_options(args, layers=args.layers or "auto")
+    plan = asyncio.run(plan_for(opts, args.model, resolve_model(args.model), args.quant, show=False))
     if args.json:
         print(json.dumps(plan.to_dict()))
         return 0

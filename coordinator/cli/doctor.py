@@ -163,7 +163,9 @@ async def run_checks(opts: PlacementOptions) -> list[Check]:
         from edgeshard.coordinator.discovery.members import parse_peers
 
         members += await StaticDiscovery(parse_peers(opts.peers), opts.cluster).browse()
-    return checks + member_checks(members)
+    from edgeshard.coordinator.discovery.members import distinct
+
+    return checks + member_checks(distinct(members))  # a node in --peers that mDNS also found: once
 
 
 def print_report(checks: list[Check]) -> None:

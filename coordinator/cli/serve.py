@@ -20,7 +20,9 @@ from edgeshard.coordinator.cli.options import (
     add_model_args,
     add_placement_args,
     add_speculative_args,
+    add_take_over_arg,
     add_where_args,
+    claim_nodes,
     placement_options,
     speculation_factory,
 )
@@ -28,8 +30,16 @@ from edgeshard.coordinator.errors import UserError
 
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8000  # loopback unless told otherwise
 CHAT_HELP = (
-    "type a message; /reset forgets the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops an answer"
+    "type a message; /help lists the commands, /reset forgets the conversation, /exit (or Ctrl-D) leaves, "
+    "Ctrl-C stops an answer"
 )
+CHAT_COMMANDS = {
+    "/help": "this list",
+    "/reset": "forget the conversation (the system prompt stays)",
+    "/exit": "leave (also /quit and Ctrl-D)",
+}
+CHAT_MAX_TOKENS = 512  # an answer, not a novel: a small board makes a few tokens a second
+CHAT_TEMPERATURE = 0.7  # varied but on topic; 1.0 wanders on a small model
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -40,6 +50,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     add_placement_args(serve)  # --layers, --mdns-interface, --timeout, --cluster, --context, --sessions, ...
     add_http_args(serve)
     add_speculative_args(serve)
+    add_take_over_arg(serve)
     serve.add_argument(
         "--threads", type=int, default=None, help="torch threads for --local (default: all cores)"
     )
@@ -52,9 +63,17 @@ def add_chat_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     chat = sub.add_parser("chat", help="interactive chat with a running server (streams answers)")
     chat.add_argument("--url", default=f"http://{DEFAULT_HOST}:{DEFAULT_PORT}", help="the server's address")
     chat.add_argument("--system", help="a system prompt that starts the conversation")
-    chat.add_argument("--max-tokens", type=int, default=None, help="tokens per answer at most")
     chat.add_argument(
-        "--temperature", type=float, default=None, help="0 means greedy (default: the server's)"
+        "--max-tokens",
+        type=int,
+        default=CHAT_MAX_TOKENS,
+        help=f"tokens per answer at most (default {CHAT_MAX_TOKENS})",
+    )
+    chat.add_argument(
+        "--temperature",
+        type=float,
+        default=CHAT_TEMPERATURE,
+        help=f"0 means greedy (default {CHAT_TEMPERATURE})",
     )
     chat.add_argument("--api-key", default=None, help="sent as a bearer token (default: $EDGESHARD_API_KEY)")
     chat.set_defaults(func=cmd_chat)
@@ -131,6 +150,7 @@ def _engine_kw(args: argparse.Namespace) -> dict:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`edgeshard serve`."""
+    claim_nodes(args, "serve")
     sock = _bind(args)
     try:
         return asyncio.run(_serve(args, sock))
@@ -233,7 +253,8 @@ def chat_repl(
 ) -> list[dict]:
     """Chat over `client`: each line is a user turn, each answer streams to `out`; returns the history.
 
-    /reset forgets the conversation, /exit ends; a server error is printed and the chat goes on.
+    Lines starting with `/` are commands for this loop, never sent to the model: /help, /reset, /exit (an
+    unknown one says so). A server error is printed and the chat goes on.
     """
     from edgeshard.coordinator.errors import ContextLengthError, EdgeshardError
 
@@ -247,6 +268,15 @@ def chat_repl(
             history = list(start)
             out.write("(conversation reset)\n")
             continue
+        if text.startswith("/") and not text.startswith("//"):
+            word = text.split()[0]
+            if word not in ("/help", "/?"):
+                out.write(f"unknown command {word}; ")
+            out.write("commands: " + ", ".join(f"{c} {what}" for c, what in CHAT_COMMANDS.items()) + "\n")
+            out.write("(start a message with // to send a line beginning with /)\n")
+            continue
+        if text.startswith("//"):
+            text = text[1:]
         if not text:
             continue
         history.append({"role": "user", "content": text})

@@ -161,10 +161,30 @@ async def confirm(
     return member
 
 
-def duplicate_ids(members: Sequence[Member]) -> dict[str, list[Member]]:
-    """Node ids announced by more than one member (a cloned SD card copies the state directory)."""
-    by_id: dict[str, list[Member]] = {}
+def same_node(a: Member, b: Member) -> bool:
+    """Two sightings of one node process: the same id at the same address, or the same id and port seen once
+    via mDNS and once via --peers (which may name the host differently: a name, another of its addresses)."""
+    if not a.node_id or a.node_id != b.node_id:
+        return False
+    if a.address == b.address:
+        return True
+    return a.source != b.source and a.address.rsplit(":", 1)[-1] == b.address.rsplit(":", 1)[-1]
+
+
+def distinct(members: Sequence[Member]) -> list[Member]:
+    """`members` with second sightings of one node (`same_node`) dropped; the first is kept."""
+    kept: list[Member] = []
     for m in members:
+        if not any(same_node(k, m) for k in kept):
+            kept.append(m)
+    return kept
+
+
+def duplicate_ids(members: Sequence[Member]) -> dict[str, list[Member]]:
+    """Node ids announced by more than one node (a cloned SD card copies the state directory); a node seen
+    twice (by mDNS and in --peers) is one node, not a duplicate."""
+    by_id: dict[str, list[Member]] = {}
+    for m in distinct(members):
         if m.node_id:
             by_id.setdefault(m.node_id, []).append(m)
     return {i: ms for i, ms in by_id.items() if len(ms) > 1}

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from edgeshard.coordinator.errors import CapacityError, ClusterError
+from edgeshard.coordinator.pipeline import holder
 from edgeshard.coordinator.pipeline.remote import RemotePipeline
 from edgeshard.coordinator.pipeline.ship import ShipReport, manifest_for, ship_stage
 from edgeshard.coordinator.pipeline.stage_client import GrpcStageClient, connect
@@ -70,8 +71,24 @@ class Deployment:
         return pipe
 
     async def close(self) -> None:
-        """Close the channels (the nodes keep their shards)."""
+        """Let go of the nodes (they keep their shards, free for the next coordinator) and close the channels."""
+        # only where our plan still runs: recovery closes the old deployment after loading the new one
+        await asyncio.gather(*(c.release(self.plan_id) for c in self.clients), return_exceptions=True)
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
+
+
+class NodeHeldError(ClusterError):
+    """Nodes serve another coordinator's plan; the message names them, their holder, and --take-over."""
+
+    default_code = "node_held"
+
+    def __init__(self, held: Sequence[tuple[str, str, str]]) -> None:
+        self.held = list(held)
+        nodes = "; ".join(f"{name} ({address}) serves {who}" for address, name, who in held)
+        super().__init__(
+            f"{'a node is' if len(held) == 1 else 'nodes are'} busy with another coordinator's plan: {nodes}. "
+            "Wait until it is done, use other nodes, or pass --take-over to take them (its requests fail over)"
+        )
 
 
 def new_plan_id() -> int:
@@ -137,6 +154,7 @@ async def deploy(
     specs: Sequence[ShardSpec] | None = None,
     security: Security | None = None,
     source: Path | None = None,
+    take_over: bool | None = None,
 ) -> Deployment:
     """Connect to `addresses` (pipeline order), split `num_layers` evenly, and load the shards on all nodes.
 
@@ -145,6 +163,10 @@ async def deploy(
     key or INSECURE for the channels (None: this process's, see node/security.py). `source`: the GGUF file
     this process holds for `model_ref`; nodes that lack the model get their stage's tensors shipped from it
     (None: the file given for `model_ref` before in this process, else nothing is shipped).
+
+    Plan ownership (coordinator/pipeline/holder.py): this coordinator becomes the nodes' holder. A node
+    another coordinator holds is refused before any node loads (NodeHeldError), unless `take_over` (None:
+    what --take-over asked, once per process).
     """
     if source is not None:
         _SOURCES[model_ref] = Path(source)
@@ -155,8 +177,17 @@ async def deploy(
         raise ClusterError(
             f"{len(addresses)} nodes but the model has only {num_layers} layers; use fewer nodes"
         )
-    clients, infos = await connect(addresses, metadata, security)
+    if take_over is None:
+        take_over = holder.take_over_now()
+    clients, infos = await connect(addresses, (*metadata, *holder.metadata()), security)
     try:
+        held = [
+            (c.address, info.name, who)
+            for c, info in zip(clients, infos)
+            if (who := holder.held_elsewhere(info))
+        ]
+        if held and not take_over:  # nothing loaded yet: the other coordinator's requests keep running
+            raise NodeHeldError(held)
         specs = list(specs) if specs is not None else even_split(num_layers, len(clients))
         if len(specs) != len(clients):
             raise ClusterError(f"{len(specs)} layer ranges for {len(clients)} nodes; give one per node")
@@ -217,6 +248,8 @@ async def deploy(
                     next_hop=clients[i + 1].address if i + 1 < len(clients) else "last",
                     stages=len(clients),  # batching keeps one group of sequences per node in flight
                     slice_manifest=slice_id,
+                    coordinator=holder.this_coordinator(),
+                    take_over=take_over,
                 )
                 t0 = time.perf_counter()
 

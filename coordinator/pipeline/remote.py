@@ -247,6 +247,9 @@ class RemotePipeline:
             async for reply in self.stream:
                 if reply.plan_id and reply.plan_id != self.plan_id:
                     continue  # about an older plan's message, relayed by session: not this plan's failure
+                if not reply.session_id:  # about the whole plan (another coordinator took the node over)
+                    self._fail_all(ClusterError(reply.error.message or "the first node dropped this plan"))
+                    continue
                 self._fail_session(reply.session_id, RemoteStepError(reply.error))
             self._fail_all(ClusterError(f"node {self.clients[0].address} closed the Forward stream"))
         except asyncio.CancelledError:

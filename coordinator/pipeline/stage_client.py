@@ -17,6 +17,7 @@ import grpc
 
 from edgeshard.coordinator.errors import ClusterError
 from edgeshard.node.security.channels import Security, channel, connection_problem
+from edgeshard.node.security.channels import current as current_security
 from edgeshard.node.wire import PROTOCOL_VERSION
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire import edgeshard_pb2_grpc as pb_grpc
@@ -84,13 +85,18 @@ class GrpcStageClient:
         # TLS + per-call membership tokens with the cluster key (None: this process's configured mode)
         self.channel = channel(address, security, GRPC_OPTIONS)
         self.stub = pb_grpc.NodeStub(self.channel)
+        self.security = security
 
     def _error(self, e: grpc.aio.AioRpcError, doing: str) -> ClusterError:
-        why = connection_problem(e.details())
+        # with our mode: a plaintext call a keyed node hangs up on says "Socket closed", which only means
+        # "not a member" when we are the --insecure side
+        why = connection_problem(e.details(), self.security or current_security())
         if why is not None or e.code() == grpc.StatusCode.UNAUTHENTICATED:
             return NotAMemberError(self.address, why or _short(e.details()))
         if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return NodeUnavailableError(self.address, _short(e.details()))
+        if e.code() == grpc.StatusCode.FAILED_PRECONDITION:  # e.g. held by another coordinator: its words
+            return ClusterError(e.details() or f"node {self.address} refused {doing}")
         return ClusterError(f"node {self.address} refused {doing}: {e.details()} ({e.code().name})")
 
     async def info(self, timeout: float = CONNECT_TIMEOUT_S) -> pb.NodeInfo:
@@ -135,6 +141,21 @@ class GrpcStageClient:
             raise self._error(e, "the Results stream") from None
         finally:
             call.cancel()
+
+    async def release(self, plan_id: int, timeout: float = 2.0) -> bool:
+        """Let go of the node if it still runs our plan `plan_id` (it keeps its shard); False when it was not
+        ours (any more) or did not answer."""
+        from edgeshard.coordinator.pipeline.holder import holder_id
+
+        try:
+            reply = await self.stub.ReleasePlan(
+                pb.ReleasePlanRequest(coordinator_id=holder_id(), plan_id=plan_id),
+                timeout=timeout,
+                metadata=self.metadata,
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.released
 
     async def close(self) -> None:
         """Close the channel."""

@@ -75,7 +75,8 @@ class Plan:
         return [ShardSpec(s.start_layer, s.end_layer, self.num_layers) for s in self.stages]
 
     def run_entries(self) -> list[dict]:
-        """The plan as `run --json` reports it: `{node, address, start_layer, end_layer, quant}` per stage."""
+        """The plan as `run --json` reports it: `{node, address, start_layer, end_layer, quant, weight_bytes}`
+        per stage (layer ranges are [start_layer, end_layer) everywhere: `plan --json`, `nodes --json`)."""
         return [
             {
                 "node": s.node,
@@ -83,6 +84,7 @@ class Plan:
                 "start_layer": s.start_layer,
                 "end_layer": s.end_layer,
                 "quant": self.quant,
+                "weight_bytes": s.weight_bytes,
             }
             for s in self.stages
         ]
@@ -94,6 +96,7 @@ class Plan:
         d = dataclasses.asdict(self)
         d["left_out"] = [list(x) for x in self.left_out]
         d["tok_per_s"] = round(self.tok_per_s, 2)
+        d["plan"] = self.run_entries()  # the stages in the words of `run --json` and /v1/cluster
         d["throughput_tok_per_s"] = round(self.throughput_tok_per_s, 2)
         return d
 

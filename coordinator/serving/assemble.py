@@ -62,7 +62,7 @@ async def local_engine(
 
     from edgeshard.node.model.config import ShardSpec
     from edgeshard.node.model.executor import LocalPipeline, ShardExecutor
-    from edgeshard.node.weights.loader import load_stage
+    from edgeshard.node.weights.loader import load_stage, stage_weight_bytes
     from edgeshard.node.weights.registry import resolve_model
 
     if threads:
@@ -80,6 +80,7 @@ async def local_engine(
             "start_layer": 0,
             "end_layer": cfg.num_hidden_layers,
             "quant": stage.quant,
+            "weight_bytes": stage_weight_bytes(stage),
         }
     ]
 

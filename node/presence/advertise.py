@@ -127,6 +127,38 @@ def package_version() -> str:
         return "0+unknown"
 
 
+def local_ipv4_addresses() -> list[str]:
+    """Every IPv4 address of this machine's interfaces (loopback included)."""
+    import psutil
+
+    return [
+        a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET
+    ]
+
+
+def interface_address(text: str) -> str:
+    """An `--mdns-interface` value, checked: an IPv4 address one of this machine's interfaces has.
+
+    Checked when the flags are read, so a foreign address is one error line before anything starts (zeroconf
+    would otherwise fail deep inside its multicast set-up, after the node said it was ready).
+    """
+    import argparse
+
+    try:
+        addr = ipaddress.ip_address(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an IPv4 address") from None
+    if addr.version != 4:
+        raise argparse.ArgumentTypeError(f"{text}: only IPv4 interface addresses are supported")
+    mine = local_ipv4_addresses()
+    if mine and str(addr) not in mine:
+        raise argparse.ArgumentTypeError(
+            f"{addr} is not an address of this machine (its IPv4 addresses: {', '.join(mine)}); "
+            "give the address of the interface mDNS should run on"
+        )
+    return str(addr)
+
+
 def make_zeroconf(interfaces: Sequence[str] = ()) -> AsyncZeroconf:
     """An AsyncZeroconf on `interfaces` (IPv4 addresses; empty: all interfaces), hardened as the module says."""
     if interfaces:

@@ -9,25 +9,97 @@ What it times, with the node's own thread count and the kernels the model runs (
   * the fixed cost of a layer and of a step: a real `Stage` of tiny layers (their matmuls cost nothing) at 1
     and at 4 layers; the slope is the per-layer cost, the intercept the per-step cost.
 
-Each figure is the median of repeated runs inside its share of the budget (0.4 s in all; well under a second
-with the set-up), after one warm-up call.
+Each figure is timed in `ROUNDS` short windows (after one warm-up call each), the median of the runs in each
+window, and then the median over the windows: a window disturbed by a burst of other work is an outlier and
+is dropped.
+
+Nodes sharing a machine (`cluster`, a classroom laptop running three nodes, tests) must not measure each other:
+started at the same moment, each would time its kernels while the others' benchmarks take the same cores, and
+report a speed many times too slow (the planner then puts every layer on one node). So a node benchmarks only
+while it holds a machine-wide lock file (`bench_lock`), after a short random delay that spreads the start of
+nodes launched together; the re-measurements of presence/monitor.py take the same lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import random
 import statistics
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from edgeshard.node.presence.capability import Capability, memory_snapshot
 
 BENCH_FORMATS = ("int4", "int8", "bf16", "f32")
+ROUNDS = 3  # the benchmark's rounds; each figure is the median over them
+START_JITTER_S = 0.3  # up to this random delay before taking the lock: nodes started together spread out
+LOCK_WAIT_S = 120.0  # after this long waiting for the lock, measure anyway (a stuck holder must not block us)
+QUIET_WAIT_S = 8.0  # holding the lock, wait up to this long for the other nodes here to calm down
+QUIET_PERCENT = 30.0  # "calm": the other node processes use less than this percent of one core together
 _MB = 1 << 20
 
 
-def _median_ms(fn: Callable[[], object], budget_s: float, min_runs: int = 3) -> float:
+def lock_path(state_dir: Path | None = None) -> Path:
+    """The lock file nodes of one machine share while benchmarking.
+
+    Machine-wide (the temp directory, per user) rather than per --state-dir: `cluster` gives each local node
+    a state directory of its own, but they share the cores all the same. `state_dir` is only a fallback when
+    the temp directory is not writable.
+    """
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    where = Path(tempfile.gettempdir())
+    if not os.access(where, os.W_OK) and state_dir is not None:
+        where = Path(state_dir).expanduser()
+    return where / f"edgeshard-microbench-{uid}.lock"
+
+
+@contextlib.contextmanager
+def bench_lock(path: Path | None = None, wait_s: float = LOCK_WAIT_S) -> Iterator[bool]:
+    """Hold the machine's benchmark lock (an exclusive `flock`) for the duration; yields whether it was taken.
+
+    Waits up to `wait_s` for another node's benchmark to finish, then goes on without it (False): a figure
+    measured under load is better than a node that never starts. Without `fcntl` (Windows) it yields False.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield False
+        return
+    path = path or lock_path()
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield False
+        return
+    taken = False
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                taken = True
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05 + random.random() * 0.05)
+        yield taken
+    finally:
+        if taken:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _median_ms(fn: Callable[[], object], budget_s: float, min_runs: int = 3, rounds: int = ROUNDS) -> float:
+    """Median over `rounds` windows of the median ms of `fn` in each (the windows share `budget_s`)."""
+    return statistics.median(_window_ms(fn, budget_s / rounds, min_runs) for _ in range(max(1, rounds)))
+
+
+def _window_ms(fn: Callable[[], object], budget_s: float, min_runs: int = 3) -> float:
     """Median ms of `fn` over repeats that together take about `budget_s` (after one warm-up call)."""
     fn()
     samples: list[float] = []
@@ -174,7 +246,7 @@ def run_microbenchmark(
     """Run the microbenchmark (about `budget_s` seconds, well under one) and describe this machine.
 
     `threads` sets torch's thread count first (None keeps the process's setting), so the figures are those
-    of the node as it will compute.
+    of the node as it will compute. The caller should hold the machine's lock (`measure` does).
     """
     import torch
 
@@ -204,10 +276,62 @@ def run_microbenchmark(
     )
 
 
-def measure(threads: int | None = None, memory_limit: int = 0, budget_s: float = 0.4) -> Capability:
-    """Run the microbenchmark (about `budget_s` seconds) and describe this machine.
+def measure(
+    threads: int | None = None,
+    memory_limit: int = 0,
+    budget_s: float = 0.4,
+    state_dir: Path | None = None,
+    jitter_s: float = START_JITTER_S,
+    quiet_wait_s: float = QUIET_WAIT_S,
+) -> Capability:
+    """Run the microbenchmark (about `budget_s` seconds) alone on this machine and describe it.
 
-    `threads` sets torch's thread count first (None keeps the process's setting), so the figures are those
-    of the node as it will compute.
+    A random delay of up to `jitter_s`, then the machine-wide lock (`bench_lock`) and up to `quiet_wait_s`
+    for sibling nodes still busy starting: nodes started together measure one after the other instead of
+    each other. `threads` sets torch's thread count first (None keeps
+    the process's setting), so the figures are those of the node as it will compute.
     """
-    return run_microbenchmark(threads, memory_limit, budget_s)
+    if jitter_s > 0:
+        time.sleep(random.uniform(0, jitter_s))
+    with bench_lock(lock_path(state_dir)):
+        wait_until_quiet(quiet_wait_s)
+        return run_microbenchmark(threads, memory_limit, budget_s)
+
+
+def wait_until_quiet(max_wait_s: float, sample_s: float = 0.3) -> float:
+    """Wait (up to `max_wait_s`) while other edgeshard nodes on this machine are busy; the seconds waited.
+
+    The lock keeps nodes from benchmarking at the same time, but a sibling started with us may still be
+    importing torch or loading a shard: timing kernels then measures that, not the machine. Only node
+    processes count (a machine busy with other work is measured as it is: that is the speed the node has).
+    """
+    import psutil
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < max_wait_s:
+        siblings = _node_processes()
+        if not siblings:
+            break
+        for p in siblings:
+            with contextlib.suppress(psutil.Error):
+                p.cpu_percent(None)
+        time.sleep(sample_s)
+        busy = 0.0
+        for p in siblings:
+            with contextlib.suppress(psutil.Error):
+                busy += p.cpu_percent(None)
+        if busy < QUIET_PERCENT:
+            break
+    return time.monotonic() - t0
+
+
+def _node_processes() -> list:
+    """The other edgeshard node processes of this machine (and user)."""
+    import psutil
+
+    me, found = os.getpid(), []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info.get("cmdline") or ())
+        if p.info["pid"] != me and ("edgeshard.node.service.server" in cmd or "edgeshard node" in cmd):
+            found.append(p)
+    return found

@@ -7,6 +7,7 @@ import dataclasses
 import random
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 
 from edgeshard.node.presence.capability import _BENCH_FIELDS, Capability
 from edgeshard.node.presence.microbench import measure
@@ -21,9 +22,11 @@ class CapabilityMonitor:
     median of the last `keep` runs (memory figures are always read fresh).
     """
 
-    def __init__(self, first: Capability, every_s: float = 300.0, keep: int = 5) -> None:
+    def __init__(
+        self, first: Capability, every_s: float = 300.0, keep: int = 5, state_dir: Path | None = None
+    ) -> None:
         self.runs: list[Capability] = [first]
-        self.every_s, self.keep = every_s, keep
+        self.every_s, self.keep, self.state_dir = every_s, keep, state_dir
 
     @property
     def current(self) -> Capability:
@@ -45,7 +48,10 @@ class CapabilityMonitor:
             # each other's benchmark
             await asyncio.sleep(self.every_s * random.uniform(0.8, 1.2))
             if is_idle():
-                self.add(await asyncio.to_thread(measure, None, self.runs[-1].memory_limit))
+                cap = await asyncio.to_thread(
+                    measure, None, self.runs[-1].memory_limit, state_dir=self.state_dir
+                )
+                self.add(cap)
                 on_update(self.current)
 
 
@@ -63,5 +69,5 @@ def start_remeasuring(servicer, every_s: float):
         was, seen[0] = seen[0], steps
         return steps == was and not node.loading
 
-    monitor = CapabilityMonitor(servicer.capability, every_s)
+    monitor = CapabilityMonitor(servicer.capability, every_s, state_dir=servicer.options.state_dir)
     return asyncio.create_task(monitor.run(idle, lambda cap: setattr(servicer, "capability", cap)))

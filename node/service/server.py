@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import functools
 import logging
 import os
@@ -26,7 +27,7 @@ from pathlib import Path
 import grpc
 
 from edgeshard.node.lowbit import native
-from edgeshard.node.presence.advertise import package_version, start_advertising
+from edgeshard.node.presence.advertise import interface_address, package_version, start_advertising
 from edgeshard.node.presence.capability import Capability, fill_wire, parse_size
 from edgeshard.node.presence.identity import claim_identity
 from edgeshard.node.presence.microbench import measure
@@ -42,6 +43,7 @@ from edgeshard.node.security.channels import (
     server_interceptors,
 )
 from edgeshard.node.service.next_hop import coalesce, drain, now_us
+from edgeshard.node.service.ownership import Ownership, caller_id
 from edgeshard.node.service.ring import COMPUTE_MODES, MAX_BATCH_ROWS, SESSION_IDLE_S, RingNode
 from edgeshard.node.service.shard_load import load_shard
 from edgeshard.node.service.slices import ship_slice, slice_status
@@ -67,7 +69,8 @@ class NodeOptions:
 
     host: str = "0.0.0.0"  # address to listen on
     port: int = 0  # 0 picks a free port (reported on the READY line)
-    name: str = field(default_factory=socket.gethostname)  # shown in plans and tables
+    # shown in plans and tables; "" (the default): `hostname:port`, so several nodes on one machine differ
+    name: str = ""
     threads: int | None = None  # torch threads (None: torch's default, all cores)
     model_dir: Path | None = None  # the only directory model files are opened from (None: the model cache)
     state_dir: Path | None = None  # node identity (and, later, keys and the capability benchmark)
@@ -132,6 +135,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.load_lock = asyncio.Lock()
         self.capability = Capability()  # set by serve() from the start-up benchmark
         self.streams: set[asyncio.Queue] = set()  # reply/result queues of open streams, ended on shutdown
+        self.ownership = Ownership()  # which coordinator's plan this node serves (node/service/ownership.py)
 
     def end_streams(self) -> None:
         """Finish every open Forward and Results stream with OK, so shutdown does not have to cancel them."""
@@ -140,7 +144,8 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.NodeInfo:  # noqa: N802
         shard = self.node.shard
-        return pb.NodeInfo(
+        self.ownership.touch(caller_id(context))  # a holder's GetInfo is a sign of life
+        info = pb.NodeInfo(
             node_id=self.node_id,
             name=self.node.name,
             protocol_version=PROTOCOL_VERSION,
@@ -154,11 +159,22 @@ class NodeServicer(pb_grpc.NodeServicer):
             clock_unix_s=time.time(),
             version=package_version(),
         )
+        if shard is not None:
+            self.ownership.fill(info.shard)
+        return info
 
     async def LoadShard(self, request: pb.LoadShardRequest, context):  # noqa: N802
         async with self.load_lock:  # one load at a time; a second waits and then replaces the first
+            refusal = self.ownership.refusal(request, self.node.name, self.address)
+            if refusal is not None:  # another coordinator's plan runs here: nothing is touched
+                log.warning("LoadShard refused: %s", refusal)
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
+            old_plan = self.node.shard.plan_id if self.node.shard is not None else 0
             try:
                 async for progress in load_shard(self.node, request, self.model_dir, slices=self.slices):
+                    if progress.done:
+                        self.ownership.loaded(request, self.node.name, old_plan)
+                        self.ownership.fill(progress.shard)
                     yield progress
             except WireError as e:
                 log.warning("LoadShard %r refused: %s", request.model, e.message)
@@ -177,13 +193,23 @@ class NodeServicer(pb_grpc.NodeServicer):
             log.warning("ShipSlice refused: %s", e.message)
             await context.abort(e.code, e.message)
 
+    async def ReleasePlan(self, request: pb.ReleasePlanRequest, context) -> pb.ReleasePlanReply:  # noqa: N802
+        shard = self.node.shard
+        if shard is None or shard.plan_id != request.plan_id:  # a newer plan (recovery) holds the node now
+            return pb.ReleasePlanReply(released=False)
+        return pb.ReleasePlanReply(released=self.ownership.release(request.coordinator_id))
+
     async def Forward(self, request_iterator, context):  # noqa: N802
         replies: asyncio.Queue = asyncio.Queue()
         self.streams.add(replies)
+        coordinator = caller_id(context)  # "" for the previous node's stream
+        self.ownership.opened(coordinator, replies)
 
         async def pump() -> None:
             try:
                 async for msg in request_iterator:
+                    if self.node.shard is not None and msg.plan_id == self.node.shard.plan_id:
+                        self.ownership.touch()  # the holder's plan is in use
                     await self.node.handle(msg, replies.put_nowait)
             finally:
                 replies.put_nowait(None)
@@ -196,6 +222,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                 await task  # surfaces an exception of the pump as the stream's status
         finally:
             self.streams.discard(replies)
+            self.ownership.closed(coordinator, replies)
             task.cancel()
             self.node.stream_closed(replies.put_nowait)  # its sessions end here and down the ring
 
@@ -207,6 +234,8 @@ class NodeServicer(pb_grpc.NodeServicer):
             await context.abort(e.code, e.message)
         queue = self.node.subscribe(subscriber)
         self.streams.add(queue)
+        coordinator = caller_id(context)
+        self.ownership.opened(coordinator)
         try:
             yield pb.Result(kind=pb.RESULT_READY, plan_id=self.node.shard.plan_id if self.node.shard else 0)
             while True:  # what queued up meanwhile (a batched forward's results) goes as one message
@@ -218,6 +247,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                     break
         finally:
             self.streams.discard(queue)
+            self.ownership.closed(coordinator)
             self.node.unsubscribe(subscriber, queue)
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthReply:  # noqa: N802
@@ -242,6 +272,8 @@ async def serve(options: NodeOptions, ready_out=sys.stdout) -> None:
         torch.set_num_threads(options.threads)
     security = _security(options)
     identity = claim_identity(options.state_dir)
+    named = bool(options.name)
+    options.name = options.name or default_name(options.port)
     node = RingNode(
         options.name,
         max_sessions=options.max_sessions,
@@ -256,17 +288,21 @@ async def serve(options: NodeOptions, ready_out=sys.stdout) -> None:
         interceptors=server_interceptors(security, options.name),  # the membership check, before handlers
     )
     servicer = NodeServicer(node, options, identity.node_id)
+    pb_grpc.add_NodeServicer_to_server(servicer, server)
+    try:  # bound before the benchmark: a taken port or a wrong --host fails at once
+        port = listen(server, f"{options.host}:{options.port}", security)
+    except RuntimeError:
+        identity.release()
+        await server.stop(None)  # never started: stopping it here keeps its finalizer quiet
+        raise OSError(listen_problem(options.host, options.port)) from None
+    if not named:
+        options.name = node.name = default_name(port)
+    servicer.address = f"{options.host}:{port}"
     servicer.capability = (
-        measure(memory_limit=options.memory_limit)
+        measure(memory_limit=options.memory_limit, state_dir=options.state_dir)
         if options.benchmark
         else Capability(memory_limit=options.memory_limit)
     )
-    pb_grpc.add_NodeServicer_to_server(servicer, server)
-    try:
-        port = listen(server, f"{options.host}:{options.port}", security)
-    except RuntimeError as e:
-        raise OSError(f"cannot listen on {options.host}:{options.port} ({e}); is the port in use?") from e
-    servicer.address = f"{options.host}:{port}"
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -297,6 +333,38 @@ async def serve(options: NodeOptions, ready_out=sys.stdout) -> None:
         await node.unload()
         identity.release()
         log.info("node %s stopped", options.name)
+
+
+def default_name(port: int) -> str:
+    """A node's name when --name is not given: `hostname:port` (nodes sharing a machine get distinct names)."""
+    return f"{socket.gethostname()}:{port}" if port else socket.gethostname()
+
+
+def listen_problem(host: str, port: int) -> str:
+    """Why the gRPC server could not listen on host:port, found with a plain socket (gRPC only says 'failed')."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return f"--host {host!r} is not an address or a name this machine can resolve; use 0.0.0.0 (all) or 127.0.0.1"
+    family, _, _, _, sockaddr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(sockaddr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return (
+                    f"port {port} on {host} is in use (another node or program listens there); "
+                    "pick another --port, or --port 0 for a free one"
+                )
+            if e.errno == errno.EADDRNOTAVAIL:
+                return (
+                    f"--host {host} is not an address of this machine; use one of its addresses, "
+                    "0.0.0.0 (all interfaces) or 127.0.0.1"
+                )
+            if e.errno == errno.EACCES:
+                return f"port {port} needs root; use a port above 1023 (the default is 50051)"
+            return f"cannot listen on {host}:{port}: {e.strerror}"
+    return f"cannot listen on {host}:{port} (gRPC refused it; run with --debug for gRPC's reason)"
 
 
 def _security(options: NodeOptions) -> Security:
@@ -344,7 +412,11 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
     """The flags of `edgeshard node` (also `python -m edgeshard.node.service.server`)."""
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
     p.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one")
-    p.add_argument("--name", default=None, help="name shown in plans and tables (default: the hostname)")
+    p.add_argument(
+        "--name",
+        default=None,
+        help="name shown in plans and tables (default: hostname:port, unique per node)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument(
         "--model-dir",
@@ -394,6 +466,7 @@ def add_node_args(p: argparse.ArgumentParser) -> None:
         "--mdns-interface",
         action="append",
         default=[],
+        type=interface_address,
         metavar="IP",
         help="IPv4 address of an interface to run mDNS on (repeatable; default: all interfaces)",
     )

@@ -102,7 +102,7 @@ class Benchmark(_message.Message):
     def __init__(self, mem_gbps: _Optional[float] = ..., int4_gbps: _Optional[float] = ..., int8_gbps: _Optional[float] = ..., bf16_gbps: _Optional[float] = ..., f32_gbps: _Optional[float] = ..., layer_overhead_ms: _Optional[float] = ..., step_overhead_ms: _Optional[float] = ..., bench_ms: _Optional[float] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "num_layers", "quant", "plan_id", "weight_bytes", "next_hop", "load_s", "wire_dtype", "hidden_size", "vocab_size", "kv_bytes_per_position", "kv_budget")
+    __slots__ = ("model", "start_layer", "end_layer", "num_layers", "quant", "plan_id", "weight_bytes", "next_hop", "load_s", "wire_dtype", "hidden_size", "vocab_size", "kv_bytes_per_position", "kv_budget", "holder", "held")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,8 @@ class ShardInfo(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_POSITION_FIELD_NUMBER: _ClassVar[int]
     KV_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_layer: int
     end_layer: int
@@ -131,7 +133,9 @@ class ShardInfo(_message.Message):
     vocab_size: int
     kv_bytes_per_position: int
     kv_budget: int
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_hop: _Optional[str] = ..., load_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_bytes_per_position: _Optional[int] = ..., kv_budget: _Optional[int] = ...) -> None: ...
+    holder: PlanHolder
+    held: bool
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_hop: _Optional[str] = ..., load_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_bytes_per_position: _Optional[int] = ..., kv_budget: _Optional[int] = ..., holder: _Optional[_Union[PlanHolder, _Mapping]] = ..., held: _Optional[bool] = ...) -> None: ...
 
 class NodeStats(_message.Message):
     __slots__ = ("steps", "messages", "compute_ms", "network_ms", "errors", "sessions", "kv_bytes", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences", "batch_hist", "kv_reserved", "frames")
@@ -196,7 +200,7 @@ class NodeInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., loaded: _Optional[bool] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., max_sessions: _Optional[int] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., address: _Optional[str] = ..., cluster: _Optional[str] = ..., clock_unix_s: _Optional[float] = ..., version: _Optional[str] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "quant", "plan_id", "next_hop", "num_layers", "stages", "slice_manifest")
+    __slots__ = ("model", "start_layer", "end_layer", "quant", "plan_id", "next_hop", "num_layers", "stages", "slice_manifest", "coordinator", "take_over")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +210,8 @@ class LoadShardRequest(_message.Message):
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     SLICE_MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_FIELD_NUMBER: _ClassVar[int]
+    TAKE_OVER_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_layer: int
     end_layer: int
@@ -215,7 +221,35 @@ class LoadShardRequest(_message.Message):
     num_layers: int
     stages: int
     slice_manifest: str
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., next_hop: _Optional[str] = ..., num_layers: _Optional[int] = ..., stages: _Optional[int] = ..., slice_manifest: _Optional[str] = ...) -> None: ...
+    coordinator: PlanHolder
+    take_over: bool
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., next_hop: _Optional[str] = ..., num_layers: _Optional[int] = ..., stages: _Optional[int] = ..., slice_manifest: _Optional[str] = ..., coordinator: _Optional[_Union[PlanHolder, _Mapping]] = ..., take_over: _Optional[bool] = ...) -> None: ...
+
+class PlanHolder(_message.Message):
+    __slots__ = ("id", "name", "host", "since_unix_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    host: str
+    since_unix_ms: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., host: _Optional[str] = ..., since_unix_ms: _Optional[int] = ...) -> None: ...
+
+class ReleasePlanRequest(_message.Message):
+    __slots__ = ("coordinator_id", "plan_id")
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    coordinator_id: str
+    plan_id: int
+    def __init__(self, coordinator_id: _Optional[str] = ..., plan_id: _Optional[int] = ...) -> None: ...
+
+class ReleasePlanReply(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("stage", "tensors_done", "tensors_total", "bytes_done", "done", "shard")

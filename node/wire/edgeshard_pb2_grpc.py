@@ -69,6 +69,11 @@ class NodeStub:
                 request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceChunk.SerializeToString,
                 response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ShipSliceReply.FromString,
                 _registered_method=True)
+        self.ReleasePlan = channel.unary_unary(
+                '/edgeshard.v1.Node/ReleasePlan',
+                request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanRequest.SerializeToString,
+                response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -126,6 +131,13 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleasePlan(self, request, context):
+        """Plan ownership: the coordinator that loaded the shard lets go of the node (it keeps the shard loaded).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +175,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.ShipSlice,
                     request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceChunk.FromString,
                     response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ShipSliceReply.SerializeToString,
+            ),
+            'ReleasePlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleasePlan,
+                    request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanRequest.FromString,
+                    response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +371,33 @@ class Node:
             '/edgeshard.v1.Node/ShipSlice',
             edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceChunk.SerializeToString,
             edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ShipSliceReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleasePlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeshard.v1.Node/ReleasePlan',
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanRequest.SerializeToString,
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanReply.FromString,
             options,
             channel_credentials,
             insecure,
