@@ -16,6 +16,7 @@ from pathlib import Path
 from edgeshard.coordinator.errors import UserError
 from edgeshard.node.security.channels import add_security_args, security_from_args
 from edgeshard.node.security.cluster_key import ENV_VAR, ClusterKey
+from edgeshard.node.security.files import UnsafePathError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -63,6 +64,8 @@ def cmd_secret_new(args: argparse.Namespace) -> int:
         raise UserError(
             f"{args.out} exists; it may hold the key of a running cluster. Pass --force to replace it"
         ) from None
+    except UnsafePathError as e:
+        raise UserError(str(e)) from None
     except OSError as e:
         raise UserError(f"cannot write {args.out}: {e.strerror}") from None
     print(path)

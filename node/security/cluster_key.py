@@ -29,6 +29,7 @@ from functools import cached_property
 from pathlib import Path
 
 from edgeshard.node.errors import EdgeshardError
+from edgeshard.node.security.files import write_private
 
 PREFIX = "es1-"
 KEY_BYTES = 32
@@ -106,14 +107,9 @@ class ClusterKey:
             return False
 
     def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
-        """Write the key to `path`, readable by the owner only (0600); refuses to replace a file unless told."""
-        p = Path(path).expanduser()
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-        fd = os.open(p, flags, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.text + "\n")
-        os.chmod(p, 0o600)  # O_CREAT's mode does not apply to a file that already existed
-        return p
+        """Write the key to `path`, mode 0600 from creation (never through a symlink; files.write_private);
+        refuses to replace a file unless told."""
+        return write_private(path, self.text + "\n", overwrite=overwrite)
 
     # ---- what it is -----------------------------------------------------------------------------------------
     @property
