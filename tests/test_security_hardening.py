@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import platform
+import shutil
 import stat
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from raw_h2 import raw_grpc_call
 
 from edgeshard.node.security.call_auth import AuthInterceptor, TokenVerifier, make_token
 from edgeshard.node.security.cluster_key import ClusterKey
+from edgeshard.node.trust import cpu_identity, trusted_file, untrusted_reason
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire import edgeshard_pb2_grpc as pb_grpc
 
@@ -124,3 +127,98 @@ def test_a_new_key_file_is_0600_whatever_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+# ------------------------------------------------------------------------------------------ loading native code
+EVIL_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((constructor)) static void planted(void) {
+    FILE *f = fopen(getenv("EDGESHARD_TEST_MARKER"), "w");  /* proof that the planted code ran */
+    if (f) { fputs("ran", f); fclose(f); }
+}
+"""
+
+
+@pytest.fixture()
+def planted_kernels(tmp_path, monkeypatch):
+    """A kernel cache holding, under the exact name the node computes, a library that records being loaded.
+    The fake compiler just copies it (so `_build` names it as it would a real build)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build the planted library")
+    evil_c = tmp_path / "evil.c"
+    evil_c.write_text(EVIL_C)
+    evil = tmp_path / "evil.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(evil), str(evil_c)], check=True, timeout=120)
+    fake_cc = tmp_path / "fake-cc"
+    fake_cc.write_text(f'#!/bin/sh\nwhile [ "$1" != "-o" ]; do shift; done\ncp {evil} "$2"\n')
+    fake_cc.chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    monkeypatch.setenv("EDGESHARD_HOME", str(home))
+    monkeypatch.setenv("CC", str(fake_cc))
+    monkeypatch.setenv("EDGESHARD_TEST_MARKER", str(tmp_path / "marker"))
+    from edgeshard.node.lowbit import native
+
+    target = native._build(str(fake_cc))  # where a real build would land; nothing is loaded here
+    assert target.parent == home / "kernels"
+    return target, tmp_path / "marker"
+
+
+def _native_status() -> subprocess.CompletedProcess:
+    code = "from edgeshard.node.lowbit import native\nprint(native.available())\nprint(native.status())\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="native kernels are x86")
+@pytest.mark.parametrize("how", ["world-writable file", "world-writable cache dir", "another user's file"])
+def test_a_planted_kernel_library_is_not_loaded_and_the_reason_is_said(planted_kernels, how):
+    target, marker = planted_kernels
+    if how == "world-writable file":
+        target.chmod(0o666)
+        expect = "is writable by everyone"
+    elif how == "world-writable cache dir":
+        target.parent.chmod(0o777)
+        expect = "kernels is writable by everyone"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("making a file another user's needs root")
+        os.chown(target, 65534, 65534)
+        expect = "is owned by another user"
+    r = _native_status()
+    assert not marker.exists(), "the planted library was loaded"
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == "False"
+    assert "refusing to load" in r.stdout and expect in r.stdout, r.stdout
+
+
+def test_trusted_files_are_ours_all_the_way_up(tmp_path):
+    d = tmp_path / "a" / "b"
+    d.mkdir(parents=True)
+    for x in (tmp_path / "a", d):
+        x.chmod(0o755)
+    f = d / "lib.so"
+    f.write_bytes(b"x")
+    f.chmod(0o644)
+    assert trusted_file(f), untrusted_reason(f)  # (the pytest tmp root is ours, 0700, under sticky /tmp)
+    link = d / "link.so"
+    link.symlink_to(f)
+    assert "symbolic link" in untrusted_reason(link)
+    (tmp_path / "a").chmod(0o775)
+    assert "writable by its group" in untrusted_reason(f)
+    (tmp_path / "a").chmod(0o755)
+    assert untrusted_reason(d) == f"{d} is not a regular file"
+    assert "No such file" in untrusted_reason(d / "missing.so")
+
+
+def test_the_kernel_cache_key_names_the_cpu(planted_kernels, monkeypatch):
+    """-march=native code built on one CPU must not be loaded on another (a home shared by different CPUs
+    would SIGILL): another CPU model or flag set gets another library name."""
+    from edgeshard.node.lowbit import native
+
+    target, _ = planted_kernels
+    assert "flags" in cpu_identity() or "Features" in cpu_identity() or not os.path.exists("/proc/cpuinfo")
+    monkeypatch.setattr(native, "cpu_identity", lambda: "model name: another CPU\nflags: sse2")
+    other = native._build(os.environ["CC"])
+    assert other != target and other.parent == target.parent

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from edgeshard.node.trust import cpu_identity, untrusted_reason
+
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"  # includes lowbit.c
 BLOCK_N = 16  # output rows per weight block (one AMX tile's columns); layers pad N up to a multiple
 GROUP = 32  # k per block (one AMX tile's depth in bf16); the int4 scale group
@@ -53,7 +55,8 @@ def _build(cc: str) -> Path:
     may race) and return it."""
     flags = ["-O3", "-fPIC", "-shared", "-fopenmp", "-march=native"]
     sources = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.c")))
-    key = hashlib.sha256(sources + " ".join([cc, *flags, platform.machine()]).encode())
+    # -march=native: the CPU's model and flags are part of the key (a home shared by other CPUs: no SIGILL)
+    key = hashlib.sha256(sources + " ".join([cc, *flags, platform.machine(), cpu_identity()]).encode())
     target = _cache_dir() / f"lowbit-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -86,7 +89,11 @@ def library() -> ctypes.CDLL | None:
         _why_not = "no C compiler found (install gcc, or set CC)"
         return None
     try:
-        lib = ctypes.CDLL(str(_build(cc)))  # ctypes.CDLL releases the GIL during calls
+        path = _build(cc)
+        if why := untrusted_reason(path):  # node/trust.py: never load code another user could have written
+            _why_not = f"refusing to load {path}: {why}"
+            return None
+        lib = ctypes.CDLL(str(path))  # ctypes.CDLL releases the GIL during calls
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
         detail = (getattr(e, "stderr", "") or str(e)).strip()
         _why_not = f"building {SOURCE.name} with {cc} failed: {detail.splitlines()[-1] if detail else e!r}"
