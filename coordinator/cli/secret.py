@@ -2,6 +2,7 @@
 
 edgeshard secret new --out cluster.key     # a new cluster key, written readable by you only
 edgeshard secret id --cluster-key-file cluster.key   # its public id: compare it across machines
+edgeshard secret api-key --out api.key     # a key for the HTTP API (serve --api-key-file api.key)
 
 Every command that talks to nodes takes `--cluster-key-file`/`--insecure` (main.py's table says which; `node`
 has its own; `cluster` and `demo` make an ephemeral key for the nodes they start). See docs/security.md.
@@ -16,7 +17,7 @@ from pathlib import Path
 from edgeshard.coordinator.errors import UserError
 from edgeshard.node.security.channels import add_security_args, security_from_args
 from edgeshard.node.security.cluster_key import ENV_VAR, ClusterKey
-from edgeshard.node.security.files import UnsafePathError
+from edgeshard.node.security.files import UnsafePathError, write_private
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,6 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     show = ssub.add_parser("id", help="print the public id of a cluster key (safe to compare and share)")
     add_security_args(show)
     show.set_defaults(func=cmd_secret_id)
+    api = ssub.add_parser("api-key", help="make a random API key for the HTTP API (serve --api-key-file)")
+    api.add_argument("--out", type=Path, default=None, help="write it to FILE (mode 0600) instead of stdout")
+    api.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    api.set_defaults(func=cmd_secret_api_key)
     return secret
 
 
@@ -81,4 +86,30 @@ def cmd_secret_id(args: argparse.Namespace) -> int:
     if not isinstance(security, ClusterKey):
         raise UserError("--insecure has no key id; pass --cluster-key-file FILE")
     print(security.fingerprint)
+    return 0
+
+
+def cmd_secret_api_key(args: argparse.Namespace) -> int:
+    """`edgeshard secret api-key`: a random key for the HTTP API."""
+    from edgeshard.coordinator.serving.http_security import new_api_key
+
+    key = new_api_key()
+    if args.out is None:
+        print(key)
+        return 0
+    try:
+        path = write_private(args.out, key + "\n", overwrite=args.force)
+    except FileExistsError:
+        raise UserError(f"{args.out} exists; pass --force to replace it") from None
+    except UnsafePathError as e:
+        raise UserError(str(e)) from None
+    except OSError as e:
+        raise UserError(f"cannot write {args.out}: {e.strerror}") from None
+    print(path)
+    print(
+        f"An API key for the HTTP API (written to {path}, mode 0600). Serve with `edgeshard serve ... "
+        f"--api-key-file {path}`; clients send it as `Authorization: Bearer KEY` (the openai client's api_key, "
+        "`edgeshard chat --api-key`, EDGESHARD_API_KEY).",
+        file=sys.stderr,
+    )
     return 0
