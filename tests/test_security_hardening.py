@@ -17,6 +17,7 @@ import pytest
 from raw_h2 import raw_grpc_call
 
 from edgeshard.node.security.call_auth import AuthInterceptor, TokenVerifier, make_token
+from edgeshard.node.security.channels import INSECURE, server_interceptors
 from edgeshard.node.security.cluster_key import ClusterKey
 from edgeshard.node.trust import cpu_identity, trusted_file, untrusted_reason
 from edgeshard.node.wire import edgeshard_pb2 as pb
@@ -222,3 +223,48 @@ def test_the_kernel_cache_key_names_the_cpu(planted_kernels, monkeypatch):
     monkeypatch.setattr(native, "cpu_identity", lambda: "model name: another CPU\nflags: sse2")
     other = native._build(os.environ["CC"])
     assert other != target and other.parent == target.parent
+
+
+# ------------------------------------------------------------------------------------- corrupt wire messages
+class _Echo(pb_grpc.NodeServicer):
+    async def GetInfo(self, request, context):
+        return pb.NodeInfo(name="reached")
+
+    async def Forward(self, request_iterator, context):
+        async for msg in request_iterator:
+            yield pb.ForwardReply(session_id=msg.session_id)
+
+
+def test_corrupt_requests_are_invalid_argument_without_a_traceback(caplog):
+    """Bytes that are not a protobuf message (found by benchmarks/fuzz.py): UNKNOWN plus a traceback per call
+    before; now INVALID_ARGUMENT, one rate-limited line, and a stream ends at its first corrupt message."""
+    got = {}
+
+    async def scenario():
+        server = grpc.aio.server(interceptors=server_interceptors(INSECURE))
+        pb_grpc.add_NodeServicer_to_server(_Echo(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                info = ch.unary_unary(GET_INFO)
+                for raw in (b"\xff\xff\xff", b"\x0a\x05ab"):
+                    with pytest.raises(grpc.aio.AioRpcError) as e:
+                        await info(raw, timeout=10)
+                    got.setdefault("unary", []).append(e.value.code())
+                got["valid"] = pb.NodeInfo.FromString(await info(b"", timeout=10)).name
+                call = ch.stream_stream("/edgeshard.v1.Node/Forward")()
+                await call.write(pb.ForwardMessage(session_id="a").SerializeToString())
+                got["first"] = pb.ForwardReply.FromString(await call.read()).session_id
+                await call.write(b"\xff\xff")
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await call.read()
+                got["stream"] = e.value.code()
+        finally:
+            await server.stop(0)
+
+    with caplog.at_level(logging.INFO):
+        asyncio.run(scenario())
+    assert got["unary"] == [grpc.StatusCode.INVALID_ARGUMENT] * 2 and got["valid"] == "reached", got
+    assert got["first"] == "a" and got["stream"] == grpc.StatusCode.INVALID_ARGUMENT, got
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()], caplog.text

@@ -28,6 +28,7 @@ import grpc
 
 from edgeshard.node.security.call_auth import AuthInterceptor, TokenPlugin
 from edgeshard.node.security.cluster_key import ENV_VAR, NO_KEY_HELP, TLS_NAME, ClusterKey, ClusterKeyError
+from edgeshard.node.security.wire_guard import DecodeGuard
 from edgeshard.node.wire.options import GRPC_OPTIONS
 
 log = logging.getLogger("edgeshard.security")
@@ -131,8 +132,10 @@ def listen(server: grpc.aio.Server, address: str, security: Security) -> int:
 
 
 def server_interceptors(security: Security, node: str = "") -> list[grpc.aio.ServerInterceptor]:
-    """The interceptors a node's server needs in this mode (the token check, or none when insecure)."""
-    return [] if isinstance(security, Insecure) else [AuthInterceptor(security.auth_key, node)]
+    """The interceptors a node's server needs in this mode: the token check (not when insecure), then the
+    parse guard (corrupt requests are INVALID_ARGUMENT, never UNKNOWN plus a traceback)."""
+    guard = DecodeGuard()
+    return [guard] if isinstance(security, Insecure) else [AuthInterceptor(security.auth_key, node), guard]
 
 
 def connection_problem(details: str | None, security: Security | None = None) -> str | None:
