@@ -57,7 +57,7 @@ def test_key_file_is_private_and_never_silently_replaced(tmp_path):
 @pytest.mark.slow  # starts CLI processes
 def test_cli_makes_a_key_and_a_node_without_one_refuses_to_start(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "EDGESHARD_CLUSTER_KEY"}
-    cli = [sys.executable, "-m", "edgeshard.coordinator.cli.main"]
+    cli = [sys.executable, "-m", "edgeshard.coordinator.cli"]
     made = subprocess.run(
         [*cli, "secret", "new", "--out", str(tmp_path / "k")], capture_output=True, text=True
     )
