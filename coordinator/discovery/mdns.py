@@ -37,7 +37,7 @@ from edgeshard.coordinator.discovery.members import (
     member_changed,
 )
 from edgeshard.node.presence.advertise import SERVICE_TYPE, Advert, make_zeroconf
-from edgeshard.node.security.advert_proof import proof_time, signed_addresses, verify_txt
+from edgeshard.node.security.advert_proof import proof_time, signed_addresses, verify_any
 from edgeshard.node.security.channels import Security
 from edgeshard.node.security.channels import current as current_security
 from edgeshard.node.security.cluster_key import ClusterKey
@@ -169,7 +169,7 @@ class ZeroconfDiscovery:
             return
         addresses = info.parsed_addresses()
         if isinstance(self.security, ClusterKey):  # before anything is dialled: strangers cost nothing
-            why = verify_txt(info.properties, info.port or 0, self.security, name=name, addresses=addresses)
+            why = verify_any(info.properties, info.port or 0, self.security, name=name, addresses=addresses)
             ts = proof_time(info.properties)
             if why is None and ts < self.proof_ts.get(name, 0):
                 why = "older than an advert already accepted for this name (a replay)"

@@ -116,3 +116,12 @@ def verify_txt(
             shown = ", ".join(sorted(set(addresses))) or "none"
             return f"it resolves to {shown}, none of the addresses it signed (a re-addressed replay?)"
     return None
+
+
+def verify_any(props: Mapping, port: int, key: ClusterKey, **kw) -> str | None:
+    """`verify_txt` with the primary key, then each key still accepted (a rotation's overlap); None when one
+    of them verifies, else the primary's reason."""
+    first = verify_txt(props, port, key.keys[0], **kw)
+    if first is None or not key.accepted:
+        return first
+    return None if any(verify_txt(props, port, k, **kw) is None for k in key.accepted) else first

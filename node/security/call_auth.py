@@ -53,8 +53,15 @@ def make_token(key: bytes, method: str, now: float | None = None) -> str:
 class TokenVerifier:
     """Checks tokens for one cluster key: MAC, freshness, single use."""
 
-    def __init__(self, key: bytes, window_s: float = WINDOW_S, max_nonces: int = MAX_NONCES) -> None:
+    def __init__(
+        self,
+        key: bytes,
+        window_s: float = WINDOW_S,
+        max_nonces: int = MAX_NONCES,
+        also: tuple[bytes, ...] = (),
+    ) -> None:
         self.key = key
+        self.keys = (key, *also)  # `also`: keys still accepted during a rotation's overlap
         self.window_s = window_s
         self.max_nonces = max_nonces
         self.seen: OrderedDict[str, float] = OrderedDict()  # nonce -> when it expires (insertion order)
@@ -70,7 +77,7 @@ class TokenVerifier:
         if match is None:  # anything else, non-ASCII or undecodable bytes included, is refused here
             return "malformed cluster credentials"
         ms, nonce, mac = int(match[1]), match[2], match[3]
-        if not hmac.compare_digest(mac.encode(), _mac(self.key, method, ms, nonce).encode()):
+        if not any(hmac.compare_digest(mac.encode(), _mac(k, method, ms, nonce).encode()) for k in self.keys):
             return "wrong cluster key"
         now = time.time() if now is None else now
         skew = ms / 1000 - now
@@ -130,9 +137,11 @@ class TokenPlugin(grpc.AuthMetadataPlugin):
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Server side: refuses calls without a valid token with UNAUTHENTICATED, before any handler runs."""
 
-    def __init__(self, key: bytes, node: str = "", window_s: float = WINDOW_S) -> None:
+    def __init__(
+        self, key: bytes, node: str = "", window_s: float = WINDOW_S, also: tuple[bytes, ...] = ()
+    ) -> None:
         quiet_grpc_decode_errors()
-        self.verifier = TokenVerifier(key, window_s)
+        self.verifier = TokenVerifier(key, window_s, also=also)
         self.node = node
         self.logger = RateLimitedLog()
         self.refused = 0  # calls refused since start
