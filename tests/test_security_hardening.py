@@ -268,3 +268,16 @@ def test_corrupt_requests_are_invalid_argument_without_a_traceback(caplog):
     assert got["unary"] == [grpc.StatusCode.INVALID_ARGUMENT] * 2 and got["valid"] == "reached", got
     assert got["first"] == "a" and got["stream"] == grpc.StatusCode.INVALID_ARGUMENT, got
     assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()], caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="native kernels are x86")
+def test_a_node_refuses_the_planted_library_and_says_why(planted_kernels):
+    from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+
+    target, marker = planted_kernels
+    target.chmod(0o666)
+    with LocalNodes(1, threads=1, name="planted", security=ClusterKey.generate()) as node:
+        log = node.log_tail(0, 50)
+    assert not marker.exists(), "the node loaded the planted library"
+    assert "using torch's kernels" in log and "refusing to load" in log and "writable by everyone" in log, log

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -92,6 +93,9 @@ def library() -> ctypes.CDLL | None:
         path = _build(cc)
         if why := untrusted_reason(path):  # node/trust.py: never load code another user could have written
             _why_not = f"refusing to load {path}: {why}"
+            logging.getLogger("edgeshard.node").warning(
+                "low-bit kernels: %s; using torch's kernels", _why_not
+            )
             return None
         lib = ctypes.CDLL(str(path))  # ctypes.CDLL releases the GIL during calls
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as e:
