@@ -4,6 +4,9 @@ moves to a new key one member at a time without losing a request. Real node proc
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -97,3 +100,21 @@ def test_a_rotation_with_overlap_loses_no_request(smollm2_path):
             await client.close()
 
     asyncio.run(scenario())
+
+
+def test_secret_rotate_makes_the_next_key_and_says_the_steps(tmp_path):
+    current = ClusterKey.generate()
+    current.save(tmp_path / "cluster.key")
+    env = {k: v for k, v in os.environ.items() if k != "EDGESHARD_CLUSTER_KEY"}
+    cli = [sys.executable, "-m", "edgeshard.coordinator.cli", "secret", "rotate"]
+    args = ["--cluster-key-file", str(tmp_path / "cluster.key"), "--out", str(tmp_path / "next.key")]
+    r = subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    nxt = ClusterKey.load(tmp_path / "next.key")
+    assert nxt != current and (tmp_path / "next.key").stat().st_mode & 0o777 == 0o600
+    assert (
+        f"--cluster-key-file {tmp_path / 'next.key'} --cluster-key-file {tmp_path / 'cluster.key'}"
+        in r.stderr
+    )
+    again = subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 2 and "exists" in again.stderr  # never overwrites a key
