@@ -479,6 +479,11 @@ async def _http_one(http: httpx.AsyncClient, fz: HttpFuzzer, stats: Counter, bad
     method, path, headers, body = fz.request()
     try:
         r = await http.request(method, path, headers=headers, content=body or None)
+    except (
+        httpx.InvalidURL
+    ):  # httpx itself will not send it (a path starting with //): not the server's doing
+        stats["not sent (client)"] += 1
+        return
     except httpx.HTTPError as e:  # a dropped connection or a malformed answer
         stats["transport error"] += 1
         bad.append(f"{method} {path}: {type(e).__name__} {e}")
@@ -516,10 +521,12 @@ def main() -> None:
         "seed": args.seed,
         "asked": {"wire": args.wire, "http": args.http, "minutes": args.minutes},
     }
+    RESULTS.parent.mkdir(exist_ok=True)
+    if args.http:  # first: the quicker target
+        results["http"] = asyncio.run(http_fuzz(args.http, args.seed, console, budget))
+        RESULTS.write_text(json.dumps(results, indent=2) + "\n")  # kept if the wire part fails
     if args.wire:
         results["wire"] = asyncio.run(wire_fuzz(args.wire, args.seed, console, budget))
-    if args.http:
-        results["http"] = asyncio.run(http_fuzz(args.http, args.seed, console, budget))
     table = Table(title="edgeshard fuzzing (live processes, 127.0.0.1)")
     for col in ("target", "inputs", "s", "per s", "untyped", "tracebacks", "alive", "same after", "statuses"):
         table.add_column(col)
@@ -541,7 +548,6 @@ def main() -> None:
     for name in ("wire", "http"):
         for line in results.get(name, {}).get("untyped_examples", []):
             print(f"{name}: {line}")
-    RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {RESULTS}")
     sys.exit(0 if all(results[k]["ok"] for k in ("wire", "http") if k in results) else 1)
