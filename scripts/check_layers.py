@@ -30,6 +30,7 @@ LAYERS: dict[str, list[list[str]]] = {
         ["wire"],  # messages, tensors on the wire, limits, gRPC options
         ["model"],  # config, the decoder stage, KV cache, sampling, executor, cost
         ["lowbit"],  # low-bit layers, formats, native kernels
+        ["trust"],  # may code be loaded from this path? (native kernels; node/trust.py)
         ["errors"],
     ],
     "edgeshard.coordinator": [

@@ -1,9 +1,16 @@
-"""The HTTP API's guards on a real server (127.0.0.1, free port): API key (401 in OpenAI's shape), closed CORS,
+"""The HTTP API's guards on a real server (127.0.0.1, free port): API key on every route but /livez (401 in
+OpenAI's shape), no empty key, no key-less API beyond loopback, the Host check, HTTPS, closed CORS,
 request-body bound (413), and random JSON bodies (hypothesis) that must each get a typed answer."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
+import os
+import ssl
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -11,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgeshard.coordinator.errors import AuthenticationError
+from edgeshard.coordinator.errors import AuthenticationError, UserError
 from edgeshard.coordinator.sdk import Client
 from edgeshard.coordinator.serving.assemble import local_engine
 from edgeshard.coordinator.serving.http_security import HttpSecurity
@@ -54,7 +61,8 @@ def test_no_key_or_wrong_key_is_401_and_the_right_key_is_200(keyed_server, caplo
         chat = {"messages": CHAT, "max_tokens": 2}
         _is_openai_error(http.post("/v1/chat/completions", json=chat), 401, "invalid_api_key")
         assert http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
-        assert http.get("/health").status_code == 200  # probes stay open
+        _is_openai_error(http.get("/health"), 401, "invalid_api_key")  # behind the key too (#20)
+        assert http.get("/livez").json() == {"status": "alive"}  # the one open probe
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
     oai = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
@@ -91,6 +99,142 @@ def test_oversized_bodies_are_413_before_parsing(keyed_server):
 
         _is_openai_error(http.post("/v1/chat/completions", content=chunks(), headers=headers), 413)
         assert http.get("/v1/models", headers=headers).status_code == 200
+
+
+def test_every_route_but_livez_wants_the_key(keyed_server):
+    """Protected in front of the app, not per route: the docs, the schema, the probes, the dashboard (/) and
+    /metrics (added by other work) and unknown paths are all 401 without the key; only /livez answers."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=keyed_server.url, timeout=60) as http:
+        for path in (
+            "/",
+            "/docs",
+            "/v1/openapi.json",
+            "/health",
+            "/v1/cluster",
+            "/metrics",
+            "/nope",
+            "/v1/models",
+        ):
+            _is_openai_error(http.get(path), 401, "invalid_api_key")
+            assert http.get(path).headers["www-authenticate"] == "Bearer"
+        _is_openai_error(http.post("/livez"), 401)  # GET/HEAD only
+        live = http.get("/livez")
+        assert live.status_code == 200 and live.json() == {"status": "alive"}  # nothing about the cluster
+        for path in ("/docs", "/v1/openapi.json", "/health", "/v1/cluster"):
+            assert http.get(path, headers=auth).status_code == 200, path
+
+
+def test_the_host_header_must_name_this_server(keyed_server, api_server):
+    """DNS rebinding: a page on evil.example that resolves its name to 127.0.0.1 still sends Host:
+    evil.example; loopback servers answer only their own names (with or without a key)."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for server, headers in ((keyed_server, auth), (api_server, {})):
+        port = server.port
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", ""):
+                r = http.get("/v1/models", headers={**headers, "Host": host})
+                _is_openai_error(r, 400, "invalid_host")
+            for host in (f"127.0.0.1:{port}", f"localhost:{port}", "LOCALHOST.", f"[::1]:{port}"):
+                assert http.get("/v1/models", headers={**headers, "Host": host}).status_code == 200, host
+
+
+def test_an_empty_key_or_a_keyless_lan_api_is_refused_before_serving(tmp_path):
+    for empty in ("", "   "):
+        with pytest.raises(UserError, match="empty"):
+            HttpSecurity(api_key=empty)
+    server = BackgroundServer(lambda: None, host="0.0.0.0")  # refused before binding anything
+    with pytest.raises(UserError, match="needs an API key"):
+        server.start()
+    env = {k: v for k, v in os.environ.items() if k != "EDGESHARD_API_KEY"}
+    (tmp_path / "empty.key").write_text("\n")
+    cases = [
+        (["--api-key", ""], {}, "empty"),
+        ([], {"EDGESHARD_API_KEY": ""}, "set but empty"),
+        (["--api-key-file", str(tmp_path / "missing.key")], {}, "cannot read the API key file"),
+        (["--api-key-file", str(tmp_path / "empty.key")], {}, "is empty"),
+        (["--http", "0.0.0.0:0"], {}, "needs an API key"),
+        (["--api-key", "k", "--tls-cert", str(tmp_path / "c.pem")], {}, "no such file"),
+    ]
+    cli = [sys.executable, "-m", "edgeshard.coordinator.cli", "serve", "--model", "smollm2-135m"]
+    for argv, extra, expect in cases:
+        r = subprocess.run([*cli, *argv], capture_output=True, text=True, env={**env, **extra}, timeout=120)
+        assert r.returncode == 2 and expect in r.stderr, (argv, r.stderr)
+        assert r.stderr.startswith("edgeshard: error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def _tls_files(tmp_path):
+    """A CA and a certificate for 127.0.0.1 signed by it (PEM files): what a user brings to --tls-cert."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    files = {"ca": ca.public_bytes(pem), "cert": cert.public_bytes(pem)}
+    files["key"] = key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    out = {}
+    for name, data in files.items():
+        out[name] = tmp_path / f"{name}.pem"
+        out[name].write_bytes(data)
+    return out
+
+
+def test_https_with_tls_cert_and_key(tmp_path, smollm2_path):
+    files = _tls_files(tmp_path)
+    security = HttpSecurity(api_key=KEY, tls_cert=str(files["cert"]), tls_key=str(files["key"]))
+    server = BackgroundServer(
+        lambda: local_engine("smollm2-135m", threads=1, max_running=1, max_queued=1), http_security=security
+    )
+    url = server.start()
+    try:
+        assert url.startswith("https://127.0.0.1:")
+        trust = ssl.create_default_context(cafile=str(files["ca"]))
+        with httpx.Client(base_url=url, verify=trust, timeout=60) as http:
+            assert http.get("/livez").status_code == 200
+            _is_openai_error(http.get("/v1/models"), 401)
+            r = http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+            assert r.status_code == 200 and r.json()["data"][0]["id"]
+        with pytest.raises(httpx.TransportError):  # plain HTTP to the TLS port gets no answer
+            httpx.get(url.replace("https://", "http://") + "/livez", timeout=10)
+        with pytest.raises(httpx.ConnectError):  # a client that does not trust the CA refuses the server
+            httpx.get(url + "/livez", timeout=10)
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------- fuzzing

@@ -102,7 +102,9 @@ def add_http_args(p: argparse.ArgumentParser) -> None:
     )
     from edgeshard.coordinator.serving.http_security import add_http_security_args
 
-    add_http_security_args(p)  # --api-key (or $EDGESHARD_API_KEY), --cors-origin
+    add_http_security_args(
+        p
+    )  # --api-key-file/--api-key/$EDGESHARD_API_KEY, --cors-origin, --allowed-host, TLS
 
 
 def parse_http_address(text: str | None, default_host: str = DEFAULT_HOST) -> tuple[str, int]:
@@ -150,6 +152,9 @@ def _engine_kw(args: argparse.Namespace) -> dict:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """`edgeshard serve`."""
+    from edgeshard.coordinator.serving.http_security import http_security_from_args
+
+    http_security_from_args(args)  # an empty key, or the LAN without one: refused before binding or loading
     claim_nodes(args, "serve")
     sock = _bind(args)
     try:
@@ -202,6 +207,7 @@ async def serve_deployment(deployment, path: Path, args: argparse.Namespace) -> 
     from edgeshard.coordinator.serving.http_security import http_security_from_args
     from edgeshard.coordinator.serving.http_server import run_server
 
+    http_security_from_args(args)  # an empty key, or the LAN without one: refused before binding
     sock = _bind(args)
     try:
         pipeline = await deployment.pipeline()

@@ -4,6 +4,11 @@
 over gRPC GetInfo (coordinator/members.py: TXT is only a hint), and keeps a table that changes by events:
 `join` (first confirmed), `update` (its record or info changed), `leave` (mDNS goodbye, or two failed health
 checks in a row for a node that vanished without one). `StaticDiscovery` (--peers) is the manual fallback.
+
+With a cluster key, nothing a stranger sends on mDNS removes a verified member (issue #20): an advert without
+a valid proof for that instance name, port and address (node/advert_proof.py), or older than one already
+accepted, is a stranger's and leaves the table alone; a goodbye (which cannot be signed) only makes the
+coordinator check the member, which leaves when it stops answering - at once when it really stopped.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from edgeshard.coordinator.discovery.members import (
     member_changed,
 )
 from edgeshard.node.presence.advertise import SERVICE_TYPE, Advert, make_zeroconf
-from edgeshard.node.security.advert_proof import verify_txt
+from edgeshard.node.security.advert_proof import proof_time, signed_addresses, verify_any
 from edgeshard.node.security.channels import Security
 from edgeshard.node.security.channels import current as current_security
 from edgeshard.node.security.cluster_key import ClusterKey
@@ -52,6 +57,7 @@ log = logging.getLogger("edgeshard.coordinator")
 
 WATCH_INTERVAL_S = 5.0
 MAX_STRANGERS = 1024  # strangers remembered (and logged); beyond that they are still ignored, silently
+GOODBYE_CHECK_S = 5.0  # after a goodbye, a member that keeps answering this long stays (a stranger's goodbye)
 
 
 class Discovery(Protocol):
@@ -110,6 +116,8 @@ class ZeroconfDiscovery:
         self.browser: AsyncServiceBrowser | None = None
         self.watcher: asyncio.Task | None = None
         self.misses: dict[str, int] = {}
+        self.proof_ts: dict[str, int] = {}  # instance name -> timestamp of the newest proof accepted
+        self.ignored_goodbyes = 0  # goodbyes for members that went on answering
 
     async def start(self) -> None:
         """Open the mDNS sockets and start browsing (idempotent)."""
@@ -142,11 +150,15 @@ class ZeroconfDiscovery:
         if state_change is ServiceStateChange.Removed:
             self.ignored.pop(name, None)
             self.strangers.pop(name, None)
-            member = self.table.pop(name, None)
-            if member is not None:
-                self._events.emit("leave", member)
-            return
-        task = asyncio.ensure_future(self._resolve(name))
+            if isinstance(self.security, ClusterKey) and name in self.table:
+                task = asyncio.ensure_future(self._goodbye(name))  # anyone can send one: check first
+            else:
+                member = self.table.pop(name, None)
+                if member is not None:
+                    self._events.emit("leave", member)
+                return
+        else:
+            task = asyncio.ensure_future(self._resolve(name))
         self.pending.add(task)
         task.add_done_callback(self.pending.discard)
 
@@ -155,19 +167,26 @@ class ZeroconfDiscovery:
         if not await info.async_request(self.azc.zeroconf, 3000):
             log.info("mDNS: %s announced but could not be resolved", name)
             return
+        addresses = info.parsed_addresses()
         if isinstance(self.security, ClusterKey):  # before anything is dialled: strangers cost nothing
-            why = verify_txt(info.properties, info.port or 0, self.security)
+            why = verify_any(info.properties, info.port or 0, self.security, name=name, addresses=addresses)
+            ts = proof_time(info.properties)
+            if why is None and ts < self.proof_ts.get(name, 0):
+                why = "older than an advert already accepted for this name (a replay)"
             if why is not None:
                 if self.strangers.get(name) != why and len(self.strangers) < MAX_STRANGERS:
-                    addresses = ", ".join(info.parsed_addresses()) or "?"
-                    log.warning("mDNS: ignoring %s (%s:%s): %s", name, addresses, info.port, why)
+                    kept = " (the member of that name stays)" if name in self.table else ""
+                    shown = ", ".join(addresses) or "?"
+                    log.warning("mDNS: ignoring %s (%s:%s): %s%s", name, shown, info.port, why, kept)
                     self.strangers[name] = why
-                gone = self.table.pop(name, None)  # a member that came back with another key is one no more
-                if gone is not None:
-                    self._events.emit("leave", dataclasses.replace(gone, status="untrusted", problem=why))
+                # a verified member is never removed by an advert: a stranger can send any advert, and a
+                # member that really changed keys stops answering our health checks and leaves that way
                 return
             self.strangers.pop(name, None)
-        advert = Advert.from_txt(info.properties, info.port or 0, info.parsed_addresses(), name)
+            self.proof_ts[name] = max(ts, self.proof_ts.get(name, 0))
+            signed = set(signed_addresses(info.properties))
+            addresses = [a for a in addresses if a in signed]  # dial only what the member signed
+        advert = Advert.from_txt(info.properties, info.port or 0, addresses, name)
         if self.cluster is not None and advert.cluster != self.cluster:
             self.ignored[name] = advert
             return
@@ -184,6 +203,29 @@ class ZeroconfDiscovery:
                 problem="its mDNS record and GetInfo disagree on the protocol version; restart the node",
             )
         self._store(name, member)
+
+    async def _goodbye(self, name: str) -> None:
+        """A goodbye for a member: it leaves as soon as it stops answering; if it answers throughout
+        GOODBYE_CHECK_S, the goodbye was not its own and it stays."""
+        member = self.table.get(name)
+        if member is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GOODBYE_CHECK_S
+        while await is_healthy(member.address, timeout=1.0, security=self.security):
+            if loop.time() >= deadline:
+                self.ignored_goodbyes += 1
+                log.warning(
+                    "mDNS: a goodbye for %s (%s), but it still answers: ignored (not its own goodbye?)",
+                    name,
+                    member.address,
+                )
+                return
+            await asyncio.sleep(0.5)
+        if self.table.get(name) is member:
+            del self.table[name]
+            self.misses.pop(name, None)
+            self._events.emit("leave", member)
 
     def _store(self, key: str, member: Member) -> None:
         old = self.table.get(key)

@@ -9,8 +9,9 @@
     GET  /health                             200 when a plan can run, else 503
 
 Handlers are thin: request models and OpenAI response shapes are in `openai_shapes.py`; the engine decides.
-Errors always have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`. The `/v1` routes take
-`dependencies` (FastAPI `Depends`), the place where an API-key check plugs in; `/health` stays open.
+Errors always have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`. The API key, the Host
+check and `/livez` are a middleware in front of this whole app (http_security.py `Guard`): every route here,
+`/health` and routes added later included, is behind the key when one is set.
 """
 
 from __future__ import annotations

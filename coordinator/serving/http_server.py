@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from edgeshard.coordinator.serving.http_security import HttpSecurity, build_app, warn_if_open
+from edgeshard.coordinator.serving.http_security import HttpSecurity, build_app, check_listen, warn_if_open
 
 if TYPE_CHECKING:
     from edgeshard.coordinator.serving.assemble import Served
@@ -38,8 +38,15 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve_http(app: FastAPI, sock: socket.socket, log_level: str = "info", on_server=None) -> None:
-    """Serve `app` on a bound socket until the server is told to exit (SIGINT/SIGTERM in the main thread).
+async def serve_http(
+    app: FastAPI,
+    sock: socket.socket,
+    log_level: str = "info",
+    on_server=None,
+    security: HttpSecurity | None = None,
+) -> None:
+    """Serve `app` on a bound socket until the server is told to exit (SIGINT/SIGTERM in the main thread);
+    HTTPS when `security` names a certificate and key.
 
     `on_server(server)` receives the uvicorn.Server, so a caller in another thread can stop it with
     `server.should_exit = True`. A stop signal makes this return normally, so the caller frees the pipeline.
@@ -53,7 +60,10 @@ async def serve_http(app: FastAPI, sock: socket.socket, log_level: str = "info",
             # kills the process outright): the signal has done its job once serving stops
             getattr(self, "_captured_signals", []).clear()
 
-    config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
+    tls = {}
+    if security is not None and security.tls:
+        tls = {"ssl_certfile": security.tls_cert, "ssl_keyfile": security.tls_key}
+    config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5, **tls)
     server = Server(config)
     if on_server is not None:
         on_server(server)
@@ -73,14 +83,17 @@ async def run_server(
 
     console = console or Console(stderr=True)
     host, port = sock.getsockname()[:2]
+    scheme = "https" if http_security is not None and http_security.tls else "http"
     try:
+        check_listen(host, http_security)  # (the CLI checked before loading; this guards other callers)
         console.print(
-            f"[green]edgeshard serving {served.engine.model_name}[/] at http://{_url_host(host)}:{port}/v1 "
+            f"[green]edgeshard serving {served.engine.model_name}[/] at {scheme}://{_url_host(host)}:{port}/v1 "
             "(OpenAI-compatible; GET /v1/cluster for the plan). Ctrl-C stops.",
             soft_wrap=True,  # one line, so scripts can find the URL
         )
         warn_if_open(host, http_security, console)
-        await serve_http(build_app(served.engine, http_security), sock, log_level)
+        app = build_app(served.engine, http_security, host)
+        await serve_http(app, sock, log_level, security=http_security)
     finally:
         await served.engine.aclose()
         await served.close()
@@ -113,7 +126,9 @@ class BackgroundServer:
         self._thread: threading.Thread | None = None
 
     def start(self, timeout: float = 600.0) -> str:
-        """Build the engine (in the server's loop) and start serving; raises what the build raised."""
+        """Build the engine (in the server's loop) and start serving; raises what the build raised (and
+        UserError, before binding anything, for an API beyond loopback without a key)."""
+        check_listen(self.host, self.http_security)
         sock = bind(self.host, self.port)
         self.port = sock.getsockname()[1]
         self._thread = threading.Thread(
@@ -126,7 +141,8 @@ class BackgroundServer:
         if self._error is not None:
             self._thread.join()
             raise self._error
-        self.url = f"http://{_url_host(self.host)}:{self.port}"
+        scheme = "https" if self.http_security is not None and self.http_security.tls else "http"
+        self.url = f"{scheme}://{_url_host(self.host)}:{self.port}"
         return self.url
 
     async def _main(self, sock) -> None:
@@ -140,8 +156,8 @@ class BackgroundServer:
         try:
             if not self._stop:
                 self._ready.set()
-                app = build_app(self.served.engine, self.http_security)
-                await serve_http(app, sock, self.log_level, self._on_server)
+                app = build_app(self.served.engine, self.http_security, self.host)
+                await serve_http(app, sock, self.log_level, self._on_server, self.http_security)
         finally:
             sock.close()
             self._ready.set()

@@ -29,6 +29,7 @@ import ctypes
 import functools
 import hashlib
 import importlib.machinery
+import logging
 import os
 import platform
 import shutil
@@ -46,6 +47,7 @@ from edgeshard.node.lowbit.variants import (
     VARIANTS,
     library_stem,
 )
+from edgeshard.node.trust import cpu_identity, untrusted_reason
 
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"  # includes lowbit.c
 DOT_SOURCE = SOURCE.with_name("dot.c")  # the integer dot-product kernels for CPUs without AMX
@@ -110,7 +112,8 @@ def build(cc: str, variant: str) -> Path:
     source = SOURCE if variant == "amx" else DOT_SOURCE
     flags = ["-shared", *(_COMMON if variant == "amx" else _DOT_COMMON), *VARIANTS[variant][0]]
     sources = b"".join(p.read_bytes() for p in sorted(SOURCE.parent.glob("*.c")))
-    key = hashlib.sha256(sources + " ".join([cc, *flags, platform.machine()]).encode())
+    # the CPU's model and flags are part of the key too (a home shared by other CPUs: never another's build)
+    key = hashlib.sha256(sources + " ".join([cc, *flags, platform.machine(), cpu_identity()]).encode())
     target = _cache_dir() / f"lowbit-{variant}-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -157,12 +160,14 @@ def variant_library(variant: str) -> ctypes.CDLL:
 
     The libraries are compiled when edgeshard is installed (setup.py; an extension module next to this file,
     written where the package lives), never at run time into a directory another user may write:
-    EDGESHARD_BUILD_KERNELS=1 is the exception, for developers editing the C (it builds into the cache).
+    EDGESHARD_BUILD_KERNELS=1 is the exception, for developers editing the C: it builds the current source into
+    the cache and loads that instead (node/trust.py still refuses a library another user could have written).
     """
     if why := runnable(variant):
         raise RuntimeError(why)
-    path = installed(variant)
-    if path is None and os.environ.get("EDGESHARD_BUILD_KERNELS") == "1":
+    developing = os.environ.get("EDGESHARD_BUILD_KERNELS") == "1"  # the C as it is now, not as installed
+    path = None if developing else installed(variant)
+    if path is None and developing:
         cc = _compiler()
         if not cc:
             raise RuntimeError("EDGESHARD_BUILD_KERNELS=1 but no C compiler found (install gcc, or set CC)")
@@ -181,6 +186,11 @@ def variant_library(variant: str) -> ctypes.CDLL:
             "`pip install -e .` in a checkout)"
         )
     try:
+        if why := untrusted_reason(path):  # node/trust.py: never load code another user could have written
+            logging.getLogger("edgeshard.node").warning(
+                "low-bit kernels: refusing to load %s: %s; using torch's kernels", path, why
+            )
+            raise RuntimeError(f"refusing to load {path}: {why}")
         lib = ctypes.CDLL(str(path))  # ctypes.CDLL releases the GIL during calls
     except OSError as e:
         raise RuntimeError(f"loading {path.name} failed: {e}") from e

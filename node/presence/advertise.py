@@ -4,7 +4,8 @@
     TXT  id=<node id> v=<protocol> cluster=<name> mem_free=<bytes> mem_total=<bytes> mem_limit=<bytes>
          cores=<n> threads=<n> arch=<machine> gbps=<int4 GB/s> lms=<layer overhead ms> loaded=<a-b of n|>
          ver=<package version> name=<node name>
-         ts=<unix s> kid=<cluster key id> mac=<HMAC>   membership proof, with a cluster key (advert_proof.py)
+         addrs=<addresses> ts=<unix s> kid=<key id> pv=2 mac=<HMAC>   membership proof over the instance name,
+         port, addresses and TXT, with a cluster key (advert_proof.py)
 
 TXT is a hint for humans and for filtering (cluster, protocol); a coordinator confirms every node over gRPC
 GetInfo before it plans with it. The record is refreshed when it changes (free memory after a shard loads,
@@ -211,11 +212,12 @@ class Advertiser:
         self,
         snapshot: Callable[[], Advert],
         interfaces: Sequence[str] = (),
-        sign: Callable[[dict[str, str], int], dict[str, str]] | None = None,
+        sign: Callable[[dict[str, str], int, str, Sequence[str]], dict[str, str]] | None = None,
     ) -> None:
         self.snapshot = snapshot
         self.interfaces = list(interfaces)
-        self.sign = sign  # adds the membership proof to the TXT properties (node/advert_proof.py)
+        # adds the membership proof (props, port, instance name, addresses) to the TXT (node/advert_proof.py)
+        self.sign = sign
         self.signed_at = 0.0  # monotonic time of the last proof: it is renewed every RESIGN_S
         self.azc: AsyncZeroconf | None = None
         self.info: AsyncServiceInfo | None = None
@@ -227,7 +229,7 @@ class Advertiser:
     def _service_info(self, advert: Advert, name: str) -> AsyncServiceInfo:
         props = advert.to_txt()
         if self.sign is not None:
-            props = self.sign(props, advert.port)
+            props = self.sign(props, advert.port, name, advert.addresses)
             self.signed_at = time.monotonic()
         return AsyncServiceInfo(
             SERVICE_TYPE,
@@ -259,6 +261,9 @@ class Advertiser:
             )
             self.duplicates.add(name)
             await self.azc.async_register_service(self.info, allow_name_change=True)
+            if self.sign is not None and self.info.name != name:  # the proof covers the name: re-sign
+                self.info = self._service_info(advert, self.info.name)
+                await self.azc.async_update_service(self.info)
         self.current = advert
         self.browser = AsyncServiceBrowser(self.azc.zeroconf, SERVICE_TYPE, handlers=[self._on_change])
         log.info(
@@ -360,7 +365,11 @@ async def start_advertising(servicer, port: int) -> Advertiser:
     adv = Advertiser(
         lambda: node_advert(servicer, port, opts.host, opts.mdns_interfaces),
         opts.mdns_interfaces,
-        sign=(lambda props, p: sign_txt(props, p, key)) if key is not None else None,
+        sign=(
+            (lambda props, p, name, addrs: sign_txt(props, p, key, name=name, addresses=addrs))
+            if key is not None
+            else None
+        ),
     )
     await adv.start()
     return adv

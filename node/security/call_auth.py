@@ -18,6 +18,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import secrets
 import time
 from collections import OrderedDict
@@ -32,6 +33,9 @@ WINDOW_S = 300.0  # a token older or newer than this is refused (members' clocks
 MAX_NONCES = 200_000  # valid tokens remembered for the window; only members can add to it
 LOG_EVERY_S = 60.0  # one log line per peer and reason per this many seconds
 BUSY = "too many calls in the replay window; retry in a moment"  # answered RESOURCE_EXHAUSTED
+# The token's exact grammar, ASCII only: `str.isdigit` (and `int`) accept non-ASCII digits such as '²', which
+# let a stranger raise inside the interceptor (UNKNOWN plus a traceback per call) before this was strict.
+TOKEN_RE = re.compile(rf"{SCHEME} ([0-9]{{1,16}})\.([A-Za-z0-9_-]{{1,64}})\.([A-Za-z0-9_-]{{43}})", re.ASCII)
 
 
 def _mac(key: bytes, method: str, ms: int, nonce: str) -> str:
@@ -49,8 +53,15 @@ def make_token(key: bytes, method: str, now: float | None = None) -> str:
 class TokenVerifier:
     """Checks tokens for one cluster key: MAC, freshness, single use."""
 
-    def __init__(self, key: bytes, window_s: float = WINDOW_S, max_nonces: int = MAX_NONCES) -> None:
+    def __init__(
+        self,
+        key: bytes,
+        window_s: float = WINDOW_S,
+        max_nonces: int = MAX_NONCES,
+        also: tuple[bytes, ...] = (),
+    ) -> None:
         self.key = key
+        self.keys = (key, *also)  # `also`: keys still accepted during a rotation's overlap
         self.window_s = window_s
         self.max_nonces = max_nonces
         self.seen: OrderedDict[str, float] = OrderedDict()  # nonce -> when it expires (insertion order)
@@ -62,14 +73,11 @@ class TokenVerifier:
         members' calls alone."""
         if not token:
             return "no cluster credentials"
-        scheme, _, rest = token.partition(" ")
-        parts = rest.split(".")
-        if scheme != SCHEME or len(parts) != 3 or not parts[0].isdigit() or len(parts[0]) > 16:
+        match = TOKEN_RE.fullmatch(token) if isinstance(token, str) else None
+        if match is None:  # anything else, non-ASCII or undecodable bytes included, is refused here
             return "malformed cluster credentials"
-        ms, nonce, mac = int(parts[0]), parts[1], parts[2]
-        if len(nonce) > 64 or not hmac.compare_digest(
-            mac.encode(), _mac(self.key, method, ms, nonce).encode()
-        ):
+        ms, nonce, mac = int(match[1]), match[2], match[3]
+        if not any(hmac.compare_digest(mac.encode(), _mac(k, method, ms, nonce).encode()) for k in self.keys):
             return "wrong cluster key"
         now = time.time() if now is None else now
         skew = ms / 1000 - now
@@ -129,8 +137,11 @@ class TokenPlugin(grpc.AuthMetadataPlugin):
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Server side: refuses calls without a valid token with UNAUTHENTICATED, before any handler runs."""
 
-    def __init__(self, key: bytes, node: str = "", window_s: float = WINDOW_S) -> None:
-        self.verifier = TokenVerifier(key, window_s)
+    def __init__(
+        self, key: bytes, node: str = "", window_s: float = WINDOW_S, also: tuple[bytes, ...] = ()
+    ) -> None:
+        quiet_grpc_decode_errors()
+        self.verifier = TokenVerifier(key, window_s, also=also)
         self.node = node
         self.logger = RateLimitedLog()
         self.refused = 0  # calls refused since start
@@ -139,11 +150,33 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         metadata = handler_call_details.invocation_metadata or ()
         token = next((v for k, v in metadata if k == HEADER), None)
         method = handler_call_details.method or ""
-        why = self.verifier.check(method, token if isinstance(token, str) else None)
+        try:
+            why = self.verifier.check(method, token if isinstance(token, (str, bytes)) else None)
+        except Exception:  # never UNKNOWN plus a traceback for what a stranger sends: a typed refusal
+            why = "malformed cluster credentials"
         if why is None:
             return await continuation(handler_call_details)
         self.refused += 1
         return _refusal(self, method, why)
+
+
+class _DropDecodeErrors(logging.Filter):
+    """Drops gRPC's own traceback for a metadata value that is not UTF-8 (`Invalid encoding on ...`): gRPC
+    then hands the value on decoded as latin-1, and the interceptor refuses it through the rate-limited log.
+    Without this, any stranger could write a full traceback into the node's log per call."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Invalid encoding on")
+
+
+_DECODE_FILTER = _DropDecodeErrors()
+
+
+def quiet_grpc_decode_errors() -> None:
+    """Install `_DropDecodeErrors` on gRPC's logger (idempotent)."""
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if _DECODE_FILTER not in grpc_log.filters:
+        grpc_log.addFilter(_DECODE_FILTER)
 
 
 def _refusal(interceptor: AuthInterceptor, method: str, why: str) -> grpc.RpcMethodHandler:

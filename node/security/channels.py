@@ -28,6 +28,7 @@ import grpc
 
 from edgeshard.node.security.call_auth import AuthInterceptor, TokenPlugin
 from edgeshard.node.security.cluster_key import ENV_VAR, NO_KEY_HELP, TLS_NAME, ClusterKey, ClusterKeyError
+from edgeshard.node.security.wire_guard import DecodeGuard
 from edgeshard.node.wire.options import GRPC_OPTIONS
 
 log = logging.getLogger("edgeshard.security")
@@ -84,7 +85,7 @@ def current() -> Security:
 @functools.lru_cache(maxsize=4)
 def _from_env(text: str) -> ClusterKey:
     # one ClusterKey per key text: its derived TLS material is then computed once, not per channel
-    return ClusterKey.parse(text)
+    return ClusterKey.parse_many(text)
 
 
 def for_local_nodes() -> Security:
@@ -111,8 +112,9 @@ def channel(
     if isinstance(sec, Insecure):
         return grpc.aio.insecure_channel(address, options=list(merged.items()))
     merged["grpc.ssl_target_name_override"] = TLS_NAME  # nodes are dialled by IP; the certificate names this
+    trusted = b"".join(k.tls.ca_pem for k in sec.keys)  # during a rotation: the CAs of every accepted key
     creds = grpc.composite_channel_credentials(
-        grpc.ssl_channel_credentials(root_certificates=sec.tls.ca_pem),
+        grpc.ssl_channel_credentials(root_certificates=trusted),
         grpc.metadata_call_credentials(TokenPlugin(sec.auth_key), name="edgeshard-call-token"),
     )
     return grpc.aio.secure_channel(address, creds, options=list(merged.items()))
@@ -131,8 +133,13 @@ def listen(server: grpc.aio.Server, address: str, security: Security) -> int:
 
 
 def server_interceptors(security: Security, node: str = "") -> list[grpc.aio.ServerInterceptor]:
-    """The interceptors a node's server needs in this mode (the token check, or none when insecure)."""
-    return [] if isinstance(security, Insecure) else [AuthInterceptor(security.auth_key, node)]
+    """The interceptors a node's server needs in this mode: the token check (not when insecure), then the
+    parse guard (corrupt requests are INVALID_ARGUMENT, never UNKNOWN plus a traceback)."""
+    guard = DecodeGuard()
+    if isinstance(security, Insecure):
+        return [guard]
+    also = tuple(k.auth_key for k in security.accepted)
+    return [AuthInterceptor(security.auth_key, node, also=also), guard]
 
 
 def connection_problem(details: str | None, security: Security | None = None) -> str | None:
@@ -158,9 +165,11 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cluster-key-file",
         type=Path,
+        action="append",
         default=None,
         metavar="FILE",
-        help=f"the cluster key (`edgeshard secret new --out FILE`; default: ${ENV_VAR})",
+        help=f"the cluster key (`edgeshard secret new --out FILE`; default: ${ENV_VAR}). Repeat it during a "
+        "key rotation: the first file's key is presented and signed with, the others' are accepted too",
     )
     p.add_argument(
         "--insecure",
@@ -175,14 +184,19 @@ def security_from_args(args: argparse.Namespace, required: bool = True) -> Secur
     Raises ClusterKeyError for an unreadable or malformed key, both --insecure and a key, or (when
     `required`) no choice at all.
     """
-    key_file = getattr(args, "cluster_key_file", None)
+    key_files = getattr(args, "cluster_key_file", None)
+    if isinstance(key_files, str | Path):
+        key_files = [key_files]
     insecure = getattr(args, "insecure", False)
-    if key_file is not None and insecure:
+    if key_files and insecure:
         raise ClusterKeyError("--insecure and --cluster-key-file contradict each other; choose one")
-    if key_file is not None:
-        if ClusterKey.loose_permissions(key_file):
-            log.warning("cluster key file %s is readable by other users; chmod 600 it", key_file)
-        return ClusterKey.load(key_file)
+    if key_files:
+        keys = []
+        for key_file in key_files:
+            if ClusterKey.loose_permissions(key_file):
+                log.warning("cluster key file %s is readable by other users; chmod 600 it", key_file)
+            keys.append(ClusterKey.load(key_file))
+        return keys[0].with_accepted(*keys[1:])
     if insecure:
         return INSECURE
     if os.environ.get(ENV_VAR, "").strip():

@@ -29,6 +29,7 @@ from functools import cached_property
 from pathlib import Path
 
 from edgeshard.node.errors import EdgeshardError
+from edgeshard.node.security.files import write_private
 
 PREFIX = "es1-"
 KEY_BYTES = 32
@@ -61,10 +62,23 @@ class TlsMaterial:
 class ClusterKey:
     """A cluster's shared secret and everything derived from it. `str(key)` never shows the secret."""
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, accepted: tuple[ClusterKey, ...] = ()) -> None:
         if len(secret) != KEY_BYTES:
             raise ClusterKeyError(f"a cluster key holds {KEY_BYTES} bytes, got {len(secret)}")
         self._secret = secret
+        # Rotation with overlap: other keys whose members are still accepted (tokens, certificates, adverts),
+        # while this one - the primary - is what this process presents and signs with. See docs/security.md.
+        self.accepted = tuple(k for k in accepted if k != self)
+
+    def with_accepted(self, *others: ClusterKey) -> ClusterKey:
+        """This key as the primary, also accepting `others` (and what they accept) during a rotation."""
+        flat = [*self.accepted, *(k for o in others for k in o.keys)]
+        return ClusterKey(self._secret, tuple(dict.fromkeys(flat)))
+
+    @property
+    def keys(self) -> tuple[ClusterKey, ...]:
+        """The primary (this key, alone) and the accepted ones, in that order."""
+        return (ClusterKey(self._secret), *self.accepted) if self.accepted else (self,)
 
     # ---- making, reading, writing -------------------------------------------------------------------------
     @classmethod
@@ -88,14 +102,28 @@ class ClusterKey:
         return cls(secret)
 
     @classmethod
+    def parse_many(cls, text: str) -> ClusterKey:
+        """One key per line (or comma-separated; `#` comments and blank lines ignored): the first is the
+        primary, the others are accepted too (a rotation's overlap)."""
+        items = [x.strip() for line in text.splitlines() for x in line.split("#", 1)[0].split(",")]
+        keys = [cls.parse(x) for x in items if x]
+        if not keys:
+            raise ClusterKeyError(f"no cluster key in the text; {NO_KEY_HELP}")
+        return keys[0].with_accepted(*keys[1:])
+
+    @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ClusterKey:
-        """Read a key file (as `secret new --out` writes it); a key readable by others is still used."""
+        """Read a key file (as `secret new --out` writes it: one key; during a rotation, the primary first
+        and then the keys still accepted, one per line); a key readable by others is still used."""
         p = Path(path).expanduser()
         try:
             text = p.read_text()
         except OSError as e:
             raise ClusterKeyError(f"cannot read the cluster key file {p}: {e.strerror}") from None
-        return cls.parse(text)
+        try:
+            return cls.parse_many(text)
+        except ClusterKeyError as e:
+            raise ClusterKeyError(f"{p}: {e}") from None
 
     @staticmethod
     def loose_permissions(path: str | os.PathLike[str]) -> bool:
@@ -106,14 +134,9 @@ class ClusterKey:
             return False
 
     def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> Path:
-        """Write the key to `path`, readable by the owner only (0600); refuses to replace a file unless told."""
-        p = Path(path).expanduser()
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-        fd = os.open(p, flags, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.text + "\n")
-        os.chmod(p, 0o600)  # O_CREAT's mode does not apply to a file that already existed
-        return p
+        """Write the key to `path`, mode 0600 from creation (never through a symlink; files.write_private);
+        refuses to replace a file unless told."""
+        return write_private(path, "".join(k.text + "\n" for k in self.keys), overwrite=overwrite)
 
     # ---- what it is -----------------------------------------------------------------------------------------
     @property
@@ -127,7 +150,8 @@ class ClusterKey:
         return self.derive("id", 6).hex()
 
     def __repr__(self) -> str:
-        return f"ClusterKey(id={self.fingerprint})"
+        also = f", accepting {', '.join(k.fingerprint for k in self.accepted)}" if self.accepted else ""
+        return f"ClusterKey(id={self.fingerprint}{also})"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ClusterKey) and secrets.compare_digest(self._secret, other._secret)
