@@ -60,6 +60,10 @@ API_KEY_ENV = "EDGESHARD_API_KEY"
 API_KEY_PREFIX = "esk-"
 MAX_BODY_BYTES = 4 << 20
 LIVENESS_PATH = "/livez"  # the one route without the key: says the process serves HTTP, nothing more
+# The dashboard's page and its assets (serving/dashboard.py) load without the key: they hold no data (every
+# figure comes from /v1/cluster and /metrics, behind the key), and the page must load to ask for the key.
+PAGE_PATHS = ("/",)
+PAGE_PREFIX = "/static/"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
@@ -255,8 +259,9 @@ class Guard:
     """ASGI middleware in front of the whole app: Host check, then `/livez`, then the API key.
 
     In front of the app (not a route dependency), so every route - /docs, /v1/openapi.json, /health, and
-    routes added later (the dashboard at /, /metrics) - is behind the key unless it is `/livez`. A request
-    refused here never reaches routing, body buffering or JSON parsing."""
+    routes added later (/metrics) - is behind the key unless it is `/livez` or the dashboard's page and static
+    assets (`PAGE_PATHS`: no data in them; the page asks for the key). A request refused here never reaches
+    routing, body buffering or JSON parsing."""
 
     def __init__(self, app, api_key: str | None, hosts: frozenset[str] | None) -> None:
         self.app = app
@@ -285,6 +290,10 @@ class Guard:
             return
         if scope["path"] == LIVENESS_PATH and scope.get("method") in ("GET", "HEAD"):
             await _send_json(send, 200, {"status": "alive"})
+            return
+        page = scope["path"] in PAGE_PATHS or scope["path"].startswith(PAGE_PREFIX)
+        if page and scope.get("method") in ("GET", "HEAD"):  # the login form itself; no data
+            await self.app(scope, receive, send)
             return
         if self.expected is not None:
             scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
