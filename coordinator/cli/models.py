@@ -38,10 +38,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table("name", "description", "pulled", "path")
+    table = Table("name", "description", "licence", "pulled", "path")
     for r in rows:
         table.add_row(
-            r["name"], r.get("description", ""), "yes" if r.get("pulled") else "no", str(r.get("path") or "")
-        )
+            r["name"], r.get("description", ""), r.get("licence", ""), "yes" if r.get("pulled") else "no",
+            str(r.get("path") or ""),
+        )  # fmt: skip
     Console().print(table)
     return 0
