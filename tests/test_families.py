@@ -386,3 +386,18 @@ def test_unknown_gguf_key_is_refused(tmp_path):
     w.close()
     with pytest.raises(UnsupportedModelError, match=r"qwen3\.attention\.scale"):
         open_checkpoint(tmp_path / "bad.gguf")
+
+
+@pytest.mark.parametrize("quant", ["f32", "int8", "int4"])
+def test_planner_cost_counts_each_familys_layer_bytes(family, quant):
+    """The planner's byte model (model/cost.py) matches what a middle stage of every family holds: four norms
+    for Gemma, q/k norms, every expert and the float32 router of an MoE layer."""
+    from edgeshard.node.model.cost import ModelCost
+    from edgeshard.node.weights.loader import stage_weight_bytes
+
+    _, _, path, _ = family
+    ckpt = open_checkpoint(path)
+    stage = load_stage(
+        ckpt, ShardSpec(1, 2, LAYERS), quant=quant
+    )  # layer 1: an MoE layer where there are any
+    assert ModelCost.of(ckpt.config, quant).weight_bytes(1, 2) == stage_weight_bytes(stage)
