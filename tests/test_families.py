@@ -401,3 +401,18 @@ def test_planner_cost_counts_each_familys_layer_bytes(family, quant):
         ckpt, ShardSpec(1, 2, LAYERS), quant=quant
     )  # layer 1: an MoE layer where there are any
     assert ModelCost.of(ckpt.config, quant).weight_bytes(1, 2) == stage_weight_bytes(stage)
+
+
+def test_packed_batch_equals_separate_sequences(family):
+    """Batching: a decode row of one sequence packed with a prefill chunk (starting mid-sequence) of another
+    gives the logits each gives alone: sliding-window masks, q/k norms and expert routing are per row."""
+    _, _, path, _ = family
+    stage = load_stage(open_checkpoint(path), ShardSpec.full(LAYERS), quant="f32")
+    a, b = PROMPT + [11, 12, 13, 14, 15, 16], list(reversed(PROMPT)) * 2  # both longer than the windows
+    alone_a, alone_b = logits_of([stage], a)[-1], logits_of([stage], b)[-1]
+    ca, cb = stage.new_cache(), stage.new_cache()
+    stage(torch.tensor(a[:-1]), [Segment(ca, 0, len(a) - 1)])
+    stage(torch.tensor(b[:7]), [Segment(cb, 0, 7)])
+    out = stage(torch.tensor([a[-1]] + b[7:]), [Segment(ca, len(a) - 1, 1), Segment(cb, 7, len(b) - 7)])
+    torch.testing.assert_close(out[0], alone_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1], alone_b, rtol=1e-5, atol=1e-5)
