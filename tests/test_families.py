@@ -365,6 +365,11 @@ def test_gguf_of_the_same_weights_gives_the_same_tokens(tmp_path, name):
     n = ckpt.config.num_hidden_layers
     expected = reference_greedy(model, PROMPT)
     assert our_greedy([load_stage(ckpt, s, quant="f32") for s in even_split(n, 3)], PROMPT) == expected
+    # int4 from the GGUF's float weights is the int4 of the safetensors (test_low_bit_perplexity_... bounds that)
+    ids = sampled_text(model)
+    ppl = {kind: perplexity([load_stage(c, s, quant="int4") for s in even_split(n, 3)], ids)
+           for kind, c in (("gguf", ckpt), ("safetensors", open_checkpoint(tmp_path / "hf")))}  # fmt: skip
+    assert abs(ppl["gguf"] / ppl["safetensors"] - 1) < 1e-3, ppl
 
 
 def test_unknown_gguf_key_is_refused(tmp_path):
