@@ -421,3 +421,13 @@ def test_packed_batch_equals_separate_sequences(family):
     out = stage(torch.tensor([a[-1]] + b[7:]), [Segment(ca, len(a) - 1, 1), Segment(cb, 7, len(b) - 7)])
     torch.testing.assert_close(out[0], alone_a, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out[1], alone_b, rtol=1e-5, atol=1e-5)
+
+
+def test_stage_tensor_count_is_the_progress_total(family):
+    from edgeshard.node.weights.loader import stage_tensor_count
+
+    _, _, path, _ = family
+    ckpt, calls = open_checkpoint(path), []
+    spec = ShardSpec(0, 2, LAYERS)
+    load_stage(ckpt, spec, quant="int8", on_tensor=lambda name, n: calls.append(name))
+    assert stage_tensor_count(ckpt.config, spec) == len(calls)

@@ -131,6 +131,14 @@ def load_stage(
     return stage.eval()
 
 
+def stage_tensor_count(config, spec: ShardSpec) -> int:
+    """How many times `load_stage` calls `on_tensor` for `spec` (its progress total), for any family: the
+    stage's linear layers, embedding and norms (every expert of an MoE layer; Gemma's four norms a block)."""
+    with torch.device("meta"):
+        stage = Stage(config, spec)
+    return sum(isinstance(m, (nn.Linear, nn.Embedding, RMSNorm)) for m in stage.modules())
+
+
 def getattr_path(root: nn.Module, path: str) -> nn.Module:
     """`root.a.b.c` for path 'a.b.c'."""
     for part in path.split("."):
