@@ -187,6 +187,7 @@ _FIXED = {
     "use_bidirectional_attention": False,  # EmbeddingGemma
     "attn_logit_softcapping": None,  # Gemma 2
     "partial_rotary_factor": 1.0,
+    "use_mrope": False,  # Qwen2-VL's multimodal RoPE
 }
 # Keys each family reads (besides the common ones below).
 _COMMON = frozenset(
