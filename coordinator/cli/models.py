@@ -52,12 +52,14 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     table = Table()
     table.add_column("name", no_wrap=True)
     table.add_column("description", overflow="fold")
+    table.add_column("licence", overflow="fold")
     table.add_column("pulled", no_wrap=True)
     table.add_column("path", overflow="fold")  # folded, never cut with an ellipsis: it is copied
     for r in rows:
         table.add_row(
-            r["name"], r.get("description", ""), "yes" if r.get("pulled") else "no", str(r.get("path") or "")
-        )
+            r["name"], r.get("description", ""), r.get("licence", ""), "yes" if r.get("pulled") else "no",
+            str(r.get("path") or ""),
+        )  # fmt: skip
     Console().print(table)
     if slices:
         held = Table("slice of", "layers", "held", "of the model", "manifest")

@@ -64,11 +64,12 @@ class ModelCost:
 
     num_layers: int  # decoder layers of the model
     quant: str  # f32, bf16, int8, int4
-    layer_bytes: int  # weights one decoder layer holds (7 linears + 2 norms)
+    layer_bytes: int  # weights one decoder layer holds (7 linears + norms; every expert of an MoE layer)
     embed_bytes: int  # token embedding (first stage only)
     head_bytes: int  # final norm + output head (last stage only)
     kv_bytes_per_token: int  # K and V one token adds to ONE layer's cache, in the compute dtype
-    layer_flops: int  # multiply-adds x 2 of one layer for one token (attention over the context excluded)
+    layer_flops: int  # multiply-adds x 2 of one layer for one token (attention over the context excluded;
+    # an MoE layer: the router and the top-k experts a token runs)
     activation_bytes: int  # hidden state of one token on the wire between stages
     hidden_size: int  # D
     vocab_size: int  # V (the head's rows; sampling works over V logits)
@@ -79,16 +80,23 @@ class ModelCost:
         c = config
         d, hd, f = c.hidden_size, c.head_dim, c.intermediate_size
         q_out, kv_out = c.num_attention_heads * hd, c.num_key_value_heads * hd
-        shapes = [
-            (q_out, d, c.attention_bias),
-            (kv_out, d, c.attention_bias),
-            (kv_out, d, c.attention_bias),
-            (d, q_out, False),
-            (f, d, False),
-            (f, d, False),
-            (d, f, False),
-        ]  # q k v o gate up down
-        layer = sum(linear_bytes(o, i, quant, b) for o, i, b in shapes) + 2 * d * 4  # + two f32 RMSNorms
+        attn = [(q_out, d, c.attention_bias), (kv_out, d, c.attention_bias), (kv_out, d, c.attention_bias),
+                (d, q_out, False)]  # q k v o  # fmt: skip
+        dense = [(f, d, False), (f, d, False), (d, f, False)]  # gate up down
+        norms = (4 if c.family == "gemma3" else 2) * d * 4 + (2 * hd * 4 if c.qk_norm else 0)  # f32 norms
+        if c.is_moe:
+            # a node holds every expert of its layers (and the float32 router); a token runs top-k of them.
+            # The MoE layer is priced for every layer (Qwen3-MoE's dense mlp_only_layers cost less).
+            fe = c.moe_intermediate_size or f
+            expert = [(fe, d, False), (fe, d, False), (d, fe, False)]
+            layer = sum(linear_bytes(o, i, quant, b) for o, i, b in attn) + norms + 4 * c.num_experts * d
+            layer += c.num_experts * sum(linear_bytes(o, i, quant, b) for o, i, b in expert)
+            flops = 2 * (sum(o * i for o, i, _ in attn) + c.num_experts * d
+                         + c.num_experts_per_tok * sum(o * i for o, i, _ in expert))  # fmt: skip
+        else:
+            shapes = attn + dense
+            layer = sum(linear_bytes(o, i, quant, b) for o, i, b in shapes) + norms
+            flops = 2 * sum(o * i for o, i, _ in shapes)
         act_dtype_bytes = 4 if quant == "f32" else 2
         return cls(
             num_layers=c.num_hidden_layers,
@@ -97,7 +105,7 @@ class ModelCost:
             embed_bytes=embedding_bytes(c.vocab_size, d, END_QUANT.get(quant, quant)),
             head_bytes=linear_bytes(c.vocab_size, d, END_QUANT.get(quant, quant)) + d * 4,
             kv_bytes_per_token=2 * kv_out * act_dtype_bytes,
-            layer_flops=2 * sum(o * i for o, i, _ in shapes),
+            layer_flops=flops,
             activation_bytes=d * act_dtype_bytes,
             hidden_size=d,
             vocab_size=c.vocab_size,

@@ -21,11 +21,19 @@ import torch
 
 from edgeshard.node.errors import EdgeshardError
 from edgeshard.node.lowbit.formats import WeightSource
-from edgeshard.node.model.config import ModelConfig, UnsupportedModelError
+from edgeshard.node.model.config import FULL, SLIDING, ModelConfig, UnsupportedModelError
 from edgeshard.node.weights.gguf_file import GGUFFile, GGUFFormatError
 
 # GGUF tensor types this reader dequantizes (others are refused with a clear error).
-SUPPORTED_GGML_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_GGML_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+# GGUF architectures read, and the HF model_type each maps to
+GGUF_ARCHITECTURES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3": "gemma3",
+}
 
 
 class CheckpointError(EdgeshardError, ValueError):
@@ -52,9 +60,20 @@ _GGUF_LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma 3 names its four norms differently: llama.cpp's ffn_norm is the norm *before* the MLP there
+_GGUF_LAYER_NAMES_BY_ARCH = {
+    "gemma3": {
+        **_GGUF_LAYER_NAMES,
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    }
 }
 _GGUF_GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -63,11 +82,11 @@ _GGUF_GLOBAL_NAMES = {
 }
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight` (None for unknown tensors)."""
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
     if m:
-        part = _GGUF_LAYER_NAMES.get(m.group(2))
+        part = _GGUF_LAYER_NAMES_BY_ARCH.get(arch, _GGUF_LAYER_NAMES).get(m.group(2))
         return None if part is None else f"model.layers.{m.group(1)}.{part}.{m.group(3)}"
     m = re.fullmatch(r"(\w+)\.(weight|bias)", name)
     if m and m.group(1) in _GGUF_GLOBAL_NAMES:
@@ -91,6 +110,7 @@ class GGUFWeight:
     ggml_type: Any
     _tensor: Any
     _rows: np.ndarray | None = None  # HF row i is GGUF row _rows[i]
+    _offset: float = 0.0  # added on read: -1 for Gemma's norms, which llama.cpp stores as 1 + w
 
     def raw(self) -> np.ndarray:
         data = np.asarray(self._tensor.data)
@@ -112,7 +132,8 @@ class GGUFWeight:
         arr = arr.reshape(self.shape)
         if self._rows is not None:
             arr = arr[self._rows]
-        return torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: the file is mapped read-only
+        out = torch.from_numpy(np.array(arr, dtype=np.float32))  # a copy: the file is mapped read-only
+        return out + self._offset if self._offset else out
 
 
 class GGUFCheckpoint:
@@ -136,9 +157,15 @@ class GGUFCheckpoint:
         self.config = self._config()
         self._tensors: dict[str, Any] = {}
         for t in self.reader.tensors:
-            hf = gguf_to_hf_name(t.name)
-            if hf is not None:
-                self._tensors[hf] = t
+            hf = gguf_to_hf_name(t.name, self.metadata["general.architecture"])
+            if (
+                hf is None
+            ):  # e.g. llama.cpp's rope_freqs (Llama 3.1 scaling) or expert tensors: refuse, not drop
+                raise UnsupportedModelError(
+                    f"{self.path}: GGUF tensor {t.name!r} is not read by edgeshard; the model would compute "
+                    "something else without it"
+                )
+            self._tensors[hf] = t
 
     def _check_extent(self) -> None:
         size = self.path.stat().st_size
@@ -154,43 +181,91 @@ class GGUFCheckpoint:
         return self.metadata.get(f"{self.metadata.get('general.architecture')}.{key}", default)
 
     def _config(self) -> ModelConfig:
+        """The ModelConfig of the file's metadata: every `{arch}.*` key is read, checked or refused."""
         arch = self.metadata.get("general.architecture")
-        if arch not in ("llama", "mistral", "qwen2"):
+        if arch not in GGUF_ARCHITECTURES:
             raise UnsupportedModelError(
-                f"{self.path}: GGUF architecture {arch!r} is not supported (llama, mistral, qwen2)"
+                f"{self.path}: GGUF architecture {arch!r} is not supported ({', '.join(GGUF_ARCHITECTURES)})"
             )
+        meta = {k.removeprefix(f"{arch}."): v for k, v in self.metadata.items() if k.startswith(f"{arch}.")}
+        for key, value in meta.items():
+            if key not in _GGUF_KEYS:
+                raise UnsupportedModelError(
+                    f"{self.path}: GGUF key {arch}.{key} = {value!r} is not supported: edgeshard does not read "
+                    "it, and it may change what the model computes"
+                )
+            if key in _GGUF_FIXED and value != _GGUF_FIXED[key]:
+                raise UnsupportedModelError(
+                    f"{self.path}: GGUF key {arch}.{key} = {value!r} is not supported"
+                )
         names = {t.name for t in self.reader.tensors}
-        heads = int(self._meta("attention.head_count"))
-        hidden = int(self._meta("embedding_length"))
+        heads = int(meta["attention.head_count"])
+        hidden = int(meta["embedding_length"])
+        n_layers = int(meta["block_count"])
+        head_dim = int(meta.get("attention.key_length", hidden // heads))
+        for key in ("attention.value_length", "rope.dimension_count"):
+            if key in meta and int(meta[key]) != head_dim:
+                raise UnsupportedModelError(
+                    f"{self.path}: GGUF key {arch}.{key} = {meta[key]} differs from the head size {head_dim}; "
+                    "only full-width rotary heads with equal key and value sizes are supported"
+                )
         tokens = self.reader.fields.get("tokenizer.ggml.tokens")
-        vocab = self._meta("vocab_size") or (len(tokens.contents()) if tokens is not None else None)
-        eos = (
-            _field_value(self.reader.fields["tokenizer.ggml.eos_token_id"])
-            if "tokenizer.ggml.eos_token_id" in self.reader.fields
-            else None
-        )
-        bos = (
-            _field_value(self.reader.fields["tokenizer.ggml.bos_token_id"])
-            if "tokenizer.ggml.bos_token_id" in self.reader.fields
-            else None
-        )
+        vocab = meta.get("vocab_size") or (len(tokens.contents()) if tokens is not None else None)
+        eos = self._tok_id("eos_token_id")
+        bos = self._tok_id("bos_token_id")
+        scaling = None
+        kind = meta.get("rope.scaling.type", "none")
+        if kind == "linear" and float(meta.get("rope.scaling.factor", 1.0)) != 1.0:
+            scaling = {"rope_type": "linear", "factor": float(meta["rope.scaling.factor"])}
+        elif kind not in ("none", "linear"):
+            raise UnsupportedModelError(
+                f"{self.path}: GGUF key {arch}.rope.scaling.type = {kind!r} is not supported"
+            )
+        kw: dict[str, Any] = {}
+        if arch == "gemma3":
+            # llama.cpp's Gemma 3: five sliding layers then one global one, sliding layers at RoPE base 10000
+            # without scaling, softmax scale 1/sqrt(head_dim) except the 27B model (62 layers): sqrt(D/H)
+            pattern = meta.get("attention.sliding_window_pattern")
+            if isinstance(pattern, list):
+                types = [SLIDING if on else FULL for on in pattern]
+            else:
+                types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers)]
+            kw.update(
+                hidden_act="gelu_pytorch_tanh", qk_norm=True, layer_types=tuple(types),
+                sliding_window=int(meta["attention.sliding_window"]),
+                rope_local_theta=float(meta.get("rope.freq_base_swa", 10000.0)),
+                query_pre_attn_scalar=float(hidden // heads if n_layers == 62 else head_dim),
+                final_logit_softcapping=meta.get("final_logit_softcapping"),
+            )  # fmt: skip
+        elif "attention.sliding_window" in meta:
+            raise UnsupportedModelError(
+                f"{self.path}: GGUF key {arch}.attention.sliding_window is not supported for {arch}"
+            )
+        if arch == "qwen3":
+            kw["qk_norm"] = True
         return ModelConfig(
-            arch=arch,
+            arch=GGUF_ARCHITECTURES[arch],
             vocab_size=int(vocab),
             hidden_size=hidden,
-            num_hidden_layers=int(self._meta("block_count")),
+            num_hidden_layers=n_layers,
             num_attention_heads=heads,
-            num_key_value_heads=int(self._meta("attention.head_count_kv", heads)),
-            head_dim=int(self._meta("attention.key_length", hidden // heads)),
-            intermediate_size=int(self._meta("feed_forward_length")),
-            rope_theta=float(self._meta("rope.freq_base", 10000.0)),
-            rms_norm_eps=float(self._meta("attention.layer_norm_rms_epsilon", 1e-6)),
-            max_position_embeddings=int(self._meta("context_length", 4096)),
+            num_key_value_heads=int(meta.get("attention.head_count_kv", heads)),
+            head_dim=head_dim,
+            intermediate_size=int(meta["feed_forward_length"]),
+            rope_theta=float(meta.get("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            rms_norm_eps=float(meta.get("attention.layer_norm_rms_epsilon", 1e-6)),
+            max_position_embeddings=int(meta.get("context_length", 4096)),
             tie_word_embeddings="output.weight" not in names,
             attention_bias="blk.0.attn_q.bias" in names,
-            bos_token_id=None if bos is None else int(bos),
+            bos_token_id=bos,
             eos_token_id=() if eos is None else (int(eos),),
+            **kw,
         )
+
+    def _tok_id(self, key: str) -> int | None:
+        field = self.reader.fields.get(f"tokenizer.ggml.{key}")
+        return None if field is None else int(_field_value(field))
 
     def names(self) -> list[str]:
         """HF names of every tensor in the file."""
@@ -211,7 +286,19 @@ class GGUFCheckpoint:
         if c.arch in ("llama", "mistral") and re.search(r"self_attn\.[qk]_proj\.(weight|bias)$", name):
             heads = c.num_attention_heads if ".q_proj." in name else c.num_key_value_heads
             rows = _unpermute_rows(heads, shape[0])
-        return GGUFWeight(name, shape, t.tensor_type, t, rows)
+        offset = -1.0 if c.arch == "gemma3" and name.endswith("norm.weight") else 0.0
+        return GGUFWeight(name, shape, t.tensor_type, t, rows, offset)
+
+
+# `{arch}.*` GGUF keys the reader implements (config above); any other is refused
+_GGUF_KEYS = frozenset(
+    """context_length embedding_length block_count feed_forward_length vocab_size attention.head_count
+    attention.head_count_kv attention.key_length attention.value_length attention.layer_norm_rms_epsilon
+    rope.freq_base rope.freq_base_swa rope.dimension_count rope.scaling.type rope.scaling.factor
+    rope.scaling.original_context_length rope.scaling.finetuned attention.sliding_window
+    attention.sliding_window_pattern final_logit_softcapping attn_logit_softcapping""".split()
+)
+_GGUF_FIXED = {"attn_logit_softcapping": None}  # present only with values the reader refuses
 
 
 def _field_value(field: Any) -> Any:

