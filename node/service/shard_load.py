@@ -26,7 +26,7 @@ from edgeshard.node.model.executor import ShardExecutor
 from edgeshard.node.service.ring import LAST, LoadedShard, RingNode
 from edgeshard.node.weights.cache import SliceCache
 from edgeshard.node.weights.checkpoint import CheckpointError, open_checkpoint
-from edgeshard.node.weights.loader import checkpoint_quant, load_stage, stage_weight_bytes
+from edgeshard.node.weights.loader import checkpoint_quant, load_stage, stage_tensor_count, stage_weight_bytes
 from edgeshard.node.weights.model_dir import resolve_in_model_dir
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire.tensors import WireError, invalid
@@ -56,11 +56,6 @@ def release_free_memory() -> None:
             _LIBC = False
     if _LIBC:
         _LIBC.malloc_trim(0)
-
-
-def tensors_in_stage(spec: ShardSpec) -> int:
-    """How many tensors `load_stage` materializes for `spec` (7 linears + 2 norms a layer, embedding, head)."""
-    return 9 * (spec.end_layer - spec.start_layer) + (1 if spec.is_first else 0) + (2 if spec.is_last else 0)
 
 
 def check_request(req: pb.LoadShardRequest) -> None:
@@ -107,7 +102,7 @@ async def load_shard(
             stages=req.stages,
         )
         await node.install(shard)  # ends the old plan's sessions and stream, as a reload would
-        total = tensors_in_stage(held.spec)
+        total = 1
         yield pb.LoadProgress(
             stage="ready", tensors_done=total, tensors_total=total, done=True, shard=shard.info()
         )
@@ -131,7 +126,7 @@ async def load_shard(
                 f"layers {spec.start_layer}-{spec.end_layer - 1} of {n}: next_hop must be "
                 f"{LAST!r} exactly when the shard ends at the last layer"
             )
-        total = tensors_in_stage(spec)
+        total = stage_tensor_count(ckpt.config, spec)  # exact for every family (fused, experts, norms)
         loop = asyncio.get_running_loop()
         progress: asyncio.Queue = asyncio.Queue()
         done = [0, 0]
