@@ -57,6 +57,7 @@ COVERED = {
         "--http",
     ): "tests/test_serve_cluster.py::test_cluster_command_serves_http_and_stops_on_sigint",
     ("secret", "id"): "tests/test_doc_examples.py::test_examples_that_run_here_run_as_written",
+    ("top", ""): "tests/test_top.py::test_top_once_against_a_server",
 }
 RUN_HERE = ("--local", "models", "secret", "--help", "--version")  # run as written (cluster: see below)
 
@@ -66,7 +67,8 @@ def examples() -> list[tuple[str, list[str]]]:
     found = []
     for doc in DOCS:
         text = doc.read_text(encoding="utf-8")
-        for block in re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S):
+        # shell blocks only (```text blocks show output)
+        for block in re.findall(r"```(?:bash|sh|shell|console)?\n(.*?)```", text, flags=re.S):
             joined = re.sub(r"\\\n\s*", " ", block)  # continuation lines
             for line in joined.splitlines():
                 line = line.strip()

@@ -75,7 +75,7 @@ def test_metrics_wants_the_api_key(api_server):
     app = build_app(api_server.served.engine, HttpSecurity(api_key="sesame"))
     from fastapi.testclient import TestClient
 
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:  # a Host this server answers to
         assert client.get("/metrics").status_code == 401
         assert client.get("/metrics", headers={"Authorization": "Bearer nope"}).status_code == 401
         ok = client.get("/metrics", headers={"Authorization": "Bearer sesame"})
