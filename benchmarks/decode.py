@@ -11,7 +11,7 @@ prompt token ids (the first --prompt-tokens tokens of tests/data/perplexity.txt)
 ignored so each run generates exactly --tokens tokens:
 
   edgeshard    the path `edgeshard run --local` takes: coordinator.generate over LocalPipeline/ShardExecutor
-               (node/executor.py) on one stage of all layers, in each --formats (int4 is the GGUF's default)
+               (node/model/executor.py) on one stage of all layers, in each --formats (int4 is the GGUF's default)
   transformers AutoModelForCausalLM from the same GGUF, float32, model.generate() with a timing streamer
   llama-bench  a llama.cpp build's own benchmark binary, given by --llama-bench PATH or $LLAMA_BENCH: one
                `llama-bench -m GGUF -t THREADS -p 0 -n TOKENS -d PROMPT -r 1 -o json` per repeat, interleaved

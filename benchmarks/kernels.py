@@ -1,7 +1,7 @@
 """Micro-benchmark of the linear-layer kernels a node can run, on the shapes of the demo model.
 
 Prints a table of milliseconds per call (median over repeats, 1 thread) and writes the same figures to
-benchmarks/results/kernels.json. Used to choose the kernels behind `node/quant.py`:
+benchmarks/results/kernels.json. Used to choose the kernels behind `node/lowbit/layers.py`:
 
     python benchmarks/kernels.py            # SmolLM2-135M shapes + 2048x2048, batch 1 and 8
     python benchmarks/kernels.py --quick    # fewer repeats (CI smoke)
@@ -16,10 +16,10 @@ Kernels (weights random; only speed is measured here, accuracy lives in tests/te
   fbgemm_int8   torch.ops.quantized.linear_dynamic: int8 per-channel weights, activations quantized to
                 uint8 per call (fp32 in/out); x86-only (ARM boards get qnnpack instead)
   int4pack      torch._weight_int4pack_mm_for_cpu: 4-bit weights, group 32 bf16 scale+zero, bf16 activations
-  amx_int8      node/csrc/lowbit.c on AMX (what int8 layers run where native.amx()): same int8 format
-  amx_int4      node/csrc/lowbit.c on AMX: 4-bit weights, group 32 float32 scale+min, bf16 activations
-                (both columns only on CPUs with AMX-BF16; see node/native.py)
-  dot_int8      node/csrc/dot.c in the process's kernel set (AVX2, AVX-512, NEON; EDGESHARD_KERNELS forces
+  amx_int8      node/lowbit/csrc/lowbit.c on AMX (what int8 layers run where native.amx()): same int8 format
+  amx_int4      node/lowbit/csrc/lowbit.c on AMX: 4-bit weights, group 32 float32 scale+min, bf16 activations
+                (both columns only on CPUs with AMX-BF16; see node/lowbit/native.py)
+  dot_int8      node/lowbit/csrc/dot.c in the process's kernel set (AVX2, AVX-512, NEON; EDGESHARD_KERNELS forces
   dot_int4      one): the same formats, input rows quantized to int8 per 32, integer dot products
 """
 
@@ -106,7 +106,9 @@ def _make_kernels(in_f: int, out_f: int, batch: int) -> dict[str, Callable[[], o
         codes8, (codes4, params4) = native.pack_int8(q8), native.pack_int4(q4, scale, lo)
         kernels["amx_int8"] = lambda: native.int8_mm(x16, codes8, s8_16)
         kernels["amx_int4"] = lambda: native.int4_mm(x16, codes4, params4, out_f)
-    elif native.available():  # the dot-product kernels of node/csrc/dot.c, in the set this process uses
+    elif (
+        native.available()
+    ):  # the dot-product kernels of node/lowbit/csrc/dot.c, in the set this process uses
         name = native.kernel_set()
         pad = torch.zeros(native.padded(out_f) - out_f, in_f, dtype=q8.dtype)
         dot8 = native.pack_dot_int8(torch.cat([q8, pad]))

@@ -7,7 +7,7 @@ while idle (the planner sees the median of their last 5 runs: on a shared machin
 node's speed). Then:
 
   1. the planner's plan (objective latency) and the even split over all three nodes, both predicted by the
-     same cost model from the same inputs (coordinator/planner.py);
+     same cost model from the same inputs (coordinator/placement/planner.py);
   2. both deployed and run in turns (auto, even, auto, even, ...: load from other work on the machine hits
      both alike), each run a greedy generation of `--tokens` tokens after a fixed prompt;
   3. reported per plan (median over runs): predicted and measured decode tok/s and their ratio, and per stage

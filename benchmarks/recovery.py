@@ -14,7 +14,7 @@ re-split the layers (both load), and the three-node ring is deployed again befor
 weights): the recovery then loads nothing and kill to next token is detection + replay.
 
 Reported per trial: kill -> next token (what the user waits, measured where the tokens arrive), and the parts
-of the recovery (coordinator/recovery_log.py): detect (probing), re-plan, load, replay, pause (first sign ->
+of the recovery (coordinator/recovery/log.py): detect (probing), re-plan, load, replay, pause (first sign ->
 serving again). For scale: the cold load of one 10-layer shard when the ring was first deployed, and one
 normal decode step. Every interrupted output is compared with an uninterrupted run. Writes
 benchmarks/results/recovery.json.

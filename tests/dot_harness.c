@@ -1,4 +1,4 @@
-/* A standalone check of node/csrc/dot.c for one instruction set: the int4 and int8 kernels against a scalar
+/* A standalone check of node/lowbit/csrc/dot.c for one instruction set: the int4 and int8 kernels against a scalar
  * model of the same arithmetic (bit for bit), rows alone vs batched, and es_decode_stage's rows alone vs
  * batched (bit for bit, 1 vs 2 threads). Prints "<isa>: ok" and exits 0, or lists mismatches and exits 1.
  *

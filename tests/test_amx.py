@@ -1,4 +1,4 @@
-"""The AMX low-bit layers (node/amx.py over node/csrc/lowbit.c), against exact references.
+"""The AMX low-bit layers (node/lowbit/amx.py over node/lowbit/csrc/lowbit.c), against exact references.
 
 Skipped on CPUs without AMX-BF16 (the layers are not used there); the fallback test runs everywhere.
 """
@@ -146,7 +146,7 @@ def test_fallback_without_native_kernels() -> None:
     assert (int8_cls, int4_cls) == ("Int8Linear", "Int4Linear")
 
 
-# --- decode rows through the whole stage in one native call (node/fused.py, node/csrc/decode.c) -----------
+# --- decode rows through the whole stage in one native call (node/model/fused.py, node/lowbit/csrc/decode.c) -----------
 
 
 @pytest.fixture(scope="module")

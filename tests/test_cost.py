@@ -1,4 +1,4 @@
-"""node/cost.py predicts the bytes node/quant.py and node/loader.py really allocate."""
+"""node/model/cost.py predicts the bytes node/lowbit/layers.py and node/weights/loader.py really allocate."""
 
 from __future__ import annotations
 

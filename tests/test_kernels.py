@@ -1,4 +1,4 @@
-"""The integer dot-product kernels (node/csrc/dot.c via node/kernels.py) on every kernel set this machine
+"""The integer dot-product kernels (node/lowbit/csrc/dot.c via node/lowbit/kernels.py) on every kernel set this machine
 runs, each forced through EDGESHARD_KERNELS: against exact references, and batch invariance from the
 kernel up to eight concurrent greedy sequences through ShardExecutor.
 
@@ -208,7 +208,7 @@ def test_the_switch_picks_and_refuses_kernel_sets() -> None:
     assert name == "torch" and "torch kernels" in status and impossible in status
 
 
-# --- whole-stage decode (node/fused.py over dot.c's es_decode_stage) and sequences ---------------------------
+# --- whole-stage decode (node/model/fused.py over dot.c's es_decode_stage) and sequences ---------------------------
 
 
 @pytest.fixture(scope="module")

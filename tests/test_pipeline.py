@@ -25,7 +25,7 @@ torch.set_num_threads(1)  # the nodes run 1 thread each; the reference must too 
 
 MAX_TOKENS = 48
 # f32 shards: a bf16/int4 stage rounds its f32 residual stream to bf16 where it hands over to the next stage
-# (node/model.py, by design: half the bytes on the wire), so only f32 splits are bit-identical to one stage.
+# (node/model/decoder.py, by design: half the bytes on the wire), so only f32 splits are bit-identical to one stage.
 QUANT = "f32"
 PROMPTS = [  # (text, chat)
     ("The capital of France is", False),

@@ -1,4 +1,4 @@
-"""Low-bit layers of node/quant.py (torch kernels), checked on real tensors of the SmolLM2-135M Q4_1 GGUF.
+"""Low-bit layers of node/lowbit/layers.py (torch kernels), checked on real tensors of the SmolLM2-135M Q4_1 GGUF.
 
 The GGUF comes from the shared `smollm2_path` fixture (tests/conftest.py); EDGESHARD_TEST_GGUF overrides it.
 """
@@ -49,7 +49,7 @@ class Src:
 
 @pytest.fixture(autouse=True)
 def torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests cover the torch-kernel layers; tests/test_amx.py covers the AMX ones (node/amx.py)."""
+    """These tests cover the torch-kernel layers; tests/test_amx.py covers the AMX ones (node/lowbit/amx.py)."""
     monkeypatch.setattr(factory, "_amx_kernels", lambda: False)
 
 

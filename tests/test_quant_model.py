@@ -43,7 +43,7 @@ pytestmark = pytest.mark.slow  # each test loads whole models of the real checkp
 
 TEXT = Path(__file__).parent / "data" / "perplexity.txt"  # an original ~640-word English passage
 NEAR_TIE = 0.25  # float32 top-2 margins (logits) below this are near-ties in bf16 (module docstring)
-# The dot-product kernels of CPUs without AMX (node/csrc/dot.c) quantize activations to int8 per 32, as
+# The dot-product kernels of CPUs without AMX (node/lowbit/csrc/dot.c) quantize activations to int8 per 32, as
 # llama.cpp does: measured int4 logits 4.2% from f32 where the bf16 model is 1.3% (torch's and the AMX
 # kernels: 1.2-2.0%). Their bounds below are widened by these factors; perplexity keeps its bounds.
 DOT = native.kernel_set() not in ("amx", "torch")

@@ -55,7 +55,7 @@ def aio():
 @pytest.fixture(scope="module")
 def cluster(smollm2_path):
     """Five nodes (three stages, two spares). Restarts run on one long-lived thread: a node gets SIGTERM
-    when the thread that started it ends (the parent-death signal, see coordinator/cluster.py)."""
+    when the thread that started it ends (the parent-death signal, see coordinator/sdk/local_nodes.py)."""
     args = ["--no-benchmark", "--memory-limit", LIMIT]
     with LocalNodes(5, model_dir=smollm2_path.parent, name="rec", node_args=args) as c:
         c.restarter = ThreadPoolExecutor(1, thread_name_prefix="restarter")
@@ -277,7 +277,7 @@ def test_a_hung_node_is_found_by_the_deadline(aio, cluster, smollm2_path, prompt
 
 def test_every_sequence_in_flight_is_replayed_and_new_ones_wait(aio, cluster, smollm2_path):
     # short prompts: every batch stays under 24 rows, where a batched row computes exactly as a lone one
-    # (int4/int8 kernels switch to a dense matmul for more rows, node/quant.py), so concurrent sequences
+    # (int4/int8 kernels switch to a dense matmul for more rows, node/lowbit/layers.py), so concurrent sequences
     # must match their runs alone
     from edgeshard.node.weights.tokenizer import Tokenizer
 

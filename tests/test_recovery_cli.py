@@ -2,7 +2,7 @@
 
 `edgeshard run --peers ... --json`: with no spare, the two survivors re-split the layers, load them, replay
 the sequence and finish it; `recoveries` in the summary says so. f32 shards: moving a layer boundary is
-bit-exact only in f32 (bf16/int4 round the residual stream where a stage hands over, node/model.py), and an
+bit-exact only in f32 (bf16/int4 round the residual stream where a stage hands over, node/model/decoder.py), and an
 f32 split generates exactly what one process does (test_pipeline).
 
 `serve --discover` over HTTP: the planner re-places the layers over the nodes mDNS knows (127.0.0.1 only, a

@@ -6,7 +6,7 @@ import torch
 
 
 class FloatSrc:
-    """A float weight as a WeightSource (node/checkpoint.py): what a safetensors checkpoint hands the loader,
+    """A float weight as a WeightSource (node/weights/checkpoint.py): what a safetensors checkpoint hands the loader,
     no GGUF blocks."""
 
     def __init__(self, w: torch.Tensor, name: str = "w") -> None:

@@ -1,12 +1,12 @@
 """Finding nodes: the `Discovery` seam and its mDNS implementation, a live membership table.
 
 `ZeroconfDiscovery` browses `_edgeshard._tcp.local.` on the chosen interfaces, confirms every announced node
-over gRPC GetInfo (coordinator/members.py: TXT is only a hint), and keeps a table that changes by events:
+over gRPC GetInfo (coordinator/discovery/members.py: TXT is only a hint), and keeps a table that changes by events:
 `join` (first confirmed), `update` (its record or info changed), `leave` (mDNS goodbye, or two failed health
 checks in a row for a node that vanished without one). `StaticDiscovery` (--peers) is the manual fallback.
 
 With a cluster key, nothing a stranger sends on mDNS removes a verified member (issue #20): an advert without
-a valid proof for that instance name, port and address (node/advert_proof.py), or older than one already
+a valid proof for that instance name, port and address (node/security/advert_proof.py), or older than one already
 accepted, is a stranger's and leaves the table alone; a goodbye (which cannot be signed) only makes the
 coordinator check the member, which leaves when it stops answering - at once when it really stopped.
 """
@@ -93,7 +93,7 @@ class ZeroconfDiscovery:
 
     Only nodes announcing `cluster` are considered (None: every cluster); others are kept in `ignored`.
     With a cluster key (`security`; None: this process's), adverts without a valid membership proof
-    (node/advert_proof.py) are strangers: kept in `strangers`, logged once each, and never dialled.
+    (node/security/advert_proof.py) are strangers: kept in `strangers`, logged once each, and never dialled.
     """
 
     def __init__(

@@ -160,7 +160,7 @@ async def deploy(
 
     `model_ref` is what each node opens: a name relative to its --model-dir, or a registry name. `specs`
     (one per address, e.g. `Plan.specs()` of the planner) replaces the even split. `security`: the cluster
-    key or INSECURE for the channels (None: this process's, see node/security.py). `source`: the GGUF file
+    key or INSECURE for the channels (None: this process's, see node/security/channels.py). `source`: the GGUF file
     this process holds for `model_ref`; nodes that lack the model get their stage's tensors shipped from it
     (None: the file given for `model_ref` before in this process, else nothing is shipped).
 

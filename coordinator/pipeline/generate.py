@@ -20,7 +20,7 @@ from edgeshard.node.model.executor import LocalPipeline
 from edgeshard.node.model.sampling import SamplingParams
 
 # Prompt tokens sent in one step; longer prompts go in several. A node batches at most one chunk with the
-# decode steps of the other sequences (node/batching.py), so the chunk bounds how long a prompt stalls them.
+# decode steps of the other sequences (node/service/batching.py), so the chunk bounds how long a prompt stalls them.
 # Engine(prefill_chunk=...) and `serve --prefill-chunk` set it per server.
 PREFILL_CHUNK = 128
 

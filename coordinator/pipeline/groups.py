@@ -2,7 +2,7 @@
 
 With S sequences on an N-node ring, throughput is best when the sequences travel as N groups of S/N: every
 node computes one group at a time (pipeline parallelism) and each group is one batched forward (continuous
-batching, node/batching.py). Left to themselves, sequences drift: they start at different times (their
+batching, node/service/batching.py). Left to themselves, sequences drift: they start at different times (their
 prompts are prefilled one chunk per batch) and pass the nodes one or two at a time, paying a forward's fixed
 cost for each. `StepGroups` puts each sequence in the smallest of N groups when it starts decoding, and sends
 a group's decode steps as one burst once every member has its next step ready: members come back from the

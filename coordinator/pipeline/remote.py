@@ -11,7 +11,7 @@ their session with a `ClusterError` naming the node and what went wrong.
 A non-final prefill chunk (sample=False) is not waited for: the next chunk follows at once, so chunks
 overlap across nodes; its acknowledgement is checked before the session's next sampled step returns.
 
-Many sessions run at once: their decode steps go out in one group per node (coordinator/groups.py), so each
+Many sessions run at once: their decode steps go out in one group per node (coordinator/pipeline/groups.py), so each
 node computes one group's steps in one batched forward while the others compute the other groups.
 """
 
@@ -118,7 +118,7 @@ class RemotePipeline:
             await self._write(msg)
             self.unchecked.setdefault(session_id, []).append(fut)
             return None
-        if len(tokens) == 1:  # a decode step: it goes out with its group (coordinator/groups.py)
+        if len(tokens) == 1:  # a decode step: it goes out with its group (coordinator/pipeline/groups.py)
             fut = self._expect(session_id, start)
             self.groups.submit(session_id, msg)
             result = await fut

@@ -3,7 +3,7 @@
 A `StageClient` is what the ring driver needs from a node: its info, loading a shard, the Forward stream (to
 the first node) and the Results stream (from the last one). `GrpcStageClient` speaks the edgeshard.v1
 protocol; connection failures become `NodeUnavailableError` naming the address, which the CLI prints as one
-line. Channels are TLS with per-call membership tokens (node/security.py); a node of another cluster (or
+line. Channels are TLS with per-call membership tokens (node/security/channels.py); a node of another cluster (or
 with a stale key) is a `NotAMemberError`. `metadata` is sent on every call.
 """
 
@@ -171,7 +171,7 @@ async def connect(
     addresses: Sequence[str], metadata: Sequence[tuple[str, str]] = (), security: Security | None = None
 ) -> tuple[list[GrpcStageClient], list[pb.NodeInfo]]:
     """Clients for `addresses` and their GetInfo, all at once; NodeUnavailableError for the first unreachable.
-    `security`: the cluster key or INSECURE (None: this process's, node/security.py)."""
+    `security`: the cluster key or INSECURE (None: this process's, node/security/channels.py)."""
     clients = [GrpcStageClient(a, metadata, security) for a in addresses]
     results = await asyncio.gather(*(c.info() for c in clients), return_exceptions=True)
     errors = [r for r in results if isinstance(r, BaseException)]

@@ -3,10 +3,10 @@
 Cost model (one decode step of one sequence, all in ms):
 
     stage compute   SERVING_FACTOR x (step_overhead + layers * layer_ms (+ embed on the first, + head and
-                    sampling on the last)), from each node's benchmark (node/capability.py) and the model's
-                    per-layer bytes (node/cost.py); layer_ms = overhead + bytes / weight rate + KV read at
+                    sampling on the last)), from each node's benchmark (node/presence/capability.py) and the model's
+                    per-layer bytes (node/model/cost.py); layer_ms = overhead + bytes / weight rate + KV read at
                     POSITION
-    hops            the coordinator measures only its own round trip to each node (coordinator/links.py), so
+    hops            the coordinator measures only its own round trip to each node (coordinator/placement/links.py), so
                     links are modelled as a star through the LAN switch: a hop a->b costs HOP_RTT x (rtt_a +
                     rtt_b)/2, the hops to the first and from the last node HOP_RTT x rtt. Summed over a ring of
                     k nodes that is HOP_RTT x (sum(rtt_i) + rtt_first/2 + rtt_last/2) (+ activation bytes /

@@ -5,7 +5,7 @@ asks for a 256 KiB reply gives the bandwidth (its extra time over an empty call)
 link test send no payload; their bandwidth is then assumed (`DEFAULT_MBPS`, a 100 Mbit/s LAN).
 
 The planner needs node-to-node links too, which the coordinator cannot see. It assumes a LAN switch (star):
-every hop costs the two ends' share of their round trips to the coordinator (see coordinator/planner.py).
+every hop costs the two ends' share of their round trips to the coordinator (see coordinator/placement/planner.py).
 """
 
 from __future__ import annotations

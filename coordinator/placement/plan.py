@@ -1,7 +1,7 @@
 """The placement plan as a value: printed, compared, serialized (msgpack/JSON), and deployed.
 
 A `Plan` says which node runs which contiguous layer range and what the planner predicts for it. It is made
-by coordinator/planner.py and consumed by `deploy()` (coordinator/remote_run.py) through `addresses()` and
+by coordinator/placement/planner.py and consumed by `deploy()` (coordinator/pipeline/deploy.py) through `addresses()` and
 `specs()`; nothing in it refers to live objects, so a plan can be stored, sent, and diffed.
 """
 

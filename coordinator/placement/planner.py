@@ -1,6 +1,6 @@
 """Placement: which nodes run which contiguous layer ranges, chosen to minimise predicted time per token.
 
-The cost of a placement is coordinator/cost_model.py's; this module searches for the best one.
+The cost of a placement is coordinator/placement/cost_model.py's; this module searches for the best one.
 
 Search: under this model a stage's cost depends only on its node and layer count, and on whether it is the
 first or the last stage; the order of the middle nodes changes nothing. So the planner tries every (first,

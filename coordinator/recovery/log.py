@@ -1,6 +1,6 @@
 """The values of failure recovery: its policy (deadlines), each session's history, and each recovery's record.
 
-`ResilientPipeline` (coordinator/recovery.py) uses them; `/v1/cluster` and `run --json` report the records.
+`ResilientPipeline` (coordinator/recovery/resilient.py) uses them; `/v1/cluster` and `run --json` report the records.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ running plan), asks the live ones for GetInfo, and takes the first of these that
 
 1. replace: every stage whose node is lost goes to an idle live node (a spare, a node the planner left out,
    one that restarted) that can hold it; surviving stages keep their layers. A node asked to load the shard
-   it holds only takes the new plan id (node/shard_load.py), so only the replacements load, and the numbers
+   it holds only takes the new plan id (node/service/shard_load.py), so only the replacements load, and the numbers
    stay bit-identical to the uninterrupted run in every weight format. A node that restarted at the address
    of its stage simply takes its stage again.
 2. re-split over every live node: an even split in candidate order when `even` (what --peers without
@@ -13,7 +13,7 @@ running plan), asks the live ones for GetInfo, and takes the first of these that
    every live node at least one layer and fit its memory (`split_over_all`). Every survivor keeps working:
    the planner alone, optimising latency on a cost model without contention, put all 30 layers on one of
    two survivors, leaving the other idle and its memory unused;
-3. plan: the planner's best placement over the live nodes (coordinator/planner.py), when no split over all
+3. plan: the planner's best placement over the live nodes (coordinator/placement/planner.py), when no split over all
    of them fits (it may leave nodes out, saying why);
 4. nothing fits: `CapacityError`, naming the nodes left, the memory missing and the node to add.
 
@@ -23,7 +23,7 @@ as a re-split would make it, against the running plan evaluated on the same node
 `REBALANCE_GAIN`.
 
 Only a re-split or a new plan moves layer boundaries; in bf16/int4 a boundary rounds the residual stream to
-bf16 (node/model.py), so only f32 shards are then bit-identical to the uninterrupted run.
+bf16 (node/model/decoder.py), so only f32 shards are then bit-identical to the uninterrupted run.
 """
 
 from __future__ import annotations

@@ -3,14 +3,14 @@
     pipe = ResilientPipeline(deployment, await deployment.pipeline(), replanner, model_ref="smollm2-135m")
     async for token in generate(pipe, seq): ...   # a node dies: a pause and one log line, the same tokens
 
-On top of `RemotePipeline` (coordinator/remote.py) it keeps, per session, the sampling parameters (an
+On top of `RemotePipeline` (coordinator/pipeline/remote.py) it keeps, per session, the sampling parameters (an
 unseeded sampler gets its seed here, so a replay draws what the first run drew) and every token fed
 (`SessionHistory`), and runs every call under a deadline:
 
-- failure: a call's error, or its deadline passing, makes it probe the plan's nodes (coordinator/watchdog.py).
+- failure: a call's error, or its deadline passing, makes it probe the plan's nodes (coordinator/recovery/watchdog.py).
   A node that is down or restarted is a failure at once, a silent one after `hang_s`; broken streams are
   failures too. An error a node gave for the request itself (bad input, KV memory full) is the caller's.
-- recovery, once per failed plan however many sessions notice: re-place (coordinator/replan.py), load with a
+- recovery, once per failed plan however many sessions notice: re-place (coordinator/recovery/replan.py), load with a
   new plan id (the epoch that fences off the old plan's messages; survivors keep their weights), replay every
   session (open, then its history call by call, as it was fed), and let the failed calls retry. Calls
   arriving meanwhile wait (at most `wait_s`).
@@ -69,7 +69,7 @@ class ResilientPipeline:
         self.replanner, self.model_ref, self.quant = replanner, model_ref, quant
         self.num_layers = replanner.cost.num_layers
         self.policy = policy or RecoveryPolicy()
-        # every call runs under its deadline; probes judge failures (coordinator/watchdog.py)
+        # every call runs under its deadline; probes judge failures (coordinator/recovery/watchdog.py)
         self.watchdog = Watchdog(
             self.policy, lambda: ({e["address"]: e["node"] for e in self.deployment.plan}, self.epoch)
         )
@@ -334,7 +334,7 @@ class ResilientPipeline:
     async def _replay(self, session: SessionHistory, pipe, epoch: int) -> None:
         """Open `session` on `pipe` and feed its history again, call by call as it was fed (the same shapes
         compute the same KV cache, bit for bit). Only the last call is awaited: the others stream through
-        the ring back to back, one per batch on every node (node/batching.py)."""
+        the ring back to back, one per batch on every node (node/service/batching.py)."""
         await self._guard(pipe.open(session.session_id, session.sampling, session.max_len), 0)
         calls, token = session.replay_calls(), None
         for i, (start, chunk) in enumerate(calls):

@@ -6,7 +6,7 @@
 - an error a node gave about the request itself (bad input, KV memory full: `about_the_request`) is raised
   as is: another ring would refuse it alike;
 - any other error (a broken stream, UNAVAILABLE, a node that restarted) is a `NodeFailure` naming the nodes
-  that one round of probes finds down, stale or silent (coordinator/liveness.py);
+  that one round of probes finds down, stale or silent (coordinator/recovery/liveness.py);
 - no result within the deadline (`RecoveryPolicy.deadline(rows)`): the nodes are probed. Down or stale ones
   are a failure at once, silent ones after `hang_s` (a node busy with a long step answers Health late); while
   every node answers it waits on, up to `max_step_s` (then the step was lost);

@@ -10,7 +10,7 @@ moves token ids, starts in a second, needs no port handshake, and a notebook ker
 (`cluster.engine`). `nodes=0` runs every layer in this process instead (no node processes).
 
 Security: the node processes get an ephemeral cluster key (unless this process configured one, see
-node/security.py), so their gRPC traffic is TLS with membership tokens from the first run; `api_key`
+node/security/channels.py), so their gRPC traffic is TLS with membership tokens from the first run; `api_key`
 makes the HTTP API want a bearer token.
 
 No orphans: `stop()` runs on `with` exit, on errors while starting, and at interpreter exit (atexit); the node

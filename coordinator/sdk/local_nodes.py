@@ -61,7 +61,7 @@ class LocalNodes:
             raise ClusterError(f"{len(self.model_dirs)} model directories for {n} nodes; give one per node")
         self._tmp = None if log_dir else tempfile.TemporaryDirectory(prefix="edgeshard-cluster-")
         self.log_dir = Path(log_dir or self._tmp.name)
-        # the cluster key of these nodes: the one configured, else an ephemeral one (node/security.py)
+        # the cluster key of these nodes: the one configured, else an ephemeral one (node/security/channels.py)
         self.security = security if security is not None else for_local_nodes()
         self.key_file: Path | None = None  # the key as a file (0600, in log_dir) for nodes and CLI runs
         if isinstance(self.security, ClusterKey):

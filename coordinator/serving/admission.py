@@ -7,7 +7,7 @@ cannot run at once waits in a FIFO queue: a large request at the head is not ove
 The engine bounds the queue (`max_queued`) and answers 429 beyond it.
 
 Reserving the whole `max_len` up front is what lets a sequence that was admitted finish without running out
-of memory mid-generation (the nodes reserve the same when the session opens, node/executor.py); the price is
+of memory mid-generation (the nodes reserve the same when the session opens, node/model/executor.py); the price is
 that a request asking for many tokens holds their memory from the start.
 """
 

@@ -213,7 +213,7 @@ def deployment_engine(
 ) -> Served:
     """An engine over a started RemotePipeline on a `pipeline.deploy.Deployment` (nodes with shards loaded).
 
-    The engine survives nodes dying (coordinator/recovery.py): it re-places the layers over `candidates`
+    The engine survives nodes dying (coordinator/recovery/resilient.py): it re-places the layers over `candidates`
     (addresses, or a coroutine function returning them; default: the deployment's nodes). `close` closes
     the pipeline's streams and what recoveries deployed, not the deployment (whoever deployed it closes it).
     """

@@ -8,12 +8,12 @@
 `submit` does everything that can refuse a request before any work starts (model name, tokenizing, context
 length, admission), so the HTTP layer can still answer with a status code. Each admitted request runs as its
 own task that owns one `Sequence` and drives `generate()` on the shared pipeline; several tasks interleave on
-the pipeline, and the nodes batch their concurrent steps (continuous batching, node/batching.py). The consumer reads events from a queue; when it goes away (client
+the pipeline, and the nodes batch their concurrent steps (continuous batching, node/service/batching.py). The consumer reads events from a queue; when it goes away (client
 disconnect, cancellation) the task is cancelled once, and `generate()`'s finally closes the session on every
 stage. A plain asyncio task is used on purpose: anyio cancel scopes (Starlette's) re-cancel every await, which
 would cut that close short.
 
-Admission (coordinator/admission.py): at most `max_running` sequences on the pipeline, and with
+Admission (coordinator/serving/admission.py): at most `max_running` sequences on the pipeline, and with
 `kv_capacity` (KV positions the nodes' budgets hold) at most that many positions reserved (prompt +
 max_tokens each); `max_queued` more wait in arrival order; beyond that `ClusterBusyError` (HTTP 429).
 """

@@ -1,11 +1,11 @@
-"""Int4 and int8 linear layers on the node's AMX kernels (node/native.py, node/csrc/lowbit.c).
+"""Int4 and int8 linear layers on the node's AMX kernels (node/lowbit/native.py, node/lowbit/csrc/lowbit.c).
 
 Same math as `quant.Int4Linear` / `quant.Int8Linear` (w = q * scale + min per group of 32; w = q * scale per
 row), so they subclass them and `isinstance` checks, `weight_format` and shard metadata treat them alike;
 they differ in layout (AMX B-tile blocks of 16 output rows x 32 inputs, see lowbit.c) and in cost: one
 call handles any row count, and 8 rows cost ~1.2x one row instead of ~4x (`python benchmarks/kernels.py`).
 
-`quant.make_linear` builds these when `native.amx()`; on a CPU without AMX it builds node/kernels.py's
+`quant.make_linear` builds these when `native.amx()`; on a CPU without AMX it builds node/lowbit/kernels.py's
 dot-product layers, and with EDGESHARD_NATIVE=0 (or no usable kernel set) the torch-kernel layers. Int4
 scale and min are float16 here (GGUF's own field type: Q4_0 and Q4_1 exact), where the torch kernel rounds
 them to bf16.

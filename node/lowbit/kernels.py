@@ -1,9 +1,9 @@
-"""Int4 and int8 linear layers on the integer dot-product kernels (node/csrc/dot.c) for CPUs without AMX:
+"""Int4 and int8 linear layers on the integer dot-product kernels (node/lowbit/csrc/dot.c) for CPUs without AMX:
 x86 AVX2 / AVX-512 (VNNI) laptops and servers, ARM NEON boards (sdot where present).
 
 Same math and formats as `quant.Int4Linear` / `quant.Int8Linear` (w = q * scale + min per 32; w = q * scale
 per row), so they subclass them; `isinstance`, `weight_format` and shard metadata treat them alike. They hold
-the same bytes as the AMX layers (node/amx.py: 4-bit codes plus fp16 scale and min per 32; int8 codes plus
+the same bytes as the AMX layers (node/lowbit/amx.py: 4-bit codes plus fp16 scale and min per 32; int8 codes plus
 a bf16 row scale) in dot.c's layout, and record the kernel set that runs them (`kernel`), so a process can
 hold layers of several sets (tests force each set through EDGESHARD_KERNELS).
 

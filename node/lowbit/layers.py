@@ -147,7 +147,7 @@ class Int4Linear(_FixedFormat):
     """
 
     bits = 4
-    kernel = "torch"  # which low-bit kernels run it (shard metadata); node/amx.py's layers say "amx"
+    kernel = "torch"  # which low-bit kernels run it (shard metadata); node/lowbit/amx.py's layers say "amx"
     # From this many input rows on, forward dequantizes and runs a bf16 matmul (module docstring). Crossover
     # of `python benchmarks/kernels.py --crossover` on SmolLM2's shapes, 1 thread (AVX-512): 48-96 rows.
     dense_min_rows = 64

@@ -1,13 +1,13 @@
 """The node's own low-bit kernels, built for the CPU they run on, called via ctypes.
 
 Two families, one chosen per process at first use (`kernel_set()`):
-- "amx": node/csrc/lowbit.c + decode.c on Intel AMX (Xeon Sapphire Rapids and later). torch's int4/int8
+- "amx": node/lowbit/csrc/lowbit.c + decode.c on Intel AMX (Xeon Sapphire Rapids and later). torch's int4/int8
   CPU kernels dequantize once per input *row*, so a batched decode step of 8 sequences costs 4-5x a single
   one; lowbit.c expands each weight block once and multiplies it with up to 16 rows in one AMX instruction.
-- the integer dot-product kernels of node/csrc/dot.c for every other CPU the users have: "avx512-vnni",
+- the integer dot-product kernels of node/lowbit/csrc/dot.c for every other CPU the users have: "avx512-vnni",
   "avx512", "avx2" (x86 laptops: AVX2+FMA+F16C), "neon-dot" (Raspberry Pi 5: ARMv8.2 sdot), "neon"
   (Raspberry Pi 4). Input rows are quantized to int8 per 32 and multiplied with the weight codes by
-  integer dot products, as llama.cpp does; see dot.c for why and for the layout (node/kernels.py's layers).
+  integer dot products, as llama.cpp does; see dot.c for why and for the layout (node/lowbit/kernels.py's layers).
 
 Each variant is compiled from the same source with explicit ISA flags (never -march=native: one install
 serves every CPU of its architecture, and none is handed an instruction it lacks) when edgeshard is
@@ -257,9 +257,9 @@ def amx() -> bool:
 def status() -> str:
     """One line for diagnostics: which low-bit kernels this process uses, and why."""
     if (name := kernel_set()) == "amx":
-        return "AMX kernels (node/csrc/lowbit.c)"
+        return "AMX kernels (node/lowbit/csrc/lowbit.c)"
     if name != "torch":
-        return f"{name} integer dot-product kernels (node/csrc/dot.c)"
+        return f"{name} integer dot-product kernels (node/lowbit/csrc/dot.c)"
     return f"torch kernels (native kernels unavailable: {_why_not})"
 
 
@@ -340,7 +340,7 @@ def int8_mm(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch
     return y
 
 
-# --- the dot-product kernels' layout and calls (node/csrc/dot.c) -------------------------------------------
+# --- the dot-product kernels' layout and calls (node/lowbit/csrc/dot.c) -------------------------------------------
 
 
 def _dot_order(q: torch.Tensor) -> torch.Tensor:

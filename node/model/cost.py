@@ -2,7 +2,7 @@
 
 The planner decides where layers go before anything is loaded, so it needs the bytes each shard will hold
 and the work each token does, without opening a checkpoint. The byte counts mirror the modules of
-node/quant.py exactly (tests/test_cost.py checks them against `stage_weight_bytes` of real shards):
+node/lowbit/layers.py exactly (tests/test_cost.py checks them against `stage_weight_bytes` of real shards):
 
     f32 / bf16  out*in * 4 / 2                              (DenseLinear, nn.Linear)
     int8        out*in + 2*out                              (int8 codes + one bf16 scale per output row)
@@ -10,7 +10,7 @@ node/quant.py exactly (tests/test_cost.py checks them against `stage_weight_byte
                                                              out16 = out rounded up to 16, the kernel's pad)
 
 Embeddings keep per-group scales (int8: codes + a scale per 32; int4: nibbles + f32 scale and min per 32).
-The embedding and head of an int4 shard are int8 (`END_QUANT`, mirroring node/quant.py `end_quant`).
+The embedding and head of an int4 shard are int8 (`END_QUANT`, mirroring node/lowbit/layers.py `end_quant`).
 The KV cache is held in the stage's compute dtype (bf16, or f32 for f32 shards).
 """
 
@@ -21,17 +21,17 @@ from dataclasses import dataclass
 from edgeshard.node.model.config import ModelConfig
 
 QUANTS = ("f32", "bf16", "int8", "int4")
-_GROUP = 32  # int4/int8 embedding and int4 linear group size (node/quant.py GROUP_SIZE)
+_GROUP = 32  # int4/int8 embedding and int4 linear group size (node/lowbit/layers.py GROUP_SIZE)
 _INT4_ROW_PAD = 16  # int4pack needs out_features % 16 == 0; quant.py pads rows with zeros
-# format of the embedding and head where it differs from the layers' (node/quant.py end_quant)
+# format of the embedding and head where it differs from the layers' (node/lowbit/layers.py end_quant)
 END_QUANT = {"int4": "int8"}
 
 
 def linear_bytes(
     out_features: int, in_features: int, quant: str, bias: bool = False, amx: bool = False
 ) -> int:
-    """Bytes a linear layer (out, in) holds in format `quant`, as node/quant.py builds it: torch's kernels'
-    layout, or with `amx` node/amx.py's (int8 rows padded to 16 as well). The planner prices remote nodes
+    """Bytes a linear layer (out, in) holds in format `quant`, as node/lowbit/layers.py builds it: torch's kernels'
+    layout, or with `amx` node/lowbit/amx.py's (int8 rows padded to 16 as well). The planner prices remote nodes
     with the default: the layouts differ only for int8 layers whose out_features is not a multiple of 16."""
     out16 = -(-out_features // _INT4_ROW_PAD) * _INT4_ROW_PAD
     if quant == "f32":
@@ -123,7 +123,7 @@ class ModelCost:
     def kv_bytes(self, layers: int, context: int, sessions: int = 1) -> int:
         """KV cache of `layers` layers for `sessions` sequences of `context` positions.
 
-        The cache grows in steps of 256 positions (node/kv_cache.py), so the context is rounded up to that.
+        The cache grows in steps of 256 positions (node/model/kv_cache.py), so the context is rounded up to that.
         """
         positions = -(-context // 256) * 256
         return layers * positions * sessions * self.kv_bytes_per_token

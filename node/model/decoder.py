@@ -31,7 +31,7 @@ def family_module(config: ModelConfig) -> ModuleType:
 
 
 def native_decode_supported(config: ModelConfig) -> bool:
-    """Whether the whole-stage native decode call (fused.py, node/csrc/decode.c) computes this architecture.
+    """Whether the whole-stage native decode call (fused.py, node/lowbit/csrc/decode.c) computes this architecture.
 
     It covers the Llama family (llama, mistral, qwen2) without sliding windows; every other architecture
     runs on the torch module path (the node says so when it loads a shard: loader.load_stage). This is the
@@ -149,7 +149,7 @@ class Stage(nn.Module):
         return out
 
     def fused_decode(self) -> FusedDecode | None:
-        """The native decode path for this stage's weights (node/fused.py), built on first use; None when the
+        """The native decode path for this stage's weights (node/model/fused.py), built on first use; None when the
         stage cannot use it. Call `refresh_fused()` after replacing or moving weights."""
         if self._fused is _UNBUILT:
             self._fused = FusedDecode.build(self) if native_decode_supported(self.config) else None

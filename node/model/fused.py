@@ -1,4 +1,4 @@
-"""Decode rows through a whole stage in one native call (node/csrc/decode.c), when the stage allows it.
+"""Decode rows through a whole stage in one native call (node/lowbit/csrc/decode.c), when the stage allows it.
 
 `Stage.forward` splits a packed batch: rows of length-1 segments (decode steps) go through
 `FusedDecode.run`, every other segment (prefill chunks) through the torch modules. A decoder layer is ~60
@@ -7,7 +7,7 @@ model; decode.c runs the whole layer stack without returning to Python. Decode r
 else is in the batch, so a sequence's results never depend on what it is batched with.
 
 Used when the stage computes in bf16 and every projection is a native layer of one kernel set: AMX
-(node/amx.py, decode.c) or the dot-product kernels of other CPUs (node/kernels.py, dot.c's
+(node/lowbit/amx.py, decode.c) or the dot-product kernels of other CPUs (node/lowbit/kernels.py, dot.c's
 es_decode_stage: the same call and struct). f32 and bf16 stages, and torch's kernels, keep the module path.
 """
 
@@ -65,7 +65,7 @@ def _linear(module) -> _Linear | None:
 
 
 def _shapes_supported(cfg) -> bool:
-    """The limits node/csrc/decode.c checks (es_decode_stage returns -1 outside them)."""
+    """The limits node/lowbit/csrc/decode.c checks (es_decode_stage returns -1 outside them)."""
     group, hd = cfg.num_attention_heads // cfg.num_key_value_heads, cfg.head_dim
     return (
         cfg.num_attention_heads % cfg.num_key_value_heads == 0 and group <= 16 and hd % 32 == 0 and hd <= 256

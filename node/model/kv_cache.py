@@ -6,7 +6,7 @@ current offset rewrites the tail (a retried or replayed step), which is how reco
 
 All layers share one buffer, (layers, 2, Hkv, capacity, hd): a layer's keys and values sit together, so a
 decode step writes both with one copy and fetches both with one slice (at batch 1 every op costs
-microseconds, per layer), and the native decode path (node/csrc/decode.c) reaches every layer of a sequence
+microseconds, per layer), and the native decode path (node/lowbit/csrc/decode.c) reaches every layer of a sequence
 from one address. Every step writes every layer, so the layers grow together.
 """
 
@@ -66,7 +66,7 @@ class KVCache:
 
     def reserve(self, start: int, length: int = 1) -> torch.Tensor:
         """The whole buffer, grown to hold positions [start, start+length), which must continue the cache
-        (start <= offset) within the context; the caller writes them (update_and_fetch_kv, node/csrc/decode.c)."""
+        (start <= offset) within the context; the caller writes them (update_and_fetch_kv, node/lowbit/csrc/decode.c)."""
         self._check(start, start + length)
         return self.grow(start + length)
 

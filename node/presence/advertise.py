@@ -216,7 +216,7 @@ class Advertiser:
     ) -> None:
         self.snapshot = snapshot
         self.interfaces = list(interfaces)
-        # adds the membership proof (props, port, instance name, addresses) to the TXT (node/advert_proof.py)
+        # adds the membership proof (props, port, instance name, addresses) to the TXT (node/security/advert_proof.py)
         self.sign = sign
         self.signed_at = 0.0  # monotonic time of the last proof: it is renewed every RESIGN_S
         self.azc: AsyncZeroconf | None = None
@@ -327,7 +327,7 @@ class Advertiser:
 
 
 def node_advert(servicer, port: int, host: str, interfaces: Sequence[str]) -> Advert:
-    """The Advert of a running node, read from its servicer (node/server.py) and its capability now."""
+    """The Advert of a running node, read from its servicer (node/service/server.py) and its capability now."""
     from edgeshard.node.presence.capability import memory_snapshot
     from edgeshard.node.wire import PROTOCOL_VERSION
 
@@ -356,7 +356,7 @@ def node_advert(servicer, port: int, host: str, interfaces: Sequence[str]) -> Ad
 
 
 async def start_advertising(servicer, port: int) -> Advertiser:
-    """Advertise the node that `servicer` serves on `port` (the hook node/server.py calls once listening)."""
+    """Advertise the node that `servicer` serves on `port` (the hook node/service/server.py calls once listening)."""
     from edgeshard.node.security.advert_proof import sign_txt
     from edgeshard.node.security.cluster_key import ClusterKey
 

@@ -6,7 +6,7 @@
 The id names the machine across restarts, so a coordinator recognises a board that rebooted. Two node
 processes on one machine must not share it: the second one finds the lock taken and runs with a temporary
 id (and says so). Two machines with the same id - a cloned SD card copies the state directory - are found
-on the LAN by mDNS (node/advertise.py warns on the node, `edgeshard nodes` and `doctor` on the coordinator).
+on the LAN by mDNS (node/presence/advertise.py warns on the node, `edgeshard nodes` and `doctor` on the coordinator).
 """
 
 from __future__ import annotations

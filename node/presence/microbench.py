@@ -1,6 +1,6 @@
 """The microbenchmark a node runs at start (and again while idle): the figures of `Capability`.
 
-What it times, with the node's own thread count and the kernels the model runs (node/quant.py):
+What it times, with the node's own thread count and the kernels the model runs (node/lowbit/layers.py):
 
   * weight rate per format: GB/s of weights through `Int4Linear`/`Int8Linear`/`F.linear` at batch 1 (bf16
     activations; f32 for f32), over a working set of 24 MB - bigger than the caches of a board or a laptop,

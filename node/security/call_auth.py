@@ -2,7 +2,7 @@
 
     authorization: ES1-HMAC <unix ms>.<nonce>.<mac>      mac = HMAC-SHA256(auth key, method, time, nonce)
 
-TLS (node/security.py) already encrypts the call and proves the *node* is a member; the token proves the
+TLS (node/security/channels.py) already encrypts the call and proves the *node* is a member; the token proves the
 *caller* is one. TLS alone cannot: the cluster's server certificate is public (any client receives it in the
 handshake), so a stranger can pin it and complete a handshake. Such a caller reaches the node's interceptor
 with no token or a wrong one, and is answered UNAUTHENTICATED before any handler or message parser runs; the

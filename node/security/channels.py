@@ -1,10 +1,10 @@
 """How cluster members talk: TLS with the cluster's derived certificate plus a per-call token, or --insecure.
 
 Every gRPC connection between members (coordinator -> node, node -> next node) is TLS. The server presents
-the certificate every member derives from the cluster key (node/cluster_key.py), and the client trusts only
+the certificate every member derives from the cluster key (node/security/cluster_key.py), and the client trusts only
 the cluster CA derived from the same key: a node without the key cannot serve a handshake, and a client with
 another key refuses the node during the handshake. Clients dial nodes by IP, so the TLS name is a fixed one
-(`ssl_target_name_override`). On top, every call carries a token (node/call_auth.py) that proves the caller
+(`ssl_target_name_override`). On top, every call carries a token (node/security/call_auth.py) that proves the caller
 holds the key; the node's interceptor answers UNAUTHENTICATED to anything else and logs the caller.
 
 Which mode a process runs in is decided once, at start: `configure(key)` or `configure(INSECURE)` (the CLI

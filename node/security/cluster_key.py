@@ -5,8 +5,8 @@
 Everything else is derived from it with HKDF-SHA256 (one `info` label per use), so every member builds the
 same material offline and nothing else has to be distributed:
 
-    auth     HMAC key of the per-call tokens (node/call_auth.py)
-    mdns     HMAC key of the membership proof in mDNS adverts (node/advert_proof.py)
+    auth     HMAC key of the per-call tokens (node/security/call_auth.py)
+    mdns     HMAC key of the membership proof in mDNS adverts (node/security/advert_proof.py)
     ca       Ed25519 key of the cluster CA: a self-signed certificate, the trust root of every member
     tls      P-256 key of the one server certificate all members present (signed by the CA)
     id       a short public fingerprint, safe to print and compare ("which key does this node hold?")

@@ -1,7 +1,7 @@
 """Continuous batching on a node: which queued messages run together in one `executor.step`.
 
 Messages arrive on the node's Forward streams while its stage computes and wait in the node's inbox
-(node/ring.py). When the stage is free it takes all the ready work at once (`take_batch`):
+(node/service/ring.py). When the stage is free it takes all the ready work at once (`take_batch`):
 
 * at most one step per session, in arrival order: a session's next step needs the cache its previous one
   writes, so it waits for the next batch;

@@ -71,7 +71,9 @@ class NextHop:
     ) -> None:
         self.address = address
         self.on_break = on_break  # the stream broke with messages possibly in flight (see the docstring)
-        self.security = security  # cluster key or INSECURE (node/security.py); None: the process's mode
+        self.security = (
+            security  # cluster key or INSECURE (node/security/channels.py); None: the process's mode
+        )
         self.on_reply = on_reply
         self.on_failure = on_failure
         self.metadata = tuple(metadata)  # room for auth (a later issue): sent on every stream

@@ -2,16 +2,16 @@
 
 `RingNode` holds the loaded shard (a `ShardExecutor`), the long-lived stream to the next node (`NextHop`), the
 Results subscribers (last node), and the routing of error replies back to whoever sent a session's messages.
-The gRPC servicer (node/server.py) is a thin layer over it. The data path:
+The gRPC servicer (node/service/server.py) is a thin layer over it. The data path:
 
     handle: decode + validate (wire_tensors) -> inbox
-    stage loop: take ALL ready messages (node/batching.py) -> run_batch: one executor.step (node/stage_step.py)
+    stage loop: take ALL ready messages (node/service/batching.py) -> run_batch: one executor.step (node/service/stage_step.py)
                 -> encode -> next_hop.send (middle node) / Result to the subscriber (last node)
 
 Continuous batching: while the stage computes, messages keep arriving and queue in the inbox; when it is free
 it takes everything ready (at most one step per session, one chunk of prefill rows, `max_batch_rows` rows and 1/N of
 its sessions on an N-node ring) and runs one forward, so with many sequences in flight every node computes a
-group of them at the same time (see node/batching.py and coordinator/groups.py).
+group of them at the same time (see node/service/batching.py and coordinator/pipeline/groups.py).
 
 Compute runs in one worker thread (`compute="thread"`, the default) so the event loop keeps reading and
 decoding messages during a forward and the next batch is ready when it ends; with a single session nothing
@@ -130,7 +130,7 @@ class RingNode:
         )
         self.inbox: deque[Pending] = deque()  # messages waiting for the stage, in arrival order
         self.ready = asyncio.Event()  # set when the inbox gets a message
-        self.room = asyncio.Event()  # set while the inbox is below its bounds (node/limits.py)
+        self.room = asyncio.Event()  # set while the inbox is below its bounds (node/wire/limits.py)
         self.room.set()
         self.queued_rows = 0  # rows of the steps in the inbox
         self.burst_left = 0  # messages still on their way of the burst that is arriving (ForwardMessage)
@@ -294,7 +294,7 @@ class RingNode:
                 return
         else:
             try:
-                check_forward(msg)  # ids it would keep (node/limits.py)
+                check_forward(msg)  # ids it would keep (node/wire/limits.py)
                 shard = self._require_shard(msg)
             except WireError as e:  # not of this ring (stale plan, no shard), or too big: answer the sender
                 self._refuse(msg, e, reply)
@@ -316,7 +316,7 @@ class RingNode:
             await self.room.wait()  # this stream is read again once the stage has caught up
 
     async def _run(self, shard: LoadedShard) -> None:
-        """The stage loop: wait for work, take ALL that is ready as one batch (node/batching.py), run it in the
+        """The stage loop: wait for work, take ALL that is ready as one batch (node/service/batching.py), run it in the
         compute thread, hand the outcomes on; until the shard is unloaded (the task is cancelled)."""
         loop = asyncio.get_running_loop()
         times = self.times

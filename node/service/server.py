@@ -1,4 +1,4 @@
-"""The node's gRPC server: a thin servicer over `RingNode` (node/ring.py) and `load_shard`.
+"""The node's gRPC server: a thin servicer over `RingNode` (node/service/ring.py) and `load_shard`.
 
     python -m edgeshard.node.service.server --port 0     # or `edgeshard node`
 
@@ -79,16 +79,16 @@ class NodeOptions:
     session_idle_s: float = SESSION_IDLE_S  # sessions nobody steps for this long are ended (0: never)
     max_batch_rows: int = MAX_BATCH_ROWS  # rows one batched forward takes at most
     compute: str = "thread"  # where the stage computes: "thread" (one worker) or "inline" (the event loop)
-    advertise: bool = False  # announce the node on mDNS (node/advertise.py)
+    advertise: bool = False  # announce the node on mDNS (node/presence/advertise.py)
     mdns_interfaces: list[str] = field(default_factory=list)  # IPv4 addresses mDNS runs on (empty: all)
     cluster: str = "default"  # cluster name it announces; coordinators of other clusters skip the node
     memory_limit: int = 0  # bytes of shards + KV the planner may put here (0: whatever is free)
     cache_limit: int = (
         0  # bytes the slice cache (shipped tensors, node/weights/cache.py) may hold (0: no limit)
     )
-    benchmark: bool = True  # run the capability microbenchmark at start (node/capability.py)
+    benchmark: bool = True  # run the capability microbenchmark at start (node/presence/capability.py)
     benchmark_every: float = 300.0  # and again every this many seconds while idle (0: only at start)
-    # the cluster key (TLS + per-call tokens, node/security.py), or INSECURE; None refuses to start
+    # the cluster key (TLS + per-call tokens, node/security/channels.py), or INSECURE; None refuses to start
     security: Security | None = None
 
 
@@ -252,7 +252,9 @@ class NodeServicer(pb_grpc.NodeServicer):
 
     async def Health(self, request: pb.HealthRequest, context) -> pb.HealthReply:  # noqa: N802
         shard = self.node.shard
-        payload = bytes(min(request.reply_bytes, MAX_HEALTH_PAYLOAD))  # link test (coordinator/links.py)
+        payload = bytes(
+            min(request.reply_bytes, MAX_HEALTH_PAYLOAD)
+        )  # link test (coordinator/placement/links.py)
         return pb.HealthReply(
             ok=True, loaded=shard is not None, plan_id=shard.plan_id if shard else 0, payload=payload
         )

@@ -1,6 +1,6 @@
 """One batch on a node's stage: its control messages, then all its steps in one `executor.step`.
 
-This is the compute side of the ring (node/ring.py runs it in the node's compute thread): it touches only the
+This is the compute side of the ring (node/service/ring.py runs it in the node's compute thread): it touches only the
 executor and the messages it is given and returns an `Outcome` per message, which the ring hands on back on
 the event loop (error replies to the sender, messages to the next hop, Results to subscribers).
 

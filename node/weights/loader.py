@@ -200,7 +200,7 @@ def shard_metadata(stage: Stage) -> dict:
         "compute_dtype": str(stage.dtype).removeprefix("torch."),
         "weight_bytes": stage_weight_bytes(stage),
         "modules": list(groups.values()),
-        # low-bit kernels in use: "amx" (node/amx.py), a dot-product set such as "avx2" or "neon-dot"
-        # (node/kernels.py), and/or "torch"; none for f32/bf16 stages
+        # low-bit kernels in use: "amx" (node/lowbit/amx.py), a dot-product set such as "avx2" or "neon-dot"
+        # (node/lowbit/kernels.py), and/or "torch"; none for f32/bf16 stages
         "kernels": sorted({k for m in stage.modules() if (k := getattr(m, "kernel", None))}),
     }

@@ -1,6 +1,6 @@
 """Bounds on what one caller can make a node hold: ids, subscribers, concurrent streams.
 
-The data path checks tensors against the shard (node/wire_tensors.py: dtype, rows x hidden, byte count, at
+The data path checks tensors against the shard (node/wire/tensors.py: dtype, rows x hidden, byte count, at
 most MAX_STEP_ROWS rows) and gRPC caps every message at MAX_MESSAGE_BYTES on both ends; sessions are capped
 by --max-sessions (RESOURCE_EXHAUSTED). What is left are the strings a node keeps as dictionary keys for as
 long as a session or stream lives - a session id of 60 MB times 64 sessions would be gigabytes - and the
@@ -18,7 +18,7 @@ from edgeshard.node.wire.tensors import WireError, invalid
 MAX_ID_CHARS = 128  # session ids and Results subscriber names (coordinators use uuid-sized ones)
 MAX_SUBSCRIBERS = 64  # Results streams open at once on a node (one per coordinator in practice)
 MAX_CONCURRENT_STREAMS = 100  # calls in flight on one HTTP/2 connection (a coordinator needs a handful)
-# Messages waiting for the stage (node/ring.py): past either bound a stream is not read until the stage has
+# Messages waiting for the stage (node/service/ring.py): past either bound a stream is not read until the stage has
 # caught up (gRPC flow control then slows the sender), so a sender cannot queue unbounded work on a node.
 MAX_QUEUED_MESSAGES = 1024
 MAX_QUEUED_ROWS = 4096

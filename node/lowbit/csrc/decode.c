@@ -1,11 +1,11 @@
 /* Decode rows through a whole stage in one call: every layer of a Llama-family stage for S sequences that
- * each bring one new token (node/model.py's Stage.forward hands its decode rows here when the stage's
+ * each bring one new token (node/model/decoder.py's Stage.forward hands its decode rows here when the stage's
  * linear layers run on the AMX kernels).
  *
  * Why: a decoder layer is ~60 torch ops at a few microseconds of dispatch each; for SmolLM2 that is more
  * than its four matmuls take at batch 1. Here a layer is the matmuls (lowbit.c) plus a few vector loops.
  *
- * Numerics follow node/model.py: float32 residual stream; RMSNorm in float32, its output rounded to bf16;
+ * Numerics follow node/model/decoder.py: float32 residual stream; RMSNorm in float32, its output rounded to bf16;
  * bf16 activations into the matmuls, bf16 outputs; rotary and attention in float32 from bf16 inputs,
  * rounded to bf16 where the module path rounds (q/k after rotary, attention output, silu(g) * u). The
  * rounding sequence differs in places from torch's, so decode rows always take this path (also inside a
@@ -16,7 +16,7 @@
 #if ES_AMX
 typedef struct {
     int64_t kind;            /* 4: int4 (codes, fp16 params), 8: int8 (codes, bf16 row scales) */
-    const void *codes;       /* packed by node/native.py */
+    const void *codes;       /* packed by node/lowbit/native.py */
     const uint16_t *params;  /* int4 params or int8 scales */
     const uint16_t *bias;    /* bf16 (N,) or NULL */
     int64_t n, k;            /* out, in features */
@@ -83,7 +83,7 @@ static void add_bf16(float *x, const uint16_t *y, int64_t n) {
 
 /* Run `layers` decoder layers for S decode rows. x: float32 (S, D) residual stream, updated in place.
  * cos, ssin: bf16 (S, hd) rotary tables of each row's position. kv[s]: base of sequence s's cache buffer,
- * float/bf16 (layers, 2, Hkv, cap[s], hd) (node/kv_cache.py); pos[s]: the row's position. Returns 0, or -1
+ * float/bf16 (layers, 2, Hkv, cap[s], hd) (node/model/kv_cache.py); pos[s]: the row's position. Returns 0, or -1
  * (out of memory, or shapes outside the kernels' range: the caller runs the module path instead). */
 int es_decode_stage(const es_layer *layer_weights, int64_t layers, int64_t S, int64_t D, int64_t H,
                     int64_t Hkv, int64_t hd, int64_t F, float eps, float *x, const uint16_t *cos,

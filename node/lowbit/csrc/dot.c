@@ -1,6 +1,6 @@
 /* Low-bit products and whole-stage decode on CPUs without AMX: x86 AVX2+FMA, AVX-512 (with or without VNNI),
  * ARM NEON (with or without the dot-product instructions), and a plain C fallback. One source, compiled once
- * per instruction set with explicit flags by node/native.py (never -march=native: a build cache shared by
+ * per instruction set with explicit flags by node/lowbit/native.py (never -march=native: a build cache shared by
  * different CPUs must not hand one of them instructions it lacks); the ISA is chosen at run time.
  *
  * Why: torch's int4/int8 CPU kernels dequantize weights to float for every input row, which makes decode
@@ -16,7 +16,7 @@
  *   int8 (w = q * rowscale[n]):          y[n] = rowscale[n] * sum_b dx_b * isum[n,b]
  * with isum the exact integer dot product of block b's 32 weight codes and the row's 32 int8 codes.
  *
- * Weight layout (node/native.py pack_dot_int4 / pack_dot_int8), N padded to a multiple of 16, K % 32 == 0:
+ * Weight layout (node/lowbit/native.py pack_dot_int4 / pack_dot_int8), N padded to a multiple of 16, K % 32 == 0:
  * 16 output rows x 32 inputs per block; inside a block, "k quad" kq = k / 4 (0..7), and the unpacked order is
  * [kq][n 0..15][k % 4] (64 bytes per kq): one 512-bit vector, two 256-bit or four 128-bit vectors hold the
  * 4 consecutive codes of 16 (8, 4) output rows, which is the operand shape of vpdpbusd / sdot with one
@@ -538,7 +538,7 @@ static int mm(const uint16_t *x, int64_t M, int64_t K, const void *codes, const 
 }
 
 /* The instruction set this library was built for ("avx512-vnni", "avx512", "avx2", "neon-dot", "neon",
- * "generic"): node/native.py checks it against the variant it asked for. */
+ * "generic"): node/lowbit/native.py checks it against the variant it asked for. */
 const char *es_dot_isa(void) { return ES_ISA; }
 
 /* y (M, N) bf16 = x (M, K) bf16 @ W.T, W int4 packed by pack_dot_int4. Returns 0, or -1 (no memory). */
@@ -553,7 +553,7 @@ int es_dot_int8_mm(const uint16_t *x, int64_t M, int64_t K, const int8_t *codes,
     return mm(x, M, K, codes, 0, scales, N, y, threads);
 }
 
-/* ---- whole-stage decode (node/fused.py), the same call and numerics as decode.c's AMX version ------------ *
+/* ---- whole-stage decode (node/model/fused.py), the same call and numerics as decode.c's AMX version ------------ *
  * Vector loops below are plain C over 16 independent lanes, which the compiler turns into the ISA's vectors
  * without reassociating anything: each result is the same whatever the batch and thread count. */
 

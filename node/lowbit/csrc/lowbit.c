@@ -13,10 +13,10 @@
  * int8: codes are exact in bf16 (|q| <= 127); the per-row scale is applied to the fp32 sum.
  *
  * Needs AMX-BF16 (Intel Sapphire Rapids and later) and Linux's permission for tile data; built with
- * -march=native by node/native.py. es_supported() says whether this CPU and kernel can run it; if not,
+ * -march=native by node/lowbit/native.py. es_supported() says whether this CPU and kernel can run it; if not,
  * the layers keep torch's kernels.
  *
- * Layouts, made by node/native.py (pack_int4 / pack_int8); N is padded to a multiple of 16:
+ * Layouts, made by node/lowbit/native.py (pack_int4 / pack_int8); N is padded to a multiple of 16:
  *   int4 codes uint8 (N/16, K/32, 256): the 512 codes of a (16 n x 32 k) block in AMX's B-tile order
  *        (row i = k pair 2i, 2i+1; 16 n per row, 2 k per n), packed so that 64 loaded bytes give four B
  *        rows: byte r < 32 of load j holds row 4j's code r (low nibble) and row 4j+2's (high); byte 32+r,
@@ -258,7 +258,7 @@ static void run(int int8, const uint16_t *x, int64_t M, int64_t K, const void *c
  *
  * For each sequence s and kv head: scores = q K^T * scale over its cached keys (AMX: 16 keys x 32 dims
  * per tile product, the query heads of the group as the other operand), a float32 softmax, and
- * out = P V with AVX-512 FMAs (node/csrc/decode.c writes the new token's k and v into the cache first).
+ * out = P V with AVX-512 FMAs (node/lowbit/csrc/decode.c writes the new token's k and v into the cache first).
  */
 
 /* exp(x) as 2^n * p(f), |rel err| < 2e-7; x < -87 gives exp(-87), large x overflows to inf */
