@@ -5,7 +5,7 @@ PY ?= python3
 VENV ?= .venv
 VENV_FLAGS ?=
 
-.PHONY: setup demo test test-fast lint proto bench
+.PHONY: setup demo test test-fast lint proto bench smoke-arm64
 
 setup:
 	./scripts/setup
@@ -19,6 +19,11 @@ demo: $(VENV)/bin/python
 
 test: setup
 	$(PY) -m pytest -q
+
+# Debian arm64 root under qemu-user: same greedy tokens as this host (scripts/arm64-smoke; cached in
+# $EDGESHARD_ARM64_CACHE, default /var/cache/edgeshard-arm64; needs root).
+smoke-arm64: setup
+	./scripts/arm64-smoke
 
 test-fast:
 	$(PY) -m pytest -q -m "not slow"

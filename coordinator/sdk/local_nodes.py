@@ -32,7 +32,8 @@ from edgeshard.node.security.channels import ClusterKey, Security, for_local_nod
 from edgeshard.node.service.server import PARENT_PID_ENV, READY_PREFIX
 
 _READY = re.compile(rf"^{READY_PREFIX} port=(\d+)")
-START_TIMEOUT_S = 60.0
+# seconds a local node may take to start; EDGESHARD_NODE_START_TIMEOUT raises it (slow boards, emulation in CI)
+START_TIMEOUT_S = float(os.environ.get("EDGESHARD_NODE_START_TIMEOUT") or 60.0)
 
 
 class LocalNodes:
