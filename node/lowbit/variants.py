@@ -24,7 +24,7 @@ VARIANTS: dict[str, tuple[list[str], set[str]]] = {
     "avx2": (["-mavx2", "-mfma", "-mf16c"], {"avx2", "fma", "f16c"}),
     "neon-dot": (["-march=armv8.2-a+dotprod"], {"asimd", "asimddp"}),
     "neon": (["-march=armv8-a"], {"asimd"}),
-    "generic": ([], set()),  # plain C: a reference, never picked automatically
+    "generic": (["-DES_FORCE_GENERIC"], set()),  # plain C: a reference, never picked automatically
 }
 _X86_ORDER, _ARM_ORDER = ("amx", "avx512-vnni", "avx512", "avx2"), ("neon-dot", "neon")
 

@@ -34,7 +34,9 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(ES_FORCE_GENERIC) /* the plain-C reference: aarch64 compilers enable NEON by default */
+#define ES_ISA "generic"
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define ES_ISA "avx512-vnni"
 #define ES_X86 512
 #define ES_VNNI 1
