@@ -77,10 +77,8 @@ def test_plan_over_nodes_started_together_uses_all_and_predicts_the_speed(smollm
         assert run.returncode == 0, run.stderr
         result = json.loads(run.stdout.strip().splitlines()[-1])
         assert all(PLAN_KEYS <= set(e) for e in result["plan"])
-        # the same split (nodes of equal speed may swap places between two plans)
-        assert [(e["start_layer"], e["end_layer"]) for e in result["plan"]] == [
-            (e["start_layer"], e["end_layer"]) for e in plan["plan"]
-        ]
+        # the run plans again from the nodes' figures then (re-measured while idle): all three hold layers
+        assert len(result["plan"]) == 3 and all(e["end_layer"] > e["start_layer"] for e in result["plan"])
         measured, predicted = result["decode_tok_per_s"], result["predicted_tok_per_s"]
         assert 0.5 <= measured / predicted <= 2.0, (measured, predicted, plan["stages"], run.stderr)
         assert "warning: decoding ran at" not in run.stderr  # within 2x: no warning
