@@ -21,21 +21,11 @@ from typing import Any
 
 import httpx
 
-from edgeshard.coordinator.errors import (
-    BadRequestError,
-    ClusterBusyError,
-    ContextLengthError,
-    EdgeshardError,
-    ModelNotFoundError,
-    ServerUnavailableError,
-)
-from edgeshard.coordinator.sdk.async_client import AsyncClient, AsyncTextStream
 from edgeshard.coordinator.sdk.client_base import (
     DEFAULT_TIMEOUT_S,
     DEFAULT_URL,
     Result,
     StreamState,
-    Usage,
     as_messages,
     base_url,
     parse_result,
@@ -43,21 +33,6 @@ from edgeshard.coordinator.sdk.client_base import (
     request_body,
     unreachable,
 )
-
-__all__ = [
-    "AsyncClient",
-    "AsyncTextStream",
-    "BadRequestError",
-    "Client",
-    "ClusterBusyError",
-    "ContextLengthError",
-    "EdgeshardError",
-    "ModelNotFoundError",
-    "Result",
-    "ServerUnavailableError",
-    "TextStream",
-    "Usage",
-]
 
 
 class TextStream:
