@@ -10,7 +10,7 @@ of placeholder tokens so llama.cpp can load it too) and deleted afterwards; it i
 model size; per node its layers, weight bytes, bytes shipped, ship seconds against bytes / the link rate the
 coordinator measured (coordinator/placement/links.py, the cluster's TLS, same loopback), load seconds, peak
 resident memory (VmHWM) against baseline + weight bytes; the cluster's decode tok/s; and, when
-/work/tools/llama-bench exists (or --llama-bench PATH), llama.cpp's tg tok/s on the same file in one process
+$LLAMA_BENCH names a llama-bench binary (or --llama-bench PATH), llama.cpp's tg tok/s on the same file in one process
 with one thread (each node runs one torch thread too). Writes benchmarks/results/bigmodel.json.
 
 Memory figures: `baseline` is a node's resident memory after start-up with no shard (Python, torch, gRPC,
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bigmodel.json"
-LLAMA_BENCH = Path("/work/tools/llama-bench")
+LLAMA_BENCH = Path(os.environ.get("LLAMA_BENCH", "llama-bench"))  # a llama.cpp build (see docs/kernels.md)
 # hidden, layers, ffn, heads, kv heads, vocab
 SIZES = {
     "1.5b": (2048, 24, 8192, 32, 8, 32000),

@@ -4,7 +4,7 @@
     python benchmarks/decode.py --tokens 256 --repeats 5
     python benchmarks/decode.py --quick               # CI smoke: 16 tokens, 1 run, int4 and transformers only
     python benchmarks/decode.py --formats int4 --no-transformers --threads 2 --kernels avx2 \
-        --llama-bench /work/tools/llama.cpp/build/bin/llama-bench    # the users' AVX2 path against llama.cpp
+        --llama-bench path/to/llama-bench    # the users' AVX2 path against llama.cpp
 
 Every engine runs in this process with the same torch/llama.cpp thread count (1 by default) on the same
 prompt token ids (the first --prompt-tokens tokens of tests/data/perplexity.txt), greedy, with stop tokens
