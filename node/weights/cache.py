@@ -80,7 +80,8 @@ class SliceCache:
         return index
 
     def _write_index(self) -> None:
-        tmp = self.root / "index.json.tmp"
+        # a name of this process and moment: nodes sharing one model dir (local clusters) write it at once
+        tmp = self.root / f"index.json.{os.getpid()}.{time.monotonic_ns()}.tmp"
         tmp.write_text(json.dumps(self._index))
         os.replace(tmp, self.root / "index.json")
 
