@@ -46,6 +46,34 @@ def _forward(layer, x: torch.Tensor, matmul: Callable[[torch.Tensor], torch.Tens
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], layer.out_features)
 
 
+def hold_packed_int4(layer, codes: torch.Tensor, params: torch.Tensor, in_features: int, out_features: int,
+                     bias: torch.Tensor | None) -> None:  # fmt: skip
+    """Check and register a packed int4 layer's buffers (the AMX and the dot-product layers hold the same
+    shapes: codes uint8 (N/16, in/32, 256), params float16 (N/16, in/32, 2, 16), N padded to 16)."""
+    _FixedFormat.__init__(layer)
+    blocks, groups = native.padded(out_features) // native.BLOCK_N, in_features // GROUP_SIZE
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != (blocks, groups, 256):
+        raise ValueError(
+            f"codes must be uint8 ({blocks}, {groups}, 256), got {codes.dtype} {tuple(codes.shape)}"
+        )
+    if params.dtype != torch.float16 or tuple(params.shape) != (blocks, groups, 2, native.BLOCK_N):
+        raise ValueError(f"params must be float16 ({blocks}, {groups}, 2, 16), got {tuple(params.shape)}")
+    layer.in_features, layer.out_features, layer.group_size = in_features, out_features, GROUP_SIZE
+    layer.register_buffer("codes", codes.contiguous())
+    layer.register_buffer("params", params.contiguous())
+    layer.register_buffer("bias", _bias_buffer(bias, out_features, torch.bfloat16))
+
+
+def pack_int4_rows(
+    rows: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], out_features: int, pack: Callable
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Collect row chunks of (q, scale, min) and pack them with `pack` (native.pack_int4 or pack_dot_int4),
+    padding to whole 16-row blocks: q = 0, scale = 1, min = 0, so padding weights are 0."""
+    q, scale, minv = _collect(rows, out_features, "int4 codes")
+    n = native.padded(out_features)
+    return pack(_pad_rows(q, n), _pad_rows(scale.float(), n, 1.0), _pad_rows(minv.float(), n))
+
+
 class AmxInt4Linear(Int4Linear):
     """y = x @ W.T (+ bias), W in 4 bits (group 32, float32 scale and min), on the AMX kernel.
 
@@ -57,18 +85,7 @@ class AmxInt4Linear(Int4Linear):
 
     def __init__(self, codes: torch.Tensor, params: torch.Tensor, in_features: int, out_features: int,
                  bias: torch.Tensor | None = None) -> None:  # fmt: skip
-        _FixedFormat.__init__(self)
-        blocks, groups = native.padded(out_features) // native.BLOCK_N, in_features // GROUP_SIZE
-        if codes.dtype != torch.uint8 or tuple(codes.shape) != (blocks, groups, 256):
-            raise ValueError(
-                f"codes must be uint8 ({blocks}, {groups}, 256), got {codes.dtype} {tuple(codes.shape)}"
-            )
-        if params.dtype != torch.float16 or tuple(params.shape) != (blocks, groups, 2, native.BLOCK_N):
-            raise ValueError(f"params must be float16 ({blocks}, {groups}, 2, 16), got {tuple(params.shape)}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, GROUP_SIZE
-        self.register_buffer("codes", codes.contiguous())
-        self.register_buffer("params", params.contiguous())
-        self.register_buffer("bias", _bias_buffer(bias, out_features, torch.bfloat16))
+        hold_packed_int4(self, codes, params, in_features, out_features, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) bf16 -> (..., out) bf16, any number of rows."""
@@ -83,12 +100,7 @@ class AmxInt4Linear(Int4Linear):
         bias: torch.Tensor | None = None,
     ) -> AmxInt4Linear:  # fmt: skip
         """Row chunks of (q uint8 (r, in) in 0..15, scale f32 (r, in/32), min f32 (r, in/32)), W = q*scale + min."""
-        q, scale, minv = _collect(rows, out_features, "int4 codes")
-        n = native.padded(out_features)
-        # padding rows: q = 0, scale = 1, min = 0 -> weight 0 (their outputs are never written)
-        codes, params = native.pack_int4(
-            _pad_rows(q, n), _pad_rows(scale.float(), n, 1.0), _pad_rows(minv.float(), n)
-        )
+        codes, params = pack_int4_rows(rows, out_features, native.pack_int4)
         return cls(codes, params, in_features, out_features, bias)
 
     def dequantize(self) -> torch.Tensor:

@@ -20,13 +20,12 @@ import numpy as np
 import torch
 
 from edgeshard.node.lowbit import native
-from edgeshard.node.lowbit.amx import _forward, _pad_rows
+from edgeshard.node.lowbit.amx import _forward, _pad_rows, hold_packed_int4, pack_int4_rows
 from edgeshard.node.lowbit.layers import (
     GROUP_SIZE,
     Int4Linear,
     Int8Linear,
     _bias_buffer,
-    _collect,
     _FixedFormat,
 )
 
@@ -40,20 +39,9 @@ class DotInt4Linear(Int4Linear):
 
     def __init__(self, codes: torch.Tensor, params: torch.Tensor, in_features: int, out_features: int,
                  bias: torch.Tensor | None = None, kernel: str | None = None) -> None:  # fmt: skip
-        _FixedFormat.__init__(self)
-        blocks, groups = native.padded(out_features) // native.BLOCK_N, in_features // GROUP_SIZE
-        if codes.dtype != torch.uint8 or tuple(codes.shape) != (blocks, groups, 256):
-            raise ValueError(
-                f"codes must be uint8 ({blocks}, {groups}, 256), got {codes.dtype} {tuple(codes.shape)}"
-            )
-        if params.dtype != torch.float16 or tuple(params.shape) != (blocks, groups, 2, native.BLOCK_N):
-            raise ValueError(f"params must be float16 ({blocks}, {groups}, 2, 16), got {tuple(params.shape)}")
+        hold_packed_int4(self, codes, params, in_features, out_features, bias)
         self.kernel = kernel or native.kernel_set()
         native.variant_library(self.kernel)  # fail here, not at the first forward
-        self.in_features, self.out_features, self.group_size = in_features, out_features, GROUP_SIZE
-        self.register_buffer("codes", codes.contiguous())
-        self.register_buffer("params", params.contiguous())
-        self.register_buffer("bias", _bias_buffer(bias, out_features, torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) bf16 -> (..., out) bf16, any number of rows."""
@@ -70,12 +58,7 @@ class DotInt4Linear(Int4Linear):
         bias: torch.Tensor | None = None,
     ) -> DotInt4Linear:  # fmt: skip
         """Row chunks of (q uint8 (r, in) in 0..15, scale f32 (r, in/32), min f32 (r, in/32)), W = q*scale + min."""
-        q, scale, minv = _collect(rows, out_features, "int4 codes")
-        n = native.padded(out_features)
-        # padding rows: q = 0, scale = 1, min = 0 -> weight 0 (their outputs are never written)
-        codes, params = native.pack_dot_int4(
-            _pad_rows(q, n), _pad_rows(scale.float(), n, 1.0), _pad_rows(minv.float(), n)
-        )
+        codes, params = pack_int4_rows(rows, out_features, native.pack_dot_int4)
         return cls(codes, params, in_features, out_features, bias)
 
     def dequantize(self) -> torch.Tensor:
