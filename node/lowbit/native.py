@@ -389,31 +389,23 @@ def dot_int4_mm(
     variant: str, x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor, n: int
 ) -> torch.Tensor:
     """x (M, K) bf16 @ W.T -> (M, n) bf16 on kernel set `variant`, W packed by `pack_dot_int4`."""
-    k = codes.shape[1] * GROUP
-    _check(x, k)
-    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    rc = variant_library(variant).es_dot_int4_mm(
-        x.data_ptr(),
-        x.shape[0],
-        k,
-        codes.data_ptr(),
-        params.data_ptr(),
-        n,
-        y.data_ptr(),
-        torch.get_num_threads(),
-    )
-    if rc:
-        raise MemoryError(f"the int4 kernel could not allocate its scratch for {x.shape[0]} rows")
-    return y
+    return _dot_mm(variant_library(variant).es_dot_int4_mm, "int4", x, codes, params, n)
 
 
 def dot_int8_mm(variant: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (M, K) bf16 @ W.T -> (M, N) bf16 on kernel set `variant`, W packed by `pack_dot_int8` with bf16
     row scales (N,)."""
-    k, n = codes.shape[1] * GROUP, scales.shape[0]
+    return _dot_mm(variant_library(variant).es_dot_int8_mm, "int8", x, codes, scales, scales.shape[0])
+
+
+def _dot_mm(
+    fn, what: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, n: int
+) -> torch.Tensor:
+    """One call of dot.c's es_dot_int{4,8}_mm: (M, K) bf16 rows against packed codes and their scales."""
+    k = codes.shape[1] * GROUP
     _check(x, k)
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    rc = variant_library(variant).es_dot_int8_mm(
+    rc = fn(
         x.data_ptr(),
         x.shape[0],
         k,
@@ -424,5 +416,5 @@ def dot_int8_mm(variant: str, x: torch.Tensor, codes: torch.Tensor, scales: torc
         torch.get_num_threads(),
     )
     if rc:
-        raise MemoryError(f"the int8 kernel could not allocate its scratch for {x.shape[0]} rows")
+        raise MemoryError(f"the {what} kernel could not allocate its scratch for {x.shape[0]} rows")
     return y
