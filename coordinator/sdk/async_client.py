@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -10,13 +10,12 @@ import httpx
 from edgeshard.coordinator.sdk.client_base import (
     DEFAULT_TIMEOUT_S,
     DEFAULT_URL,
+    Call,
+    ClientCore,
     Result,
     StreamState,
-    as_messages,
-    base_url,
     parse_result,
     raise_for_error,
-    request_body,
     unreachable,
 )
 
@@ -71,8 +70,11 @@ class AsyncTextStream:
             await self._cm.__aexit__(None, None, None)
 
 
-class AsyncClient:
-    """An asyncio client of an edgeshard server; the same methods as `Client`, awaited."""
+class AsyncClient(ClientCore):
+    """An asyncio client of an edgeshard server; the same methods as `Client` (from `ClientCore`), awaited.
+
+    `await client.chat(messages)` gives a Result; `client.chat(messages, stream=True)` an `AsyncTextStream`.
+    """
 
     def __init__(
         self,
@@ -82,12 +84,7 @@ class AsyncClient:
         api_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
-        self.url = base_url(url)
-        self.model = model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.AsyncClient(
-            base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0)
-        )
+        super().__init__(url, model=model, api_key=api_key, timeout=timeout, http_class=httpx.AsyncClient)
 
     async def _request(self, method: str, path: str, body: dict | None = None) -> Any:
         try:
@@ -97,68 +94,16 @@ class AsyncClient:
         raise_for_error(response, response.content)
         return response.json()
 
-    async def models(self) -> list[dict[str, Any]]:
-        """The models the server serves (OpenAI model cards)."""
-        return (await self._request("GET", "/v1/models"))["data"]
+    async def _get(self, path: str, pick: Callable[[Any], Any] = lambda body: body) -> Any:
+        return pick(await self._request("GET", path))
 
-    async def cluster_info(self) -> dict[str, Any]:
-        """The cluster: plan, nodes with per-stage timings, admission counters."""
-        return await self._request("GET", "/v1/cluster")
+    def _send(self, call: Call) -> Awaitable[Result] | AsyncTextStream:
+        if call.stream:
+            return AsyncTextStream(self, call.path, call.body, call.chat)
+        return self._complete(call)
 
-    async def health(self) -> dict[str, Any]:
-        """The server's health (raises ServerUnavailableError when no plan can run)."""
-        return await self._request("GET", "/health")
-
-    def generate(
-        self,
-        prompt: str,
-        *,
-        stream: bool = False,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
-    ):
-        """`await client.generate(prompt)` -> Result; `client.generate(prompt, stream=True)` -> AsyncTextStream."""
-        options = dict(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed
-        )
-        return self._run(
-            "/v1/completions", request_body(self.model, stream, options, prompt=prompt), False, stream
-        )
-
-    def chat(
-        self,
-        messages: str | Sequence[Mapping[str, Any]],
-        *,
-        stream: bool = False,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
-    ):
-        """`await client.chat(messages)` -> Result; `client.chat(messages, stream=True)` -> AsyncTextStream."""
-        options = dict(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed
-        )
-        return self._run(
-            "/v1/chat/completions",
-            request_body(self.model, stream, options, messages=as_messages(messages)),
-            True,
-            stream,
-        )
-
-    def _run(self, path: str, body: dict, chat: bool, stream: bool):
-        if stream:
-            return AsyncTextStream(self, path, body, chat)
-        return self._complete(path, body, chat)
-
-    async def _complete(self, path: str, body: dict, chat: bool) -> Result:
-        return parse_result(await self._request("POST", path, body), chat)
+    async def _complete(self, call: Call) -> Result:
+        return parse_result(await self._request("POST", call.path, call.body), call.chat)
 
     async def aclose(self) -> None:
         """Close the connections."""

@@ -16,7 +16,7 @@ the clients import nothing heavy (`AsyncClient` is in async_client.py, what both
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -24,13 +24,12 @@ import httpx
 from edgeshard.coordinator.sdk.client_base import (
     DEFAULT_TIMEOUT_S,
     DEFAULT_URL,
+    Call,
+    ClientCore,
     Result,
     StreamState,
-    as_messages,
-    base_url,
     parse_result,
     raise_for_error,
-    request_body,
     unreachable,
 )
 
@@ -80,8 +79,12 @@ class TextStream:
         self.close()
 
 
-class Client:
-    """A synchronous client of an edgeshard server (`url` like http://127.0.0.1:8000, with or without /v1)."""
+class Client(ClientCore):
+    """A synchronous client of an edgeshard server (`url` like http://127.0.0.1:8000, with or without /v1).
+
+    `models()`, `cluster_info()`, `health()`, `generate(prompt, ...)` and `chat(messages, ...)` come from
+    `ClientCore`; with `stream=True` the last two return a `TextStream`, else a `Result`.
+    """
 
     def __init__(
         self,
@@ -91,12 +94,7 @@ class Client:
         api_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
-        self.url = base_url(url)
-        self.model = model  # None: the server's model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(
-            base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0)
-        )
+        super().__init__(url, model=model, api_key=api_key, timeout=timeout, http_class=httpx.Client)
 
     def _request(self, method: str, path: str, body: dict | None = None) -> Any:
         try:
@@ -106,65 +104,13 @@ class Client:
         raise_for_error(response, response.content)
         return response.json()
 
-    def models(self) -> list[dict[str, Any]]:
-        """The models the server serves (OpenAI model cards)."""
-        return self._request("GET", "/v1/models")["data"]
+    def _get(self, path: str, pick: Callable[[Any], Any] = lambda body: body) -> Any:
+        return pick(self._request("GET", path))
 
-    def cluster_info(self) -> dict[str, Any]:
-        """The cluster: plan, nodes with per-stage timings, admission counters."""
-        return self._request("GET", "/v1/cluster")
-
-    def health(self) -> dict[str, Any]:
-        """The server's health (raises ServerUnavailableError when no plan can run)."""
-        return self._request("GET", "/health")
-
-    def generate(
-        self,
-        prompt: str,
-        *,
-        stream: bool = False,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
-    ) -> Result | TextStream:
-        """Continue `prompt` (no chat template): a Result, or with stream=True a TextStream of pieces."""
-        options = dict(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed
-        )
-        return self._run(
-            "/v1/completions", request_body(self.model, stream, options, prompt=prompt), False, stream
-        )
-
-    def chat(
-        self,
-        messages: str | Sequence[Mapping[str, Any]],
-        *,
-        stream: bool = False,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
-    ) -> Result | TextStream:
-        """Answer chat `messages` (a string is one user message): a Result, or with stream=True a TextStream."""
-        options = dict(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed
-        )
-        return self._run(
-            "/v1/chat/completions",
-            request_body(self.model, stream, options, messages=as_messages(messages)),
-            True,
-            stream,
-        )
-
-    def _run(self, path: str, body: dict, chat: bool, stream: bool) -> Result | TextStream:
-        if stream:
-            return TextStream(self, path, body, chat)
-        return parse_result(self._request("POST", path, body), chat)
+    def _send(self, call: Call) -> Result | TextStream:
+        if call.stream:
+            return TextStream(self, call.path, call.body, call.chat)
+        return parse_result(self._request("POST", call.path, call.body), call.chat)
 
     def close(self) -> None:
         """Close the connections."""

@@ -1,9 +1,9 @@
-"""What both SDK clients share: result types, request bodies, SSE parsing, errors from responses (pure)."""
+"""What both SDK clients share: result types, the request-making half (`ClientCore`), SSE parsing, errors."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,3 +121,99 @@ class StreamState:
     def result(self) -> Result:
         """What the stream has made so far, as a Result."""
         return Result("".join(self.pieces), self.finish_reason, self.usage or Usage())
+
+
+@dataclass(frozen=True)
+class Call:
+    """One generation request, ready to send: where, what, whether it is a chat, whether to stream."""
+
+    path: str
+    body: dict[str, Any]
+    chat: bool
+    stream: bool
+
+
+class ClientCore:
+    """The half of a client that makes requests; `Client` and `AsyncClient` send them (`_send`, `_get`).
+
+    The sync client returns values, the async one awaitables: every public method here returns what the
+    subclass's `_send` / `_get` return, so both clients have one definition of each request.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        model: str | None,
+        api_key: str | None,
+        timeout: float,
+        http_class: Callable[..., Any],
+    ) -> None:
+        self.url = base_url(url)
+        self.model = model  # None: the server's model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = http_class(
+            base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout, connect=10.0)
+        )
+
+    def _send(self, call: Call) -> Any:
+        raise NotImplementedError
+
+    def _get(self, path: str, pick: Callable[[Any], Any] = lambda body: body) -> Any:
+        raise NotImplementedError
+
+    def models(self) -> Any:
+        """The models the server serves (OpenAI model cards)."""
+        return self._get("/v1/models", lambda body: body["data"])
+
+    def cluster_info(self) -> Any:
+        """The cluster: plan, nodes with per-stage timings, admission counters."""
+        return self._get("/v1/cluster")
+
+    def health(self) -> Any:
+        """The server's health (raises ServerUnavailableError when no plan can run)."""
+        return self._get("/health")
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        stream: bool = False,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+    ) -> Any:
+        """Continue `prompt` (no chat template): a Result, or with stream=True a stream of text pieces.
+
+        `Client` returns them directly, `AsyncClient` as an awaitable Result or an `AsyncTextStream`.
+        """
+        options = dict(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed
+        )
+        body = request_body(self.model, stream, options, prompt=prompt)
+        return self._send(Call("/v1/completions", body, False, stream))
+
+    def chat(
+        self,
+        messages: str | Sequence[Mapping[str, Any]],
+        *,
+        stream: bool = False,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+    ) -> Any:
+        """Answer chat `messages` (a string is one user message): a Result, or with stream=True a stream.
+
+        `Client` returns them directly, `AsyncClient` as an awaitable Result or an `AsyncTextStream`.
+        """
+        options = dict(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, stop=stop, seed=seed
+        )
+        body = request_body(self.model, stream, options, messages=as_messages(messages))
+        return self._send(Call("/v1/chat/completions", body, True, stream))
