@@ -227,6 +227,34 @@ def test_the_switch_picks_and_refuses_kernel_sets() -> None:
     assert name == "torch" and "torch kernels" in status and impossible in status
 
 
+def test_the_torch_fallback_is_not_batch_invariant_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Documents the torch fallback (EDGESHARD_KERNELS=torch, or no compiler / no AVX2 or NEON): torch's
+    int4/int8 kernels and the dense bf16 path for many rows are each row-invariant here, but a layer switches
+    between them at `dense_min_rows` rows, so a row's bits depend on how many rows share its batch; the
+    status line says so (docs/kernels.md). If this fails because the switch stopped changing bits, the
+    fallback became batch-invariant: update the status, the docs and this test."""
+    monkeypatch.setenv("EDGESHARD_KERNELS", "torch")
+    native.reset()
+    try:
+        assert native.kernel_set() == "torch"
+        assert native.TORCH_NOT_BATCH_INVARIANT in native.status()
+        torch.manual_seed(2)
+        changed = {}
+        for fmt, cls in (("int4", Int4Linear), ("int8", Int8Linear)):
+            layer = make_linear(FloatSrc(torch.randn(1536, 576) * 0.1), None, fmt)
+            assert type(layer) is cls
+            few = layer.dense_min_rows - 1  # the low-bit kernel; from dense_min_rows rows on, dense bf16
+            x = torch.randn(layer.dense_min_rows, 576).bfloat16()
+            alone = torch.cat([layer(x[i : i + 1]) for i in range(few)])
+            assert torch.equal(layer(x[:few]), alone)  # each path alone keeps a row's bits
+            many = layer(x)
+            changed[fmt] = (many[:few] != alone).any(dim=1).float().mean().item()
+    finally:
+        monkeypatch.undo()
+        native.reset()
+    assert all(share > 0.5 for share in changed.values()), changed
+
+
 # --- whole-stage decode (node/model/fused.py over dot.c's es_decode_stage) and sequences ---------------------------
 
 
