@@ -10,7 +10,9 @@
  * those int8 codes by integer dot-product instructions (AVX-512 VNNI vpdpbusd, AVX2/AVX-512BW vpmaddubsw,
  * NEON sdot or smull): within a block the sum is exact integer arithmetic. The per-block float terms are
  * accumulated per output element in a fixed order, so an output depends only on its own row: a row gives
- * bit-identical results alone or in a batch of any size, with any number of threads.
+ * bit-identical results alone or in a batch of any size, with any number of threads. Several rows (batched
+ * decode, prefill chunks) go through tiles of up to TILE_ROWS rows that load and expand each weight block
+ * once for all of them, with each output's operations exactly the one-row kernel's.
  *
  *   int4 (w = q * scale + min per 32):   y[n] = sum_b (scale[n,b] * dx_b) * isum[n,b] + min[n,b] * (dx_b * xsum_b)
  *   int8 (w = q * rowscale[n]):          y[n] = rowscale[n] * sum_b dx_b * isum[n,b]
