@@ -8,6 +8,9 @@ benchmarks/results/kernels.json. Used to choose the kernels behind `node/lowbit/
     python benchmarks/kernels.py --crossover  # Int4Linear/Int8Linear: low-bit kernel vs dequantize + bf16
                                               # matmul by row count (sets dense_min_rows);
                                               # writes benchmarks/results/crossover.json
+    python benchmarks/kernels.py --stage      # a batched decode step of the demo model's last 15 layers in
+                                              # int4 (the native stage call) and its int8 head, by rows:
+                                              # what batching costs; writes benchmarks/results/kernels-stage.json
 
 Kernels (weights random; only speed is measured here, accuracy lives in tests/test_quant.py):
   fp32          F.linear, float32 activations and weights
@@ -158,6 +161,60 @@ def crossover(min_time_s: float, repeats: int, out: Path) -> None:
     print(f"wrote {out}")
 
 
+STAGE_ROWS = (1, 2, 4, 8, 16)
+
+
+def _stage_step(st, fused, s: int, context: int, repeats: int) -> tuple[float, float]:
+    """(ms of the stage call, ms of the head) for s rows of sequences `context` tokens in."""
+    from edgeshard.node.model.config import FULL
+    from edgeshard.node.model.decoder import Segment
+
+    caches = [st.new_cache(context + 8) for _ in range(s)]
+    for c in caches:  # the context, through the modules (a prefill)
+        st(torch.randn(context, st.config.hidden_size), [Segment(c, 0, context)])
+    x = torch.randn(s, st.config.hidden_size)
+    tables = st.rotary.tables([Segment(c, context, 1) for c in caches], st.dtype)[FULL]
+    cos, sin = (t.reshape(s, -1).contiguous() for t in tables)
+    xh = torch.randn(s, st.config.hidden_size, dtype=torch.bfloat16)
+    layers = _time_ms(
+        lambda: fused.run(x.clone(), caches, [context] * s, cos, sin), 0.1, repeats, time.thread_time
+    )
+    head = _time_ms(functools.partial(st.lm_head, xh), 0.1, repeats, time.thread_time)
+    return layers, head
+
+
+def stage(repeats: int, out: Path, quant: str, context: int) -> None:
+    """One decode step of S rows through a stage of the demo model's layers 15-29 (the native whole-stage
+    call, node/model/fused.py) and through its output head, S = STAGE_ROWS, each sequence `context` tokens
+    in. Thread CPU time (the calls run on this thread with 1 torch thread), so other work on a shared
+    machine does not count; the ratio to one row is what batching costs."""
+    from edgeshard.node.lowbit import native
+    from edgeshard.node.model.config import ShardSpec
+    from edgeshard.node.weights.checkpoint import open_checkpoint
+    from edgeshard.node.weights.loader import load_stage
+    from edgeshard.node.weights.registry import pull
+
+    st = load_stage(open_checkpoint(pull("smollm2-135m")), ShardSpec(15, 30, 30), quant=quant)
+    fused = st.fused_decode()
+    if fused is None:
+        raise SystemExit(f"no native stage call for these layers ({native.status()})")
+    print(f"ms per decode step (thread CPU time), layers 15-29 in {quant}, {context} tokens of context, "
+          f"{torch.get_num_threads()} thread(s); {native.status()}")  # fmt: skip
+    print(f"{'rows':>5}{'15 layers':>11}{'x 1 row':>9}{'head':>9}{'x 1 row':>9}{'ms/row':>9}")
+    rows, first = [], None
+    for s in STAGE_ROWS:
+        layers, head = _stage_step(st, fused, s, context, repeats)
+        first = first or (layers, head)
+        rows.append({"rows": s, "layers_ms": layers, "head_ms": head})
+        print(f"{s:>5}{layers:>11.2f}{layers / first[0]:>9.2f}{head:>9.2f}{head / first[1]:>9.2f}"
+              f"{(layers + head) / s:>9.2f}")  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"quant": quant, "context": context, "threads": torch.get_num_threads(), "native": native.status(),
+            "machine": platform.machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     """Run the benchmark, print the table and write the JSON results."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,6 +222,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: per-core figures)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kernels.json")
     ap.add_argument("--crossover", action="store_true", help="kernel vs dense path of the quantized layers")
+    ap.add_argument("--stage", action="store_true", help="a batched decode step of 15 layers + head, by rows")
+    ap.add_argument("--quant", default="int4", help="--stage: the layers' format (int4, int8)")
+    ap.add_argument("--context", type=int, default=60, help="--stage: tokens already in each sequence")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -172,6 +232,9 @@ def main() -> None:
     min_time_s, repeats = (0.02, 3) if args.quick else (0.1, 5)
     if args.crossover:
         crossover(min_time_s, repeats, args.out.with_name("crossover.json"))
+        return
+    if args.stage:
+        stage(repeats, args.out.with_name("kernels-stage.json"), args.quant, args.context)
         return
 
     from edgeshard.node.lowbit import native

@@ -15,7 +15,7 @@ static float frand(void) { return ((float)(rnd() % 20001) - 10000.0f) / 10000.0f
 
 #define K 96
 #define N 40
-#define M 5
+#define M 11 /* tiles of 4, 4 and 3 rows */
 #define NP 48 /* N padded */
 
 int main(void) {
@@ -49,6 +49,16 @@ int main(void) {
         for (int k = 0; k < K; k++) x[m][k] = f_bf16(frand() * (k == 7 ? 30.0f : 1.0f));
     es_dot_int4_mm(&x[0][0], M, K, &codes4[0][0][0], &params[0][0][0][0], N, &y4[0][0], 2);
     es_dot_int8_mm(&x[0][0], M, K, &codes8[0][0][0], sc8, N, &y8[0][0], 2);
+    /* every batch of consecutive rows (each row at every place of a tile, every ragged tile height): the
+     * same bits as in the full batch */
+    for (int m0 = 0; m0 < M; m0++)
+        for (int b = 2; m0 + b <= M; b++) {
+            static uint16_t yb[M][N];
+            es_dot_int4_mm(x[m0], b, K, &codes4[0][0][0], &params[0][0][0][0], N, &yb[0][0], 1);
+            if (memcmp(yb, y4[m0], (size_t)b * N * 2)) fails++, printf("int4 rows %d..%d differ in a batch of %d\n", m0, m0 + b - 1, b);
+            es_dot_int8_mm(x[m0], b, K, &codes8[0][0][0], sc8, N, &yb[0][0], 1);
+            if (memcmp(yb, y8[m0], (size_t)b * N * 2)) fails++, printf("int8 rows %d..%d differ in a batch of %d\n", m0, m0 + b - 1, b);
+        }
     for (int m = 0; m < M; m++) {
         int8_t xq[K];
         float xd[K / 32], xs[K / 32];
@@ -72,8 +82,34 @@ int main(void) {
         es_dot_int8_mm(x[m], 1, K, &codes8[0][0][0], sc8, N, y1, 1);
         if (memcmp(y1, y8[m], sizeof y1)) fails++, printf("int8 row %d differs alone\n", m);
     }
-    /* whole-stage decode: 2 layers, D 64, H 4, Hkv 2, hd 32, F 96; 3 sequences at positions 5, 0, 9 */
-    enum { D = 64, H = 4, HKV = 2, HD = 32, F = 96, L = 2, S = 3, CAP = 16 };
+#ifdef TILE_ROWS
+    { /* the tiles' float sums, before any bf16 rounding, against the one-row kernels: bit for bit */
+        static int8_t xq[M][K];
+        static float xd[M][K / 32], xsum[M][K / 32];
+        for (int m = 0; m < M; m++) quantize_row(x[m], K, xq[m], xd[m], xsum[m]);
+        for (int R = 1; R <= TILE_ROWS; R++)
+            for (int b = 0; b < NP / 16; b++) {
+                /* the tiles take rows at a stride of K codes and K/32 scales: a packed copy of rows 1..R */
+                static int8_t tq[TILE_ROWS * K];
+                static float td[TILE_ROWS * (K / 32)], ts[TILE_ROWS * (K / 32)];
+                for (int r = 0; r < R; r++) {
+                    memcpy(tq + r * K, xq[1 + r], K);
+                    memcpy(td + r * (K / 32), xd[1 + r], sizeof xd[0]), memcpy(ts + r * (K / 32), xsum[1 + r], sizeof xsum[0]);
+                }
+                float t4[TILE_ROWS][16], t8[TILE_ROWS][16], r4[16], r8[16];
+                int4_tiles[R](&codes4[b][0][0], &params[b][0][0][0], K / 32, tq, K, td, ts, 1, t4);
+                int8_tiles[R](&codes8[b][0][0], K / 32, tq, K, td, 0, t8);
+                for (int r = 0; r < R; r++) {
+                    int4_row(&codes4[b][0][0], &params[b][0][0][0], K / 32, xq[1 + r], xd[1 + r], xsum[1 + r], r4);
+                    int8_row(&codes8[b][0][0], K / 32, xq[1 + r], xd[1 + r], r8);
+                    if (memcmp(t4[r], r4, sizeof r4)) fails++, printf("int4 tile of %d, row %d: float sums differ\n", R, r);
+                    if (memcmp(t8[r], r8, sizeof r8)) fails++, printf("int8 tile of %d, row %d: float sums differ\n", R, r);
+                }
+            }
+    }
+#endif
+    /* whole-stage decode: 2 layers, D 64, H 4, Hkv 2, hd 32, F 96; 6 sequences (tiles of 4 and 2 rows) */
+    enum { D = 64, H = 4, HKV = 2, HD = 32, F = 96, L = 2, S = 6, CAP = 16 };
     static uint8_t lc[4][4][(F > D ? 2 * F : D) / 16 * 3 * 256];
     static uint16_t lp[4][4][(2 * F) / 16 * 3 * 32];
     static float norms[2][D];
@@ -98,7 +134,7 @@ int main(void) {
         for (int i = 0; i < HD; i++) cs[s][i] = f_bf16(cosf(0.3f * (float)(s + i))), sn[s][i] = f_bf16(sinf(0.3f * (float)(s + i)));
         for (int i = 0; i < D; i++) xs[s][i] = frand();
     }
-    int64_t ptrs[S], caps[S] = {CAP, CAP, CAP}, pos[S] = {5, 0, 9};
+    int64_t ptrs[S], caps[S] = {CAP, CAP, CAP, CAP, CAP, CAP}, pos[S] = {5, 0, 9, 3, 12, 1};
     static float xin[S][D];
     memcpy(xin, xs, sizeof xs);
     static uint16_t kvin[S][L * 2 * HKV * CAP * HD];

@@ -139,6 +139,25 @@ def test_a_row_gives_the_same_bits_alone_or_in_any_batch(kernels: str, fmt: str)
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("rows", [2, 3, 5, 8, 13, 128])  # tiles of 4 rows, ragged tiles, a prefill chunk
+def test_tiled_rows_match_the_reference_and_their_rows_alone(kernels: str, fmt: str, rows: int) -> None:
+    """Several rows go through dot.c's tiles (each weight block expanded once for up to 4 rows): every row
+    equals its one-row result bit for bit, whatever its place in the tile, and matches the dequantized
+    reference as tightly as one row does (a ragged last output block: 200 = 12 * 16 + 8)."""
+    torch.manual_seed(rows)
+    layer = make_linear(FloatSrc(torch.randn(200, 576) * 0.1), None, fmt)
+    x = torch.randn(rows + 3, 576).bfloat16()
+    y = layer(x[:rows])
+    alone = torch.cat([layer(x[i : i + 1]) for i in range(rows + 3)])
+    assert torch.equal(y, alone[:rows])
+    assert torch.equal(layer(x[3:]), alone[3:])  # every row at another place of its tile
+    product = _emulated(layer, x[:rows])
+    err = (y.double() - product).abs()
+    assert (err <= 2.0**-8 * product.abs() + 1e-5 * product.abs().max()).all()
+    assert rel(y, F.linear(x[:rows].float(), layer.dequantize())) < 1.5e-2
+
+
 HARNESS = Path(__file__).with_name("dot_harness.c")
 _CROSS = [
     ("neon-dot", "-march=armv8.2-a+dotprod"),
@@ -206,6 +225,34 @@ def test_the_switch_picks_and_refuses_kernel_sets() -> None:
     impossible = "neon" if native.cpu_features() >= {"avx2"} else "avx2"
     name, status = run(impossible)
     assert name == "torch" and "torch kernels" in status and impossible in status
+
+
+def test_the_torch_fallback_is_not_batch_invariant_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Documents the torch fallback (EDGESHARD_KERNELS=torch, or no compiler / no AVX2 or NEON): torch's
+    int4/int8 kernels and the dense bf16 path for many rows are each row-invariant here, but a layer switches
+    between them at `dense_min_rows` rows, so a row's bits depend on how many rows share its batch; the
+    status line says so (docs/kernels.md). If this fails because the switch stopped changing bits, the
+    fallback became batch-invariant: update the status, the docs and this test."""
+    monkeypatch.setenv("EDGESHARD_KERNELS", "torch")
+    native.reset()
+    try:
+        assert native.kernel_set() == "torch"
+        assert native.TORCH_NOT_BATCH_INVARIANT in native.status()
+        torch.manual_seed(2)
+        changed = {}
+        for fmt, cls in (("int4", Int4Linear), ("int8", Int8Linear)):
+            layer = make_linear(FloatSrc(torch.randn(1536, 576) * 0.1), None, fmt)
+            assert type(layer) is cls
+            few = layer.dense_min_rows - 1  # the low-bit kernel; from dense_min_rows rows on, dense bf16
+            x = torch.randn(layer.dense_min_rows, 576).bfloat16()
+            alone = torch.cat([layer(x[i : i + 1]) for i in range(few)])
+            assert torch.equal(layer(x[:few]), alone)  # each path alone keeps a row's bits
+            many = layer(x)
+            changed[fmt] = (many[:few] != alone).any(dim=1).float().mean().item()
+    finally:
+        monkeypatch.undo()
+        native.reset()
+    assert all(share > 0.5 for share in changed.values()), changed
 
 
 # --- whole-stage decode (node/model/fused.py over dot.c's es_decode_stage) and sequences ---------------------------

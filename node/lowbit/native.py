@@ -254,13 +254,20 @@ def amx() -> bool:
     return kernel_set() == "amx"
 
 
+# What the torch fallback does not promise (docs/kernels.md, tests/test_kernels.py checks it on this machine):
+# torch's int4/int8 kernels and the dense bf16 path each give a row the same bits in any batch, but a layer
+# switches from the first to the second at `dense_min_rows` rows, so a row's result depends on how many rows
+# share its batch (a prefill chunk next to it, or many concurrent sequences).
+TORCH_NOT_BATCH_INVARIANT = "not batch-invariant: a row's result can change with the rows batched with it"
+
+
 def status() -> str:
     """One line for diagnostics: which low-bit kernels this process uses, and why."""
     if (name := kernel_set()) == "amx":
         return "AMX kernels (node/lowbit/csrc/lowbit.c)"
     if name != "torch":
         return f"{name} integer dot-product kernels (node/lowbit/csrc/dot.c)"
-    return f"torch kernels (native kernels unavailable: {_why_not})"
+    return f"torch kernels (native kernels unavailable: {_why_not}; {TORCH_NOT_BATCH_INVARIANT})"
 
 
 def padded(n: int) -> int:

@@ -10,7 +10,9 @@
  * those int8 codes by integer dot-product instructions (AVX-512 VNNI vpdpbusd, AVX2/AVX-512BW vpmaddubsw,
  * NEON sdot or smull): within a block the sum is exact integer arithmetic. The per-block float terms are
  * accumulated per output element in a fixed order, so an output depends only on its own row: a row gives
- * bit-identical results alone or in a batch of any size, with any number of threads.
+ * bit-identical results alone or in a batch of any size, with any number of threads. Several rows (batched
+ * decode, prefill chunks) go through tiles of up to TILE_ROWS rows that load and expand each weight block
+ * once for all of them, with each output's operations exactly the one-row kernel's.
  *
  *   int4 (w = q * scale + min per 32):   y[n] = sum_b (scale[n,b] * dx_b) * isum[n,b] + min[n,b] * (dx_b * xsum_b)
  *   int8 (w = q * rowscale[n]):          y[n] = rowscale[n] * sum_b dx_b * isum[n,b]
@@ -137,6 +139,16 @@ static inline int32_t quad(const int8_t *p) { /* 4 input codes as one 32-bit wor
 #define prefetch(p) ((void)(p))
 #endif
 
+/* An empty asm that "changes" v: the compiler must have v in a register here, so it cannot regroup a tile's
+ * integer sums into one tree of all its products (gcc does, then spills them: exact either way, but slow). */
+#if defined(__GNUC__) && defined(ES_X86)
+#define KEEP(v) __asm__("" : "+x"(v))
+#elif defined(__GNUC__) && defined(ES_NEON)
+#define KEEP(v) __asm__("" : "+w"(v))
+#else
+#define KEEP(v) ((void)0)
+#endif
+
 #if ES_X86 == 512
 static void int4_row(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq,
                      const float *xd, const float *xs, float *out) {
@@ -209,39 +221,49 @@ static void int8_row(const int8_t *codes, int64_t groups, const int8_t *xq, cons
     _mm512_storeu_ps(out, acc);
 }
 
-/* int4_row for 4 input rows at once (row r at xq + r * K, its scales at xd/xs + r * groups): the weight
- * nibbles are expanded once for the four; every output gets exactly int4_row's operations. */
-#define ES_ROWS4 1
-static void int4_rows4(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq, int64_t K,
-                       const float *xd, const float *xs, float out[4][16]) {
+/* Tiles of R input rows (R <= TILE_ROWS) x the block's 16 outputs: the weight codes are loaded and
+ * expanded once per tile and multiplied with every row of it (see the AVX2 version for why). Per output the
+ * operations are exactly int4_row's / int8_row's. Compiled and reviewed, not run: no AVX-512 machine yet. */
+#define TILE_ROWS 4
+#define TILE_HALVES 1
+static inline __attribute__((always_inline)) void int4_tile(const uint8_t *codes, const uint16_t *params,
+                                                            int64_t groups, const int8_t *xq, int64_t K,
+                                                            const float *xd, const float *xs, int h, int R,
+                                                            int pf, float (*out)[16]) {
+    (void)h;
     const __m512i low4 = _mm512_set1_epi8(15);
 #ifndef ES_VNNI
     const __m512i ones = _mm512_set1_epi16(1);
 #endif
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 acc[TILE_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         const uint8_t *c = codes + g * 256;
-        prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128), prefetch(c + PREFETCH + 192);
-        prefetch(params + g * 32 + PREFETCH / 4);
-        __m512i s[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        if (pf) {
+            prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128);
+            prefetch(c + PREFETCH + 192), prefetch(params + g * 32 + PREFETCH / 4);
+        }
+        __m512i s[TILE_ROWS];
+        for (int r = 0; r < R; r++) s[r] = _mm512_setzero_si512();
         for (int j = 0; j < 4; j++) {
             const __m512i v = _mm512_loadu_si512((const void *)(c + 64 * j));
             const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-            for (int r = 0; r < 4; r++) {
+            for (int r = 0; r < R; r++) {
                 const int8_t *x = xq + r * K + g * 32;
 #ifdef ES_VNNI
                 s[r] = _mm512_dpbusd_epi32(s[r], lo, _mm512_set1_epi32(quad(x + 4 * j)));
                 s[r] = _mm512_dpbusd_epi32(s[r], hi, _mm512_set1_epi32(quad(x + 16 + 4 * j)));
 #else
-                s[r] = _mm512_add_epi16(s[r], _mm512_maddubs_epi16(lo, _mm512_set1_epi32(quad(x + 4 * j))));
-                s[r] = _mm512_add_epi16(s[r], _mm512_maddubs_epi16(hi, _mm512_set1_epi32(quad(x + 16 + 4 * j))));
+                const __m512i pl = _mm512_maddubs_epi16(lo, _mm512_set1_epi32(quad(x + 4 * j)));
+                const __m512i ph = _mm512_maddubs_epi16(hi, _mm512_set1_epi32(quad(x + 16 + 4 * j)));
+                s[r] = _mm512_add_epi16(s[r], _mm512_add_epi16(pl, ph));
 #endif
             }
         }
         const uint16_t *p = params + g * 32;
         const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p));
         const __m512 minv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p + 16)));
-        for (int r = 0; r < 4; r++) {
+        for (int r = 0; r < R; r++) {
 #ifdef ES_VNNI
             const __m512i isum = s[r];
 #else
@@ -251,7 +273,42 @@ static void int4_rows4(const uint8_t *codes, const uint16_t *params, int64_t gro
             acc[r] = _mm512_fmadd_ps(minv, _mm512_set1_ps(xs[r * groups + g]), acc[r]);
         }
     }
-    for (int r = 0; r < 4; r++) _mm512_storeu_ps(out[r], acc[r]);
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(out[r], acc[r]);
+}
+
+static inline __attribute__((always_inline)) void int8_tile(const int8_t *codes, int64_t groups, const int8_t *xq,
+                                                            int64_t K, const float *xd, int h, int R, int pf,
+                                                            float (*out)[16]) {
+    (void)h;
+    const __m512i zero = _mm512_setzero_si512();
+#ifndef ES_VNNI
+    const __m512i ones = _mm512_set1_epi16(1);
+#endif
+    __m512 acc[TILE_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const int8_t *c = codes + g * 512;
+        if (pf)
+            for (int line = 0; line < 512; line += 64) prefetch(c + 2 * PREFETCH + line);
+        __m512i s[TILE_ROWS];
+        for (int r = 0; r < R; r++) s[r] = zero;
+        for (int kq = 0; kq < 8; kq++) { /* |w| (u8) times x with w's sign, as int8_row */
+            const __m512i w = _mm512_loadu_si512((const void *)(c + 64 * kq)), a = _mm512_abs_epi8(w);
+            const __mmask64 neg = _mm512_movepi8_mask(w);
+            for (int r = 0; r < R; r++) {
+                const __m512i xb = _mm512_set1_epi32(quad(xq + r * K + g * 32 + 4 * kq));
+                const __m512i b = _mm512_mask_sub_epi8(xb, neg, zero, xb);
+#ifdef ES_VNNI
+                s[r] = _mm512_dpbusd_epi32(s[r], a, b);
+#else
+                s[r] = _mm512_add_epi32(s[r], _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), ones));
+#endif
+            }
+        }
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]), _mm512_set1_ps(xd[r * groups + g]), acc[r]);
+    }
+    for (int r = 0; r < R; r++) _mm512_storeu_ps(out[r], acc[r]);
 }
 
 #elif ES_X86 == 256
@@ -317,39 +374,77 @@ static void int8_row(const int8_t *codes, int64_t groups, const int8_t *xq, cons
     _mm256_storeu_ps(out + 8, acc1);
 }
 
-/* int4_row for 4 input rows at once (see the AVX-512 version): one 8-row half of the block at a time, so
- * the four rows' sums and accumulators stay in the 16 registers. */
-#define ES_ROWS4 1
-static void int4_rows4(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq, int64_t K,
-                       const float *xd, const float *xs, float out[4][16]) {
+/* Tiles of R input rows (R <= TILE_ROWS) x one 8-output half h of a 16-row block: the weight codes are
+ * loaded and expanded once per tile and multiplied with every row of it, so R rows cost far less than R
+ * single-row passes (batched decode, prefill chunks). Per output the operations are exactly int4_row's /
+ * int8_row's (exact int16 / int32 block sums, then the same float steps in the same order): a row's bits do
+ * not depend on the tile it lands in. R is a compile-time constant in each instance (TILE_FNS), so the
+ * accumulators stay in the 16 ymm registers: 4 rows = 4 int sums + 4 float sums + the expanded weights. */
+#define TILE_ROWS 4
+#define TILE_HALVES 2 /* a tile covers 8 of the block's 16 outputs */
+static inline __attribute__((always_inline)) void int4_tile(const uint8_t *codes, const uint16_t *params,
+                                                            int64_t groups, const int8_t *xq, int64_t K,
+                                                            const float *xd, const float *xs, int h, int R,
+                                                            int pf, float (*out)[16]) {
     const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    for (int h = 0; h < 2; h++) {
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t g = 0; g < groups; g++) {
-            const uint8_t *c = codes + g * 256 + 32 * h;
-            prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128), prefetch(c + PREFETCH + 192);
-            prefetch(params + g * 32 + PREFETCH / 4);
-            __m256i s[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-            for (int j = 0; j < 4; j++) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * j));
-                const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-                for (int r = 0; r < 4; r++) {
-                    const int8_t *x = xq + r * K + g * 32;
-                    s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(x + 4 * j))));
-                    s[r] = _mm256_add_epi16(s[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(x + 16 + 4 * j))));
-                }
-            }
-            const uint16_t *p = params + g * 32 + 8 * h;
-            const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
-            const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
-            for (int r = 0; r < 4; r++) {
-                const __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], ones));
-                acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(sc, _mm256_set1_ps(xd[r * groups + g])), acc[r]);
-                acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs[r * groups + g]), acc[r]);
+    __m256 acc[TILE_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *c = codes + g * 256 + 32 * h;
+        if (pf) { /* the first pass over a block streams it in; the others find it in L1 */
+            prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128);
+            prefetch(c + PREFETCH + 192), prefetch(params + g * 32 + PREFETCH / 4);
+        }
+        __m256i s[TILE_ROWS];
+        for (int r = 0; r < R; r++) s[r] = _mm256_setzero_si256();
+        for (int j = 0; j < 4; j++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(c + 64 * j));
+            const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+            for (int r = 0; r < R; r++) {
+                const int8_t *x = xq + r * K + g * 32;
+                const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(quad(x + 4 * j)));
+                const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(quad(x + 16 + 4 * j)));
+                s[r] = _mm256_add_epi16(s[r], _mm256_add_epi16(pl, ph));
+                KEEP(s[r]);
             }
         }
-        for (int r = 0; r < 4; r++) _mm256_storeu_ps(out[r] + 8 * h, acc[r]);
+        const uint16_t *p = params + g * 32 + 8 * h;
+        const __m256 sc = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+        const __m256 mn = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 16)));
+        for (int r = 0; r < R; r++) {
+            const __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s[r], ones));
+            acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(sc, _mm256_set1_ps(xd[r * groups + g])), acc[r]);
+            acc[r] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs[r * groups + g]), acc[r]);
+        }
     }
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(out[r] + 8 * h, acc[r]);
+}
+
+static inline __attribute__((always_inline)) void int8_tile(const int8_t *codes, int64_t groups, const int8_t *xq,
+                                                            int64_t K, const float *xd, int h, int R, int pf,
+                                                            float (*out)[16]) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[TILE_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        const int8_t *c = codes + g * 512 + 32 * h;
+        if (pf)
+            for (int line = 0; line < 512; line += 64) prefetch(c + 2 * PREFETCH + line);
+        __m256i s[TILE_ROWS];
+        for (int r = 0; r < R; r++) s[r] = _mm256_setzero_si256();
+        for (int kq = 0; kq < 8; kq++) { /* |w| (u8) times x with w's sign, as int8_row */
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(c + 64 * kq)), a = _mm256_abs_epi8(w);
+            for (int r = 0; r < R; r++) {
+                const __m256i xb = _mm256_set1_epi32(quad(xq + r * K + g * 32 + 4 * kq));
+                const __m256i p = _mm256_maddubs_epi16(a, _mm256_sign_epi8(xb, w));
+                s[r] = _mm256_add_epi32(s[r], _mm256_madd_epi16(p, ones));
+                KEEP(s[r]);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r]), _mm256_set1_ps(xd[r * groups + g]), acc[r]);
+    }
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(out[r] + 8 * h, acc[r]);
 }
 
 #elif defined(ES_NEON)
@@ -421,6 +516,94 @@ static void int8_row(const int8_t *codes, int64_t groups, const int8_t *xq, cons
     for (int i = 0; i < 4; i++) vst1q_f32(out + 4 * i, acc[i]);
 }
 
+/* Tiles of R input rows (R <= TILE_ROWS) x one 8-output half h of a 16-row block (two 4-lane vectors), as on
+ * x86: the weight codes are loaded and split into nibbles once per tile and multiplied with every row of it.
+ * Per output the operations are exactly int4_row's / int8_row's. 4 rows: 8 int32 sums + 8 float sums + the
+ * rows' 8 code vectors + the weights fit the 32 NEON registers. (Checked under qemu-user, not timed.) */
+#define TILE_ROWS 4
+#define TILE_HALVES 2
+static inline __attribute__((always_inline)) void int4_tile(const uint8_t *codes, const uint16_t *params,
+                                                            int64_t groups, const int8_t *xq, int64_t K,
+                                                            const float *xd, const float *xs, int h, int R,
+                                                            int pf, float (*out)[16]) {
+    const uint8x16_t low4 = vdupq_n_u8(15);
+    float32x4_t acc[TILE_ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = vdupq_n_f32(0.0f);
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *c = codes + g * 256 + 32 * h;
+        if (pf) {
+            prefetch(c + PREFETCH), prefetch(c + PREFETCH + 64), prefetch(c + PREFETCH + 128);
+            prefetch(c + PREFETCH + 192), prefetch(params + g * 32 + PREFETCH / 4);
+        }
+        int8x16_t xa[TILE_ROWS], xb[TILE_ROWS];
+        int32x4_t s[TILE_ROWS][2];
+        for (int r = 0; r < R; r++) {
+            xa[r] = vld1q_s8(xq + r * K + g * 32), xb[r] = vld1q_s8(xq + r * K + g * 32 + 16);
+            s[r][0] = s[r][1] = vdupq_n_s32(0);
+        }
+#define INT4_TILE_CHUNK(j)                                                                \
+    for (int ii = 0; ii < 2; ii++) { /* rows 8h + 4ii .. + 3 */                            \
+        const uint8x16_t v = vld1q_u8(c + 64 * (j) + 16 * ii);                           \
+        const int8x16_t lo = vreinterpretq_s8_u8(vandq_u8(v, low4));                      \
+        const int8x16_t hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));                       \
+        for (int r = 0; r < R; r++) {                                                     \
+            s[r][ii] = DOT_LANE(s[r][ii], lo, xa[r], j);                                  \
+            s[r][ii] = DOT_LANE(s[r][ii], hi, xb[r], j);                                  \
+        }                                                                                 \
+    }
+        INT4_TILE_CHUNK(0)
+        INT4_TILE_CHUNK(1)
+        INT4_TILE_CHUNK(2)
+        INT4_TILE_CHUNK(3)
+#undef INT4_TILE_CHUNK
+        const uint16_t *p = params + g * 32 + 8 * h;
+        for (int ii = 0; ii < 2; ii++) {
+            const float32x4_t sc = f16x4(p + 4 * ii), mn = f16x4(p + 16 + 4 * ii);
+            for (int r = 0; r < R; r++) {
+                acc[r][ii] = vfmaq_f32(acc[r][ii], vcvtq_f32_s32(s[r][ii]), vmulq_n_f32(sc, xd[r * groups + g]));
+                acc[r][ii] = vfmaq_f32(acc[r][ii], mn, vdupq_n_f32(xs[r * groups + g]));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) vst1q_f32(out[r] + 8 * h, acc[r][0]), vst1q_f32(out[r] + 8 * h + 4, acc[r][1]);
+}
+
+static inline __attribute__((always_inline)) void int8_tile(const int8_t *codes, int64_t groups, const int8_t *xq,
+                                                            int64_t K, const float *xd, int h, int R, int pf,
+                                                            float (*out)[16]) {
+    float32x4_t acc[TILE_ROWS][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = vdupq_n_f32(0.0f);
+    for (int64_t g = 0; g < groups; g++) {
+        const int8_t *c = codes + g * 512 + 32 * h;
+        if (pf)
+            for (int line = 0; line < 512; line += 64) prefetch(c + 2 * PREFETCH + line);
+        int8x16_t xa[TILE_ROWS], xb[TILE_ROWS];
+        int32x4_t s[TILE_ROWS][2];
+        for (int r = 0; r < R; r++) {
+            xa[r] = vld1q_s8(xq + r * K + g * 32), xb[r] = vld1q_s8(xq + r * K + g * 32 + 16);
+            s[r][0] = s[r][1] = vdupq_n_s32(0);
+        }
+#define INT8_TILE_KQ(kq, xv, lane)                                                        \
+    for (int ii = 0; ii < 2; ii++) {                                                      \
+        const int8x16_t w = vld1q_s8(c + 64 * (kq) + 16 * ii);                            \
+        for (int r = 0; r < R; r++) s[r][ii] = DOT_LANE(s[r][ii], w, xv[r], lane);         \
+    }
+        INT8_TILE_KQ(0, xa, 0)
+        INT8_TILE_KQ(1, xa, 1)
+        INT8_TILE_KQ(2, xa, 2)
+        INT8_TILE_KQ(3, xa, 3)
+        INT8_TILE_KQ(4, xb, 0)
+        INT8_TILE_KQ(5, xb, 1)
+        INT8_TILE_KQ(6, xb, 2)
+        INT8_TILE_KQ(7, xb, 3)
+#undef INT8_TILE_KQ
+        for (int r = 0; r < R; r++)
+            for (int ii = 0; ii < 2; ii++)
+                acc[r][ii] = vfmaq_f32(acc[r][ii], vcvtq_f32_s32(s[r][ii]), vdupq_n_f32(xd[r * groups + g]));
+    }
+    for (int r = 0; r < R; r++) vst1q_f32(out[r] + 8 * h, acc[r][0]), vst1q_f32(out[r] + 8 * h + 4, acc[r][1]);
+}
+
 #else /* plain C: the same arithmetic, one output row at a time (a reference, and for other CPUs) */
 static void int4_row(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq,
                      const float *xd, const float *xs, float *out) {
@@ -455,6 +638,59 @@ static void int8_row(const int8_t *codes, int64_t groups, const int8_t *xq, cons
         out[n] = acc;
     }
 }
+
+/* Tiles of R input rows x the block's 16 outputs: each group's nibbles are unpacked once per tile into
+ * bytes and multiplied with every row of it; per output the same float steps as int4_row / int8_row. */
+#define TILE_ROWS 4
+#define TILE_HALVES 1
+static inline void int4_tile(const uint8_t *codes, const uint16_t *params, int64_t groups, const int8_t *xq,
+                             int64_t K, const float *xd, const float *xs, int h, int R, int pf, float (*out)[16]) {
+    (void)h, (void)pf;
+    float acc[TILE_ROWS][16] = {{0}};
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *c = codes + g * 256;
+        const uint16_t *p = params + g * 32;
+        int8_t w[16][32]; /* w[n][k] */
+        for (int j = 0; j < 4; j++)
+            for (int n = 0; n < 16; n++)
+                for (int e = 0; e < 4; e++) {
+                    const uint8_t byte = c[64 * j + 4 * n + e];
+                    w[n][4 * j + e] = (int8_t)(byte & 15), w[n][16 + 4 * j + e] = (int8_t)(byte >> 4);
+                }
+        for (int r = 0; r < R; r++) {
+            const int8_t *x = xq + r * K + g * 32;
+            for (int n = 0; n < 16; n++) {
+                int32_t isum = 0;
+                for (int k = 0; k < 32; k++) isum += w[n][k] * x[k];
+                acc[r][n] = fmaf((float)isum, f16_f(p[n]) * xd[r * groups + g], acc[r][n]);
+                acc[r][n] = fmaf(f16_f(p[16 + n]), xs[r * groups + g], acc[r][n]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) memcpy(out[r], acc[r], sizeof acc[r]);
+}
+
+static inline void int8_tile(const int8_t *codes, int64_t groups, const int8_t *xq, int64_t K, const float *xd,
+                             int h, int R, int pf, float (*out)[16]) {
+    (void)h, (void)pf;
+    float acc[TILE_ROWS][16] = {{0}};
+    for (int64_t g = 0; g < groups; g++) {
+        const int8_t *c = codes + g * 512;
+        int8_t w[16][32];
+        for (int kq = 0; kq < 8; kq++)
+            for (int n = 0; n < 16; n++)
+                for (int e = 0; e < 4; e++) w[n][4 * kq + e] = c[64 * kq + 4 * n + e];
+        for (int r = 0; r < R; r++) {
+            const int8_t *x = xq + r * K + g * 32;
+            for (int n = 0; n < 16; n++) {
+                int32_t isum = 0;
+                for (int k = 0; k < 32; k++) isum += w[n][k] * x[k];
+                acc[r][n] = fmaf((float)isum, xd[r * groups + g], acc[r][n]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) memcpy(out[r], acc[r], sizeof acc[r]);
+}
 #endif
 
 /* ---- y = x @ W.T over a range of 16-row blocks ------------------------------------------------------------ */
@@ -474,6 +710,30 @@ static inline void store_row(const float *out, int64_t valid, const uint16_t *sc
     }
 }
 
+#ifdef TILE_ROWS
+/* One instance of the tiles per height R, a compile-time constant there, so their accumulators are
+ * registers; a tile covers the block's outputs in TILE_HALVES passes (prefetching in the first). */
+#define TILE_FNS(R)                                                                                              \
+    static void int4_tile_##R(const uint8_t *c, const uint16_t *p, int64_t groups, const int8_t *xq, int64_t K,  \
+                              const float *xd, const float *xs, int pf, float (*out)[16]) {                      \
+        for (int h = 0; h < TILE_HALVES; h++) int4_tile(c, p, groups, xq, K, xd, xs, h, R, pf && !h, out);      \
+    }                                                                                                            \
+    static void int8_tile_##R(const int8_t *c, int64_t groups, const int8_t *xq, int64_t K, const float *xd,    \
+                              int pf, float (*out)[16]) {                                                        \
+        for (int h = 0; h < TILE_HALVES; h++) int8_tile(c, groups, xq, K, xd, h, R, pf && !h, out);             \
+    }
+TILE_FNS(1)
+TILE_FNS(2)
+TILE_FNS(3)
+TILE_FNS(4)
+#undef TILE_FNS
+typedef void (*int4_tile_fn)(const uint8_t *, const uint16_t *, int64_t, const int8_t *, int64_t, const float *,
+                             const float *, int, float (*)[16]);
+typedef void (*int8_tile_fn)(const int8_t *, int64_t, const int8_t *, int64_t, const float *, int, float (*)[16]);
+static const int4_tile_fn int4_tiles[TILE_ROWS + 1] = {0, int4_tile_1, int4_tile_2, int4_tile_3, int4_tile_4};
+static const int8_tile_fn int8_tiles[TILE_ROWS + 1] = {0, int8_tile_1, int8_tile_2, int8_tile_3, int8_tile_4};
+#endif
+
 /* Output blocks [b0, b1) for M quantized rows; int8 weights when `scales` is set. */
 static void mm_blocks(const qrows *xr, int64_t M, int64_t K, const void *codes, const uint16_t *params,
                       const uint16_t *scales, const uint16_t *bias, int64_t N, uint16_t *y, int64_t b0, int64_t b1) {
@@ -481,12 +741,17 @@ static void mm_blocks(const qrows *xr, int64_t M, int64_t K, const void *codes, 
     for (int64_t nb = b0; nb < b1; nb++) {
         const int64_t n0 = nb * 16, valid = N - n0 < 16 ? N - n0 : 16;
         int64_t m = 0;
-#ifdef ES_ROWS4
-        for (; !scales && m + 4 <= M; m += 4) { /* int4, 4 rows per pass: the same operations per output */
-            float out[4][16];
-            int4_rows4((const uint8_t *)codes + nb * groups * 256, params + nb * groups * 32, groups, xr->q + m * K,
-                       K, xr->d + m * groups, xr->s + m * groups, out);
-            for (int r = 0; r < 4; r++) store_row(out[r], valid, 0, bias, n0, y + (m + r) * N + n0);
+#ifdef TILE_ROWS
+        for (; M > 1 && m < M; m += TILE_ROWS) { /* tiles: each block's weights expanded once per R rows */
+            const int R = M - m < TILE_ROWS ? (int)(M - m) : TILE_ROWS;
+            float out[TILE_ROWS][16];
+            if (scales)
+                int8_tiles[R]((const int8_t *)codes + nb * groups * 512, groups, xr->q + m * K, K, xr->d + m * groups,
+                              m == 0, out);
+            else
+                int4_tiles[R]((const uint8_t *)codes + nb * groups * 256, params + nb * groups * 32, groups,
+                              xr->q + m * K, K, xr->d + m * groups, xr->s + m * groups, m == 0, out);
+            for (int r = 0; r < R; r++) store_row(out[r], valid, scales, bias, n0, y + (m + r) * N + n0);
         }
 #endif
         for (; m < M; m++) { /* the block's weights stay in L1 across the rows */
