@@ -101,7 +101,10 @@ async def load_shard(
             load_s=time.perf_counter() - t0,
             stages=req.stages,
         )
-        await node.install(shard)  # ends the old plan's sessions and stream, as a reload would
+        shard.executor.adopt(
+            held.executor
+        )  # recovery: its sessions wait to be resumed (node/service/recover.py)
+        await node.install(shard)  # ends the old plan's stream, as a reload would
         total = 1
         yield pb.LoadProgress(
             stage="ready", tensors_done=total, tensors_total=total, done=True, shard=shard.info()
