@@ -121,16 +121,17 @@ class RecoveryEvent:
         if self.outcome != "recovered":
             return f"{head}; could not recover after {self.pause_ms / 1e3:.1f} s: {self.error}"
         replayed = self.sessions - self.resumed
-        seqs = f"{replayed} sequence{'s' if replayed != 1 else ''} ({self.replayed_tokens} tokens)"
-        if self.resumed:
-            seqs = (
-                f"{self.resumed} resumed (stages {', '.join(map(str, self.kept_stages))} kept their caches, "
-                f"{self.refilled_rows} rows recomputed), {seqs}"
+        seqs = f"replay {replayed} sequence{'s' if replayed != 1 else ''} ({self.replayed_tokens} tokens)"
+        if self.resumed:  # only the lost stages computed: say which kept their caches
+            resumed = (
+                f"resume {self.resumed} sequence{'s' if self.resumed != 1 else ''} (stages "
+                f"{', '.join(map(str, self.kept_stages))} kept their caches, {self.refilled_rows} rows recomputed)"
             )
+            seqs = resumed if not replayed else f"{resumed}, {seqs}"
         tries = f" in {self.attempts} attempts" if self.attempts > 1 else ""
         return (
             f"{head}; recovered in {self.pause_ms / 1e3:.1f} s{tries}: {self.action} "
             f"(detect {self.probe_ms:.0f} ms, re-plan {self.replan_ms:.0f} ms, load {self.load_ms:.0f} ms, "
-            f"replay {seqs} {self.replay_ms:.0f} ms); now serving plan {self.plan_id} on "
+            f"{seqs} {self.replay_ms:.0f} ms); now serving plan {self.plan_id} on "
             + ", ".join(f"{s['node']} {s['start_layer']}-{s['end_layer'] - 1}" for s in self.plan)
         )
