@@ -106,6 +106,7 @@ async def run_trial(pipe, cluster: LocalNodes, tokens: int, stage: int, after: i
         "replayed_tokens": event.replayed_tokens,
         "how": "resume" if event.resumed else "replay",
         "refilled_rows": event.refilled_rows,
+        "refill_compute_ms": round(event.refill_compute_ms, 1),
         "kept_stages": event.kept_stages,
         "action": event.action,
         "tokens": out,
@@ -169,6 +170,7 @@ def _table(trials: list[dict]):
         "pause ms",
         "how",
         "rows again",
+        "fill compute ms",
         "step ms",
         "same",
         title="recovery: one sequence, greedy; a node SIGKILLed mid-generation",
@@ -186,6 +188,7 @@ def _table(trials: list[dict]):
             f"{r['pause_ms']:.0f}",
             r["how"],
             str(r["refilled_rows"] if r["how"] == "resume" else r["replayed_tokens"] * 3),
+            f"{r['refill_compute_ms']:.0f}" if r["how"] == "resume" else "-",
             f"{r['normal_step_ms']:.1f}",
             "yes" if r["same_output"] else "NO",
         )

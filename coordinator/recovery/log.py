@@ -96,6 +96,7 @@ class RecoveryEvent:
     replayed_tokens: int = 0  # of the sessions replayed through every stage (not resumed)
     resumed: int = 0  # sessions resumed from kept caches: only the lost stages computed (resume.py)
     refilled_rows: int = 0  # rows those lost stages computed (positions x stages filled)
+    refill_compute_ms: float = 0.0  # of replay_ms: the filled nodes computing them (summed over sessions)
     kept_stages: list[int] = field(default_factory=list)  # stages (by index) that kept their caches
     action: str = ""  # what the new plan is: "replaced node2 by node4", "re-split ... over 2 node(s)"
     plan_id: int = 0  # the new epoch

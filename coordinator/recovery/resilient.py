@@ -336,6 +336,7 @@ class ResilientPipeline:
             replay = [s for s in sessions if s.session_id not in done]
             event.resumed = len(done)
             event.refilled_rows = sum(r.rows for r in resumed if r is not None)
+            event.refill_compute_ms = sum(r.compute_ms for r in resumed if r is not None)
             event.kept_stages = sorted({i for r in resumed if r is not None for i in r.kept})
         outcomes = await asyncio.gather(
             *(self._replay(s, self.pipeline, self.epoch) for s in replay), return_exceptions=True

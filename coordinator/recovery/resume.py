@@ -43,6 +43,7 @@ class Resumed:
     filled: list[int]  # stage indexes computed again (their layers over the context)
     rows: int  # rows computed in all (positions x filled stages)
     ms: float
+    compute_ms: float = 0.0  # of which the filled nodes computed (the rest: checks, transfers, the network)
 
 
 def stage_key(stage: dict) -> tuple:
@@ -89,7 +90,7 @@ async def resume(
     kept = [i for i, ok in zip(could_keep, kept_ok) if ok]
     if not kept:
         return None
-    filled, rows = [], 0
+    filled, rows, compute_ms = [], 0, 0.0
     timeout = max(FILL_MIN_S, n * FILL_S_PER_ROW)
     try:
         for i in range(len(new_plan)):
@@ -112,9 +113,10 @@ async def resume(
                 return None
             filled.append(i)
             rows += reply.rows
+            compute_ms += reply.compute_ms
     except grpc.aio.AioRpcError:
         return None
-    return Resumed(kept, filled, rows, (time.perf_counter() - t0) * 1e3)
+    return Resumed(kept, filled, rows, (time.perf_counter() - t0) * 1e3, compute_ms)
 
 
 async def _recover(client, messages: list[pb.RecoverMessage], timeout: float) -> pb.RecoverReply:
