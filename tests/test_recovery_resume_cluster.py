@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -43,11 +44,15 @@ def aio():
 
 @pytest.fixture(scope="module")
 def cluster(smollm2_path):
+    """Restarts during a run go through one long-lived thread: a node gets SIGTERM when the thread that started
+    it ends (the parent-death signal, coordinator/sdk/local_nodes.py)."""
     with LocalNodes(4, model_dir=smollm2_path.parent, name="resume", node_args=["--no-benchmark"]) as c:
+        c.restarter = ThreadPoolExecutor(1, thread_name_prefix="restarter")
         try:
             yield c
         finally:
             c.stop()
+            c.restarter.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +69,7 @@ async def ring(cluster, path):
     """The three-stage ring on the nodes holding those stages (no reload), every node a candidate."""
     for i, proc in enumerate(cluster.procs):
         if proc.poll() is not None:
-            cluster.restart(i)
+            await asyncio.get_running_loop().run_in_executor(cluster.restarter, cluster.restart, i)
     clients, infos = await connect(cluster.addresses)
     await asyncio.gather(*(c.close() for c in clients))
     specs, chosen = even_split(30, 3), []
@@ -172,3 +177,32 @@ def test_a_lost_stage_is_refilled_and_the_survivors_keep_their_caches(
         if address != spare:  # survivors: nothing refilled, and since the new plan only the decode steps
             assert after[address].recovered_rows == before[address].recovered_rows
             assert after[address].rows <= MAX_TOKENS - KILL_AFTER + 1 < len(prompt)
+
+
+def test_a_survivor_that_restarted_empty_is_filled_in_a_chain(aio, cluster, smollm2_path, prompt, reference):
+    """The middle node dies and the last one restarts at its address in the same moment (it comes back with no
+    shard and no sessions): its KEEP is refused, so it is filled too, from the rows the replacement of the
+    middle stage has just computed and kept. Only the first stage keeps its cache; the tokens do not change."""
+    positions = len(prompt) + KILL_AFTER - 1
+
+    async def run():
+        async with ring(cluster, smollm2_path) as pipe:
+            spare = await preload_spare(pipe, cluster, 1)
+            middle = cluster.addresses.index(pipe.deployment.plan[1]["address"])
+            last = cluster.addresses.index(pipe.deployment.plan[2]["address"])
+
+            async def on_token(n: int) -> None:
+                if n == KILL_AFTER:
+                    for victim in (middle, last):
+                        cluster.procs[victim].kill()
+                        cluster.procs[victim].wait()
+                    await asyncio.get_running_loop().run_in_executor(cluster.restarter, cluster.restart, last)
+
+            got = await tokens(pipe, prompt, on_token)
+            return pipe.events[-1], [s["address"] for s in pipe.deployment.plan], got, spare
+
+    event, plan, got, spare = aio(run())
+    print(event.summary())
+    assert got == reference, "the output changed"
+    assert event.outcome == "recovered" and plan[1] == spare, event
+    assert event.resumed == 1 and event.kept_stages == [0] and event.refilled_rows == 2 * positions, event
