@@ -355,9 +355,16 @@ class ResilientPipeline:
     async def _resume(self, session: SessionHistory, old_plan: list[dict]) -> Resumed | None:
         """`resume` the session on the current plan (None: it must be replayed); marks it open there."""
         epoch = self.epoch
-        resumed = await resume(
+        call = resume(
             session, old_plan, self.deployment.plan, self.deployment.clients, epoch, self.pipeline.subscriber
         )
+        try:  # under the deadline of its rows, as a replay: a node hanging in a fill is a failure of the plan
+            resumed = await self._guard(call, len(session.replay_tokens()))
+        except NodeFailure:
+            raise
+        except Exception:  # a bug here must cost a replay, not the recovery
+            log.exception("session %s: resuming failed; replaying it", session.session_id)
+            return None
         if resumed is not None:
             session.epoch = epoch
             log.info(
