@@ -230,7 +230,11 @@ class RingNode:
 
         Without this a crashed coordinator's sessions held their KV reservations until the next reload, and a
         few crashes filled a small node. A session a live coordinator still uses is never reaped: its stream
-        is open. (A coordinator that lost its stream rebuilds the ring and replays anyway.)"""
+        is open. (A coordinator that lost its stream rebuilds the ring and replays anyway.)
+
+        `from_node`: the stream came from the node before (no coordinator id). Its closing is how a failure
+        upstream, or the plan moving on, looks from here: the sessions are kept `orphan_s` for a recovery to
+        resume them (`_orphan`), and ended only then."""
         ended = [s for s, r in self.upstream.items() if r == reply]
         if from_node:  # the node before died or moved on: a recovery may resume these (see _orphan)
             for session_id in ended:
