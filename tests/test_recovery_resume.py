@@ -167,6 +167,10 @@ def test_recover_keep_and_fill_on_a_node(stages):
         with pytest.raises(WireError, match="in order"):
             await recover(node, aiter_of(bad))
         assert "u" not in ex.sessions  # refused before anything was opened
+        big = pb.RecoverMessage(plan_id=5, session_id="u", action=pb.RECOVER_FILL, positions=1, start=0)
+        tensor_to_wire(rows[:2], big.hidden)
+        with pytest.raises(WireError, match="more rows than"):
+            await recover(node, aiter_of(big))
         await node.unload()
 
     asyncio.run(go())

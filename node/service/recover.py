@@ -66,9 +66,17 @@ async def recover(node: RingNode, messages: AsyncIterator[pb.RecoverMessage]) ->
             node.adopted(head.session_id, reply_to)
             return pb.RecoverReply(held=session.cache.offset, kept=session.kept)
         if head.action == pb.RECOVER_FILL:
+            if head.positions > ex.max_len:
+                raise invalid(f"{head.positions} positions exceed this node's context of {ex.max_len}")
             calls = [_call(ex, head)] if head.WhichOneof("payload") else []
-            async for msg in messages:
+            rows = sum(c.length for c in calls)
+            async for msg in messages:  # bounded: never more rows than the header announced
+                if rows > head.positions:
+                    break
                 calls.append(_call(ex, msg))
+                rows += calls[-1].length
+            if rows > head.positions:
+                raise invalid(f"FILL calls carry more rows than the {head.positions} positions announced")
             return await _fill(node, ex, head, calls, reply_to)
         if head.action == pb.RECOVER_FEED_NEXT:
             return await _feed_next(node, ex, head, shard.next_hop)
