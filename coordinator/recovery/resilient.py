@@ -331,7 +331,9 @@ class ResilientPipeline:
         in_flight = [s for s in sessions if s.epoch]  # the others arrived meanwhile: only opened here
         replay = list(sessions)
         if old_plan and self.policy.resume:
-            resumed = await asyncio.gather(*(self._resume(s, old_plan) for s in in_flight))
+            # one after the other: a replacement fills one session at a time anyway (its compute thread), and
+            # each resume's deadline then counts its own rows, not the queue of the others before it
+            resumed = [await self._resume(s, old_plan) for s in in_flight]
             done = {s.session_id for s, r in zip(in_flight, resumed) if r is not None}
             replay = [s for s in sessions if s.session_id not in done]
             event.resumed = len(done)
