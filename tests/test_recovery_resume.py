@@ -80,6 +80,9 @@ def test_a_stage_keeps_the_rows_it_sent_and_counts_them(stages):
     assert first.kept_bytes_per_position == 32 * 4 and last.kept_bytes_per_position == 0
     assert first.sessions["s"].reserved == 512 * (first.kv_bytes_per_position + 32 * 4)  # in the budget
     assert first.kept_bytes() == first.sessions["s"].sent.nbytes > 0 and last.kept_bytes() == 0
+    info = LoadedShard(first, "tiny", "f32", 1, "next:1", 0, 0.0).info()  # what GetInfo reports
+    assert info.kept_bytes_per_position == 128 and info.kv_bytes_per_position == first.bytes_per_position
+    assert first.kv_bytes() == first.sessions["s"].cache.nbytes() + first.kept_bytes()
     with pytest.raises(StepError, match="16 boundary rows needed"):
         first.sent_rows("s", 16)
     # a step restarting an earlier position (a retry) overwrites the tail: the rows are what was last sent
