@@ -6,7 +6,8 @@ meanwhile, and refuses Forward messages with FAILED_PRECONDITION until the shard
 
 Asked for the shard it already holds (same model, layers and format) under a new plan id, as failure
 recovery does for the nodes that survive, a node keeps its weights and installs them afresh: new plan id,
-new next hop, no sessions. The new epoch fences off the old plan's messages exactly as a reload would.
+new next hop; its sessions are carried over for a recovery to resume (node/service/recover.py; those
+nobody resumes end after ring.ORPHAN_S). The new epoch fences off the old plan's messages as a reload would.
 """
 
 from __future__ import annotations

@@ -92,7 +92,8 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadShard(self, request, context):
-        """Load a shard (replacing any loaded one and ending its sessions); streams progress, last message done.
+        """Load a shard (replacing any loaded one and ending its sessions; the same shard under a new plan id keeps
+        them for Recover); streams progress, last message done.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
