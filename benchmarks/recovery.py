@@ -9,9 +9,15 @@ re-split the layers (both load), and the three-node ring is deployed again befor
     python benchmarks/recovery.py                  # 5 trials, spare, the checkpoint's own format (int4)
     python benchmarks/recovery.py --mode resplit --quant f32 --trials 3
     python benchmarks/recovery.py --prompt-tokens 1500 --hot-spare --trials 3   # a long context
+    python benchmarks/recovery.py --prompt-tokens 1500 --hot-spare --trials 6 --compare-replay --tokens 16
 
 `--hot-spare` loads the lost stage's layers on the spare before the kill (a spare already holding the
-weights): the recovery then loads nothing and kill to next token is detection + replay.
+weights): the recovery then loads nothing and kill to next token is detection + resume (or replay).
+
+A recovery resumes the sequence from the caches the survivors kept (coordinator/recovery/resume.py): only the
+lost stage's layers are computed again, over the positions before the failed call, fed by the node before it.
+`--compare-replay` alternates trials with `RecoveryPolicy.resume` off (the full replay of the whole history
+through every stage, what recovery did before), on the same ring in the same run, for the ratio.
 
 Reported per trial: kill -> next token (what the user waits, measured where the tokens arrive), and the parts
 of the recovery (coordinator/recovery/log.py): detect (probing), re-plan, load, replay, pause (first sign ->
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -97,6 +104,10 @@ async def run_trial(pipe, cluster: LocalNodes, tokens: int, stage: int, after: i
         "normal_step_ms": statistics.median(steps[: after - 1] + steps[after:]) * 1e3,  # not the pause
         **{k: event.to_dict()[k] for k in ("probe_ms", "replan_ms", "load_ms", "replay_ms", "pause_ms")},
         "replayed_tokens": event.replayed_tokens,
+        "how": "resume" if event.resumed else "replay",
+        "refilled_rows": event.refilled_rows,
+        "refill_compute_ms": round(event.refill_compute_ms, 1),
+        "kept_stages": event.kept_stages,
         "action": event.action,
         "tokens": out,
     }
@@ -124,12 +135,14 @@ async def main_async(args: argparse.Namespace, path: Path, cluster: LocalNodes) 
             stage, after = rng.randrange(3), rng.randrange(2, args.tokens - 2)
             if args.hot_spare:
                 await preload_spare(pipe, cluster, stage, args.quant)
+            # --compare-replay: every other trial with the full replay (interleaved: the same load on both)
+            pipe.policy = dataclasses.replace(pipe.policy, resume=not (args.compare_replay and i % 2))
             trial = await run_trial(pipe, cluster, args.tokens, stage, after)
             trial["same_output"] = trial.pop("tokens") == reference
             trials.append(trial)
             print(
                 f"trial {i + 1}: stage {stage} killed after token {after}: next token "
-                f"{trial['kill_to_next_token_ms']:.0f} ms later ({trial['action']})",
+                f"{trial['kill_to_next_token_ms']:.0f} ms later ({trial['action']}, {trial['how']})",
                 flush=True,
             )
             for j, proc in enumerate(cluster.procs):  # the victim comes back, empty: the next spare
@@ -155,6 +168,9 @@ def _table(trials: list[dict]):
         "load ms",
         "replay ms",
         "pause ms",
+        "how",
+        "rows again",
+        "fill compute ms",
         "step ms",
         "same",
         title="recovery: one sequence, greedy; a node SIGKILLed mid-generation",
@@ -170,10 +186,24 @@ def _table(trials: list[dict]):
             f"{r['load_ms']:.0f}",
             f"{r['replay_ms']:.0f}",
             f"{r['pause_ms']:.0f}",
+            r["how"],
+            str(r["refilled_rows"] if r["how"] == "resume" else r["replayed_tokens"] * 3),
+            f"{r['refill_compute_ms']:.0f}" if r["how"] == "resume" else "-",
             f"{r['normal_step_ms']:.1f}",
             "yes" if r["same_output"] else "NO",
         )
     return t
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+LOAD_AT_START = [round(x, 2) for x in os.getloadavg()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=7, help="where the kills land")
     p.add_argument("--prompt-tokens", type=int, default=100, help="context before generating")
     p.add_argument("--hot-spare", action="store_true", help="the spare holds the lost stage's weights")
+    p.add_argument(
+        "--compare-replay", action="store_true", help="every other trial replays the whole history (old path)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     global PROMPT
@@ -200,10 +233,21 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     Console(width=140).print(_table(trials))
-    waits = [r["kill_to_next_token_ms"] for r in trials]
+    waits = [r["kill_to_next_token_ms"] for r in trials if r["how"] == "resume"] or [0.0]
+    replays = [r["kill_to_next_token_ms"] for r in trials if r["how"] == "replay"]
     loads = [r["load_ms"] for r in trials]
     summary = {
         "kill_to_next_token_ms": {"median": statistics.median(waits), "worst": max(waits)},
+        **(
+            {
+                "full_replay_kill_to_next_token_ms": {
+                    "median": statistics.median(replays),
+                    "worst": max(replays),
+                }
+            }
+            if replays
+            else {}
+        ),
         "recovery_load_ms": {"median": statistics.median(loads), "worst": max(loads)},
         "cold_shard_load_ms": {"median": statistics.median(result["cold_load_s"]) * 1e3},
         "normal_step_ms": statistics.median(r["normal_step_ms"] for r in trials),
@@ -215,13 +259,25 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['recovery_load_ms']['median']:.0f} ms (cold load of a 10-layer shard at deploy: "
         f"{summary['cold_shard_load_ms']['median']:.0f} ms); a normal step {summary['normal_step_ms']:.1f} ms"
     )
+    if replays:
+        r = summary["full_replay_kill_to_next_token_ms"]["median"]
+        print(
+            f"full replay instead (interleaved trials, same run): median {r:.0f} ms, "
+            f"{r / summary['kill_to_next_token_ms']['median']:.1f}x the resume"
+        )
     report = {
         "model": args.model,
         "quant": args.quant or "default",
         "mode": args.mode,
         "tokens": args.tokens,
         "prompt_tokens": len(PROMPT),
-        "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
+        "machine": {
+            "arch": platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "cpu": _cpu_name(),
+            "load_avg_at_start": LOAD_AT_START,
+        },
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "summary": {
             k: ({kk: round(vv, 1) for kk, vv in v.items()} if isinstance(v, dict) else v)
@@ -235,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     key = f"{args.mode}-{report['quant']}"
     if args.prompt_tokens != 100 or args.hot_spare:
         key += f"-{args.prompt_tokens}tok" + ("-hot" if args.hot_spare else "")
+    key += "-vs-replay" if args.compare_replay else ""
     runs[key] = report
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")

@@ -26,6 +26,9 @@ class RecoveryPolicy:
     retry_s: float = 5.0  # while the nodes left cannot hold the model: try again this often
     # while no session is open: look this often for nodes outside the plan worth balancing in (0: never)
     rebalance_s: float = 30.0
+    # resume sessions from the caches survivors kept, computing only the lost stages (resume.py); False:
+    # always replay the whole history through every stage (the slower path it falls back to)
+    resume: bool = True
 
     def deadline(self, rows: int) -> float:
         """Seconds a call feeding `rows` tokens may take before the nodes are probed."""
@@ -90,7 +93,11 @@ class RecoveryEvent:
     resumed_ms: float = 0.0
     attempts: int = 0  # rounds of place + load + replay it took
     sessions: int = 0  # sessions replayed
-    replayed_tokens: int = 0
+    replayed_tokens: int = 0  # of the sessions replayed through every stage (not resumed)
+    resumed: int = 0  # sessions resumed from kept caches: only the lost stages computed (resume.py)
+    refilled_rows: int = 0  # rows those lost stages computed (positions x stages filled)
+    refill_compute_ms: float = 0.0  # of replay_ms: the filled nodes computing them (summed over sessions)
+    kept_stages: list[int] = field(default_factory=list)  # stages (by index) that kept their caches
     action: str = ""  # what the new plan is: "replaced node2 by node4", "re-split ... over 2 node(s)"
     plan_id: int = 0  # the new epoch
     plan: list[dict] = field(default_factory=list)  # the new plan, as `run --json` prints plans
@@ -114,11 +121,18 @@ class RecoveryEvent:
         head = f"{', '.join(self.nodes)} failed ({self.cause})" if self.nodes else self.cause
         if self.outcome != "recovered":
             return f"{head}; could not recover after {self.pause_ms / 1e3:.1f} s: {self.error}"
-        seqs = f"{self.sessions} sequence{'s' if self.sessions != 1 else ''} ({self.replayed_tokens} tokens)"
+        replayed = self.sessions - self.resumed
+        seqs = f"replay {replayed} sequence{'s' if replayed != 1 else ''} ({self.replayed_tokens} tokens)"
+        if self.resumed:  # only the lost stages computed: say which kept their caches
+            resumed = (
+                f"resume {self.resumed} sequence{'s' if self.resumed != 1 else ''} (stages "
+                f"{', '.join(map(str, self.kept_stages))} kept their caches, {self.refilled_rows} rows recomputed)"
+            )
+            seqs = resumed if not replayed else f"{resumed}, {seqs}"
         tries = f" in {self.attempts} attempts" if self.attempts > 1 else ""
         return (
             f"{head}; recovered in {self.pause_ms / 1e3:.1f} s{tries}: {self.action} "
             f"(detect {self.probe_ms:.0f} ms, re-plan {self.replan_ms:.0f} ms, load {self.load_ms:.0f} ms, "
-            f"replay {seqs} {self.replay_ms:.0f} ms); now serving plan {self.plan_id} on "
+            f"{seqs} {self.replay_ms:.0f} ms); now serving plan {self.plan_id} on "
             + ", ".join(f"{s['node']} {s['start_layer']}-{s['end_layer'] - 1}" for s in self.plan)
         )

@@ -43,6 +43,7 @@ from edgeshard.coordinator.errors import CapacityError, ClusterError
 from edgeshard.coordinator.recovery.liveness import NodeFailure, probe_all
 from edgeshard.coordinator.recovery.log import RecoveryEvent, RecoveryPolicy, SessionHistory
 from edgeshard.coordinator.recovery.replan import Placement, Replanner
+from edgeshard.coordinator.recovery.resume import Resumed, resume
 from edgeshard.coordinator.recovery.watchdog import Watchdog
 from edgeshard.node.model.sampling import SamplingParams
 
@@ -89,6 +90,7 @@ class ResilientPipeline:
         self.on_new_plan: list[Callable[[object], None]] = []
         self._retry: asyncio.Task | None = None
         self._rebalancer: asyncio.Task | None = None  # started with the first session (needs a running loop)
+        self._retiring = None  # the failed plan's pipeline, closed once the new plan is installed
 
     @property
     def epoch(self) -> int:
@@ -231,7 +233,9 @@ class ResilientPipeline:
     async def _run_recovery(self, failure: NodeFailure) -> None:
         async with self._lock:
             self.state = "recovering"
-            self._retire(self.pipeline)
+            # the old pipeline's streams stay open until the new plan is installed: a node ends the sessions of
+            # a coordinator's stream that closes, and survivors keep theirs for `resume` (see _rebuild)
+            self._retiring = self.pipeline
             event = RecoveryEvent(failure.detected_at, failure.cause, failure.nodes, failure.probe_ms)
             event.origin = failure.t0
             try:
@@ -250,6 +254,9 @@ class ResilientPipeline:
                 self._retry = asyncio.ensure_future(self._retry_loop())
                 raise self.broken from None
             finally:
+                if self._retiring is not None:  # no new plan: end the sessions, close the streams
+                    self._retire(self._retiring)
+                    self._retiring = None
                 event.pause_ms = (time.perf_counter() - failure.t0) * 1e3
                 self._record(event)
                 self._ready.set()
@@ -288,7 +295,11 @@ class ResilientPipeline:
                 why = e
                 continue
             event.load_ms += (time.perf_counter() - t) * 1e3
+            if self._retiring is not None:  # the nodes run the new plan now: its sessions stay on them
+                self._retire(self._retiring, end_sessions=False)
+                self._retiring = None
             old = self.deployment
+            old_plan = old.plan
             self._owned.append(deployment)
             self.deployment, self.pipeline, self.plan = deployment, pipe, plan
             self._failed = asyncio.Event()
@@ -297,7 +308,7 @@ class ResilientPipeline:
                 self._tasks.add(asyncio.ensure_future(old.close()))
             t = time.perf_counter()
             try:
-                await self._replay_all(event)
+                await self._replay_all(event, old_plan)
             except NodeFailure as f:  # a node failed during the replay: give this plan up too
                 event.replay_ms += (time.perf_counter() - t) * 1e3
                 self._failed.set()
@@ -313,23 +324,60 @@ class ResilientPipeline:
             return
         raise ClusterError(f"the ring kept failing ({self.policy.attempts} attempts); last: {why}")
 
-    async def _replay_all(self, event: RecoveryEvent) -> None:
-        """Rebuild every session on the new plan at once; NodeFailure when the ring fails again."""
+    async def _replay_all(self, event: RecoveryEvent, old_plan: list[dict] | None = None) -> None:
+        """Rebuild every session on the new plan at once: resumed from the caches the nodes kept where it
+        can be (`resume`: only the lost stages compute), else replayed; NodeFailure when the ring fails again."""
         sessions = list(self.sessions.values())
         in_flight = [s for s in sessions if s.epoch]  # the others arrived meanwhile: only opened here
+        replay = list(sessions)
+        if old_plan and self.policy.resume:
+            # one after the other: a replacement fills one session at a time anyway (its compute thread), and
+            # each resume's deadline then counts its own rows, not the queue of the others before it
+            resumed = [await self._resume(s, old_plan) for s in in_flight]
+            done = {s.session_id for s, r in zip(in_flight, resumed) if r is not None}
+            replay = [s for s in sessions if s.session_id not in done]
+            event.resumed = len(done)
+            event.refilled_rows = sum(r.rows for r in resumed if r is not None)
+            event.refill_compute_ms = sum(r.compute_ms for r in resumed if r is not None)
+            event.kept_stages = sorted({i for r in resumed if r is not None for i in r.kept})
         outcomes = await asyncio.gather(
-            *(self._replay(s, self.pipeline, self.epoch) for s in sessions), return_exceptions=True
+            *(self._replay(s, self.pipeline, self.epoch) for s in replay), return_exceptions=True
         )
         for outcome in outcomes:
             if isinstance(outcome, NodeFailure):
                 raise outcome
             # another error is the session's own: its call meets it again when it retries
         event.sessions = len(in_flight)
-        event.replayed_tokens = sum(len(s.replay_tokens()) for s in in_flight)
+        event.replayed_tokens = sum(len(s.replay_tokens()) for s in in_flight if s in replay)
         for s in sessions:  # ended while being replayed: free it again
             if s.session_id not in self.sessions:
                 with contextlib.suppress(ClusterError):
                     await self.pipeline.close(s.session_id)
+
+    async def _resume(self, session: SessionHistory, old_plan: list[dict]) -> Resumed | None:
+        """`resume` the session on the current plan (None: it must be replayed); marks it open there."""
+        epoch = self.epoch
+        call = resume(
+            session, old_plan, self.deployment.plan, self.deployment.clients, epoch, self.pipeline.subscriber
+        )
+        try:  # under the deadline of its rows, as a replay: a node hanging in a fill is a failure of the plan
+            resumed = await self._guard(call, len(session.replay_tokens()))
+        except NodeFailure:
+            raise
+        except Exception:  # a bug here must cost a replay, not the recovery
+            log.exception("session %s: resuming failed; replaying it", session.session_id)
+            return None
+        if resumed is not None:
+            session.epoch = epoch
+            log.info(
+                "session %s resumed: stages %s kept their caches, %s recomputed %d rows in %.0f ms",
+                session.session_id,
+                resumed.kept,
+                resumed.filled,
+                resumed.rows,
+                resumed.ms,
+            )
+        return resumed
 
     async def _replay(self, session: SessionHistory, pipe, epoch: int) -> None:
         """Open `session` on `pipe` and feed its history again, call by call as it was fed (the same shapes
@@ -372,12 +420,13 @@ class ResilientPipeline:
         self.recoveries.append(event.to_dict())
         (log.warning if event.outcome == "recovered" else log.error)("edgeshard: %s", event.summary())
 
-    def _retire(self, pipe) -> None:
+    def _retire(self, pipe, end_sessions: bool = True) -> None:
         """Close a given-up pipeline in the background (its aclose waits for queued writes): end its sessions
-        first (surviving nodes free them; failed prefill chunks are collected), then its streams."""
+        first (surviving nodes free them; failed prefill chunks are collected), then its streams. Without
+        `end_sessions` (the nodes run a new plan that resumes them) only the streams close."""
 
         async def retire(sessions: list[str]) -> None:
-            for session_id in sessions:
+            for session_id in sessions if end_sessions else ():
                 with contextlib.suppress(ClusterError):
                     await pipe.close(session_id)
             await pipe.aclose()

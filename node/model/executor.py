@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from edgeshard.node.model.decoder import Segment, Stage
-from edgeshard.node.model.kv_cache import KVCache
+from edgeshard.node.model.kv_cache import GROW_STEP, KVCache
 from edgeshard.node.model.sampling import Sampler, SamplingParams
 
 
@@ -64,6 +64,10 @@ class Session:
     cache: KVCache
     sampler: Sampler | None
     reserved: int = 0  # bytes of the node's KV budget this session holds (its max_len's worth)
+    # the boundary rows this (non-last) stage sent on, by position: what a replacement of the next stage is
+    # fed after a failure (recovery, docs/recovery.md); `kept` rows of it are valid
+    sent: torch.Tensor | None = None
+    kept: int = 0
     created: float = field(default_factory=time.monotonic)
     last_used: float = field(default_factory=time.monotonic)
 
@@ -87,6 +91,7 @@ class ShardExecutor:
         self.sessions: dict[str, Session] = {}
         self.compute_s = 0.0  # time spent in stage forward (for per-stage timing)
         self.steps = 0
+        self.recovered_rows = 0  # rows computed by `fill` (refilling caches after a failure)
 
     @property
     def spec(self):
@@ -99,6 +104,19 @@ class ShardExecutor:
         c = self.stage.config
         itemsize = torch.empty(0, dtype=self.stage.dtype).element_size()
         return len(self.stage.layers) * 2 * c.num_key_value_heads * c.head_dim * itemsize
+
+    @property
+    def kept_bytes_per_position(self) -> int:
+        """Bytes of the boundary row kept per position of a sequence (0 on the last stage, which sends none).
+
+        The rows are kept as float32 (the residual stream as it goes on the wire): hidden_size x 4 bytes, ~2.3 KB
+        for the demo model against 15-45 KB of its KV cache per position on a third of the layers."""
+        return 0 if self.stage.spec.is_last else self.stage.config.hidden_size * 4
+
+    @property
+    def bytes_per_position(self) -> int:
+        """What one position of one session reserves here: its KV caches and its kept boundary row."""
+        return self.kv_bytes_per_position + self.kept_bytes_per_position
 
     def open_session(
         self,
@@ -116,7 +134,7 @@ class ShardExecutor:
                 f"this node holds {self.max_sessions} sessions already; end some or raise --max-sessions"
             )
         max_len = min(max_len or self.max_len, self.max_len)
-        need = max_len * self.kv_bytes_per_position
+        need = max_len * self.bytes_per_position  # the kept boundary rows count in the budget too
         old = self.sessions.get(session_id)
         held = self.kv_reserved - (old.reserved if old is not None else 0)
         if self.kv_budget and held + need > self.kv_budget:
@@ -136,13 +154,18 @@ class ShardExecutor:
         if session is None:
             return False
         session.cache.free()
+        session.sent, session.kept = None, 0
         self.kv_reserved -= session.reserved
         return True
 
     def kv_bytes(self) -> int:
         """Bytes held by all KV caches on this node."""
         # a snapshot: GetInfo reads this on the event loop while the compute thread may open sessions
-        return sum(s.cache.nbytes() for s in list(self.sessions.values()))
+        return sum(s.cache.nbytes() for s in list(self.sessions.values())) + self.kept_bytes()
+
+    def kept_bytes(self) -> int:
+        """Bytes of boundary rows kept by all sessions (counted in `kv_bytes` too)."""
+        return sum(s.sent.nbytes for s in list(self.sessions.values()) if s.sent is not None)
 
     def validate(self, req: StepRequest) -> Session:
         """Check a request against this stage and its session; raise StepError/SessionError saying what is wrong."""
@@ -229,9 +252,81 @@ class ShardExecutor:
                     res.token = session.sampler(out[row + req.length - 1] if all_logits else out[i], end)
             else:
                 res.hidden = out[row : row + req.length]
+                _keep_sent(session, req.start, res.hidden)
             row += req.length
             results.append(res)
         return results
+
+    # ------------------------------------------------------------------------------------------ recovery
+
+    def keep(self, session_id: str, positions: int) -> Session:
+        """Adopt a session this stage held under the previous plan for a recovery: it must hold positions
+        [0, positions) in its cache and (not the last stage) as kept boundary rows; anything past them (the
+        call in flight when the ring failed, which the coordinator retries) is dropped. StepError/SessionError
+        when it does not hold them (then the coordinator refills or replays)."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionError(f"session {session_id!r} is not held here (ended, or the node restarted)")
+        kept = positions if self.stage.spec.is_last else session.kept
+        if session.cache.offset < positions or kept < positions:
+            raise StepError(
+                f"session {session_id!r}: {positions} positions needed, this stage holds "
+                f"{session.cache.offset} in its cache and {kept} boundary rows"
+            )
+        session.cache.trim(session.cache.offset - positions)
+        session.kept = min(session.kept, positions)
+        session.last_used = time.monotonic()
+        return session
+
+    def fill(self, session_id: str, calls: list[StepRequest]) -> int:
+        """Compute this stage over `calls` (one session's steps, in order, from position 0) without sampling:
+        the refill of a replacement stage after a failure. Each call runs as one step, as it was first fed, so
+        the cache (and the boundary rows it keeps) are bit-identical to the uninterrupted run's. Returns the
+        rows computed; the session must be open (validate raises on each call that does not fit)."""
+        rows = 0
+        for call in calls:
+            call.sample = False
+            call.draft = None
+            self.step([call])
+            rows += call.length
+        self.recovered_rows += rows
+        return rows
+
+    def sent_rows(self, session_id: str, end: int) -> torch.Tensor:
+        """The boundary rows this stage sent on for positions [0, end) (StepError if it does not keep them)."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise SessionError(f"session {session_id!r} is not held here (ended, or the node restarted)")
+        if self.stage.spec.is_last or session.sent is None or session.kept < end:
+            raise StepError(
+                f"session {session_id!r}: {end} boundary rows needed, this stage keeps {session.kept}"
+            )
+        return session.sent[:end]
+
+    def adopt(self, old: ShardExecutor) -> None:
+        """Take over the sessions (caches, kept rows, reservations) of `old`, an executor of the same stage
+        replaced by a new plan id: a recovery resumes them (`keep`) instead of recomputing them. Those it
+        does not resume are ended by the node (node/service/ring.py, orphaned sessions)."""
+        self.sessions.update(old.sessions)
+        self.kv_reserved += old.kv_reserved
+        self.recovered_rows += old.recovered_rows
+        old.sessions, old.kv_reserved = {}, 0
+
+
+def _keep_sent(session: Session, start: int, hidden: torch.Tensor) -> None:
+    """Write the rows a step sends on at [start, start+T) into the session's kept rows (growing them like
+    the KV cache grows: in steps, up to its max_len). A step restarting an earlier position (a retry, a
+    rejected proposal) overwrites the tail, so the kept rows are always what the next stage last got."""
+    end = start + hidden.shape[0]
+    buf = session.sent
+    if buf is None or buf.shape[0] < end:
+        cap = min(session.cache.max_len, -(-end // GROW_STEP) * GROW_STEP)
+        new = torch.empty(cap, hidden.shape[1], dtype=torch.float32)
+        if buf is not None:
+            new[: session.kept] = buf[: session.kept]
+        buf = session.sent = new
+    buf[start:end] = hidden
+    session.kept = end  # as the cache: a step at `start` leaves positions [0, start+T) valid
 
 
 def _mib(n: int) -> str:

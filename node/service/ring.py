@@ -51,6 +51,9 @@ MAX_BATCH_ROWS = 256  # rows one batched forward takes at most (--max-batch-rows
 COMPUTE_MODES = ("thread", "inline")  # where the stage computes (--compute; see the module docstring)
 KV_AVAILABLE_FRACTION = 0.5  # default KV budget: this share of the memory available once the weights are in
 SESSION_IDLE_S = 1800.0  # a session nobody stepped for this long is ended (--session-idle-timeout)
+# a session whose upstream node's stream closed (that node died, or moved to a new plan) waits this long for a
+# recovery to resume it (node/service/recover.py) before it is ended; a coordinator's closed stream ends at once
+ORPHAN_S = 60.0
 INLINE_MAX_ROWS = 16  # a lone session's step runs on the event loop only up to this many rows (see _run)
 BURST_WAIT_S = 0.002  # longest a node waits for the rest of an arriving burst before it starts a forward
 ReplyFn = Callable[[pb.ForwardReply], None]  # puts an error reply on the sender's stream (never blocks)
@@ -91,8 +94,9 @@ class LoadedShard:
             wire_dtype=TO_WIRE_DTYPE[torch.float32],  # the residual stream (Stage.forward)
             hidden_size=cfg.hidden_size,
             vocab_size=cfg.vocab_size,
-            kv_bytes_per_position=self.executor.kv_bytes_per_position,
+            kv_bytes_per_position=self.executor.bytes_per_position,  # KV + kept boundary row
             kv_budget=self.executor.kv_budget,
+            kept_bytes_per_position=self.executor.kept_bytes_per_position,
         )
 
 
@@ -124,6 +128,8 @@ class RingNode:
         self.session_idle_s = session_idle_s  # 0: sessions never time out
         self.reaper: asyncio.Task | None = None  # ends idle sessions (see _reap_idle)
         self.reaped = 0  # sessions ended because their stream closed or they sat idle
+        self.orphan_s = ORPHAN_S
+        self.orphans: dict[str, float] = {}  # session -> when it is ended unless a recovery resumes it
         # one compute thread: the event loop keeps reading (and decoding) messages while the stage computes
         self.worker = (
             ThreadPoolExecutor(1, thread_name_prefix="edgeshard-stage") if compute == "thread" else None
@@ -153,6 +159,7 @@ class RingNode:
         """Serve `shard` from now on (its plan id fences off messages of older plans)."""
         await self.unload()
         self.shard = shard
+        self._orphan(list(shard.executor.sessions))  # sessions carried over from the last plan (recovery)
         self.times = StageTimes()
         self.runner = asyncio.create_task(self._run(shard))
         if self.session_idle_s > 0:
@@ -216,18 +223,56 @@ class RingNode:
 
     # ---------------------------------------------------------------------------------- ending sessions
 
-    def stream_closed(self, reply: ReplyFn) -> int:
+    def stream_closed(self, reply: ReplyFn, from_node: bool = False) -> int:
         """The Forward stream whose error replies went to `reply` has closed (its coordinator exited or
         crashed, or the node before this one died): end every session whose messages came on it, here and,
         by the ends going on along the ring, on every later node. Returns how many were ended.
 
         Without this a crashed coordinator's sessions held their KV reservations until the next reload, and a
         few crashes filled a small node. A session a live coordinator still uses is never reaped: its stream
-        is open. (A coordinator that lost its stream rebuilds the ring and replays anyway.)"""
+        is open. (A coordinator that lost its stream rebuilds the ring and replays anyway.)
+
+        `from_node`: the stream came from the node before (no coordinator id). Its closing is how a failure
+        upstream, or the plan moving on, looks from here: the sessions are kept `orphan_s` for a recovery to
+        resume them (`_orphan`), and ended only then."""
         ended = [s for s, r in self.upstream.items() if r == reply]
+        if from_node:  # the node before died or moved on: a recovery may resume these (see _orphan)
+            for session_id in ended:
+                self.upstream.pop(session_id, None)
+            self._orphan(ended)
+            return len(ended)
         for session_id in ended:
             self._end_here(session_id, "its stream closed")
         return len(ended)
+
+    # ---------------------------------------------------------------------------------- recovery
+
+    def _orphan(self, sessions: list[str]) -> None:
+        """`sessions` lost their sender (the node before died, or the plan changed and their caches were
+        carried over): keep them `orphan_s` for a recovery to resume (node/service/recover.py: `adopted`),
+        then end them. A node's stream closing is what a failure looks like from the nodes after it; ending
+        those sessions at once threw away the caches a recovery could have kept."""
+        if not sessions:
+            return
+        deadline = time.monotonic() + self.orphan_s
+        for session_id in sessions:
+            self.orphans[session_id] = deadline
+        asyncio.get_running_loop().call_later(self.orphan_s + 0.01, self._end_orphans)
+
+    def adopted(self, session_id: str, reply_to: str | None = None) -> None:
+        """A recovery resumed `session_id` here (it is no orphan); on the last node its results go to
+        `reply_to` (the new pipeline's Results subscriber)."""
+        self.orphans.pop(session_id, None)
+        if reply_to is not None and self.shard is not None and self.shard.next_hop == LAST:
+            self.route[session_id] = reply_to
+
+    def _end_orphans(self) -> None:
+        now = time.monotonic()
+        for session_id, deadline in list(self.orphans.items()):
+            if deadline <= now:
+                del self.orphans[session_id]
+                if self.shard is not None and session_id in self.shard.executor.sessions:
+                    self._end_here(session_id, f"no recovery resumed it within {self.orphan_s:g} s")
 
     async def _reap_idle(self, shard: LoadedShard) -> None:
         """End the sessions nobody has stepped for `session_idle_s` (a coordinator that opened and forgot
@@ -248,6 +293,7 @@ class RingNode:
         if shard is None:
             return
         log.info("ending session %r: %s", session_id, why)
+        self.orphans.pop(session_id, None)
         self.reaped += 1
         msg = pb.ForwardMessage(plan_id=shard.plan_id, session_id=session_id, end=pb.EndSession())
         self.upstream.pop(session_id, None)  # the sender is gone: its replies have nowhere to go
@@ -382,6 +428,7 @@ class RingNode:
         elif item.kind in STEP_KINDS or item.kind == "open":
             # errors of the next hops about it go back there (only sessions this node holds: bounded)
             self.upstream[msg.session_id] = item.reply
+            self.orphans.pop(msg.session_id, None)  # stepped again: not an orphan any more
             if item.kind == "open" and shard.next_hop == LAST:
                 self.route[msg.session_id] = msg.open.reply_to
         if outcome.out is not None:
@@ -478,5 +525,7 @@ class RingNode:
             sessions=len(ex.sessions) if ex else 0,
             kv_bytes=ex.kv_bytes() if ex else 0,
             kv_reserved=ex.kv_reserved if ex else 0,
+            recovered_rows=ex.recovered_rows if ex else 0,
+            kept_bytes=ex.kept_bytes() if ex else 0,
             **(self.times.to_stats() if ex else {}),
         )

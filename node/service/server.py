@@ -44,6 +44,7 @@ from edgeshard.node.security.channels import (
 )
 from edgeshard.node.service.next_hop import coalesce, drain, now_us
 from edgeshard.node.service.ownership import Ownership, caller_id
+from edgeshard.node.service.recover import recover
 from edgeshard.node.service.ring import COMPUTE_MODES, MAX_BATCH_ROWS, SESSION_IDLE_S, RingNode
 from edgeshard.node.service.shard_load import load_shard
 from edgeshard.node.service.slices import ship_slice, slice_status
@@ -224,7 +225,17 @@ class NodeServicer(pb_grpc.NodeServicer):
             self.streams.discard(replies)
             self.ownership.closed(coordinator, replies)
             task.cancel()
-            self.node.stream_closed(replies.put_nowait)  # its sessions end here and down the ring
+            # its sessions end here and down the ring; a node's stream (the node before died or moved on to
+            # a new plan): they wait a while for a recovery to resume them (node/service/recover.py)
+            self.node.stream_closed(replies.put_nowait, from_node=not coordinator)
+
+    async def Recover(self, request_iterator, context) -> pb.RecoverReply:  # noqa: N802
+        """Resume a session on a new plan after a failure (recovery, node/service/recover.py)."""
+        try:
+            return await recover(self.node, request_iterator)
+        except WireError as e:
+            log.info("Recover refused: %s", e.message)
+            await context.abort(e.code, e.message)
 
     async def Results(self, request: pb.ResultsRequest, context):  # noqa: N802
         subscriber = request.subscriber or uuid.uuid4().hex

@@ -6,7 +6,8 @@ meanwhile, and refuses Forward messages with FAILED_PRECONDITION until the shard
 
 Asked for the shard it already holds (same model, layers and format) under a new plan id, as failure
 recovery does for the nodes that survive, a node keeps its weights and installs them afresh: new plan id,
-new next hop, no sessions. The new epoch fences off the old plan's messages exactly as a reload would.
+new next hop; its sessions are carried over for a recovery to resume (node/service/recover.py; those
+nobody resumes end after ring.ORPHAN_S). The new epoch fences off the old plan's messages as a reload would.
 """
 
 from __future__ import annotations
@@ -101,7 +102,10 @@ async def load_shard(
             load_s=time.perf_counter() - t0,
             stages=req.stages,
         )
-        await node.install(shard)  # ends the old plan's sessions and stream, as a reload would
+        shard.executor.adopt(
+            held.executor
+        )  # recovery: its sessions wait to be resumed (node/service/recover.py)
+        await node.install(shard)  # ends the old plan's stream, as a reload would
         total = 1
         yield pb.LoadProgress(
             stage="ready", tensors_done=total, tensors_total=total, done=True, shard=shard.info()

@@ -22,6 +22,13 @@ class ResultKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RESULT_TOKEN: _ClassVar[ResultKind]
     RESULT_ERROR: _ClassVar[ResultKind]
     RESULT_ENDED: _ClassVar[ResultKind]
+
+class RecoverAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RECOVER_UNSPECIFIED: _ClassVar[RecoverAction]
+    RECOVER_KEEP: _ClassVar[RecoverAction]
+    RECOVER_FILL: _ClassVar[RecoverAction]
+    RECOVER_FEED_NEXT: _ClassVar[RecoverAction]
 DTYPE_UNSPECIFIED: DType
 DTYPE_BF16: DType
 DTYPE_F16: DType
@@ -32,6 +39,10 @@ RESULT_OPENED: ResultKind
 RESULT_TOKEN: ResultKind
 RESULT_ERROR: ResultKind
 RESULT_ENDED: ResultKind
+RECOVER_UNSPECIFIED: RecoverAction
+RECOVER_KEEP: RecoverAction
+RECOVER_FILL: RecoverAction
+RECOVER_FEED_NEXT: RecoverAction
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -102,7 +113,7 @@ class Benchmark(_message.Message):
     def __init__(self, mem_gbps: _Optional[float] = ..., int4_gbps: _Optional[float] = ..., int8_gbps: _Optional[float] = ..., bf16_gbps: _Optional[float] = ..., f32_gbps: _Optional[float] = ..., layer_overhead_ms: _Optional[float] = ..., step_overhead_ms: _Optional[float] = ..., bench_ms: _Optional[float] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "num_layers", "quant", "plan_id", "weight_bytes", "next_hop", "load_s", "wire_dtype", "hidden_size", "vocab_size", "kv_bytes_per_position", "kv_budget", "holder", "held")
+    __slots__ = ("model", "start_layer", "end_layer", "num_layers", "quant", "plan_id", "weight_bytes", "next_hop", "load_s", "wire_dtype", "hidden_size", "vocab_size", "kv_bytes_per_position", "kv_budget", "kept_bytes_per_position", "holder", "held")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +128,7 @@ class ShardInfo(_message.Message):
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_POSITION_FIELD_NUMBER: _ClassVar[int]
     KV_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    KEPT_BYTES_PER_POSITION_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
     model: str
@@ -133,12 +145,13 @@ class ShardInfo(_message.Message):
     vocab_size: int
     kv_bytes_per_position: int
     kv_budget: int
+    kept_bytes_per_position: int
     holder: PlanHolder
     held: bool
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_hop: _Optional[str] = ..., load_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_bytes_per_position: _Optional[int] = ..., kv_budget: _Optional[int] = ..., holder: _Optional[_Union[PlanHolder, _Mapping]] = ..., held: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_hop: _Optional[str] = ..., load_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_bytes_per_position: _Optional[int] = ..., kv_budget: _Optional[int] = ..., kept_bytes_per_position: _Optional[int] = ..., holder: _Optional[_Union[PlanHolder, _Mapping]] = ..., held: _Optional[bool] = ...) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("steps", "messages", "compute_ms", "network_ms", "errors", "sessions", "kv_bytes", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences", "batch_hist", "kv_reserved", "frames")
+    __slots__ = ("steps", "messages", "compute_ms", "network_ms", "errors", "sessions", "kv_bytes", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences", "batch_hist", "kv_reserved", "frames", "recovered_rows", "kept_bytes")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +167,8 @@ class NodeStats(_message.Message):
     BATCH_HIST_FIELD_NUMBER: _ClassVar[int]
     KV_RESERVED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
+    RECOVERED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_BYTES_FIELD_NUMBER: _ClassVar[int]
     steps: int
     messages: int
     compute_ms: float
@@ -169,7 +184,9 @@ class NodeStats(_message.Message):
     batch_hist: _containers.RepeatedScalarFieldContainer[int]
     kv_reserved: int
     frames: int
-    def __init__(self, steps: _Optional[int] = ..., messages: _Optional[int] = ..., compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., errors: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., wall_ms: _Optional[float] = ..., idle_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., rows: _Optional[int] = ..., sequences: _Optional[int] = ..., batch_hist: _Optional[_Iterable[int]] = ..., kv_reserved: _Optional[int] = ..., frames: _Optional[int] = ...) -> None: ...
+    recovered_rows: int
+    kept_bytes: int
+    def __init__(self, steps: _Optional[int] = ..., messages: _Optional[int] = ..., compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., errors: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., wall_ms: _Optional[float] = ..., idle_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., rows: _Optional[int] = ..., sequences: _Optional[int] = ..., batch_hist: _Optional[_Iterable[int]] = ..., kv_reserved: _Optional[int] = ..., frames: _Optional[int] = ..., recovered_rows: _Optional[int] = ..., kept_bytes: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "name", "protocol_version", "capabilities", "loaded", "shard", "max_sessions", "stats", "address", "cluster", "clock_unix_s", "version")
@@ -464,3 +481,37 @@ class ShipSliceReply(_message.Message):
     rejected: _containers.RepeatedScalarFieldContainer[str]
     bytes_received: int
     def __init__(self, admitted: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[str]] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+
+class RecoverMessage(_message.Message):
+    __slots__ = ("plan_id", "session_id", "action", "positions", "open", "starts", "start", "tokens", "hidden")
+    PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    STARTS_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    plan_id: int
+    session_id: str
+    action: RecoverAction
+    positions: int
+    open: OpenSession
+    starts: _containers.RepeatedScalarFieldContainer[int]
+    start: int
+    tokens: TokenIds
+    hidden: Tensor
+    def __init__(self, plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., action: _Optional[_Union[RecoverAction, str]] = ..., positions: _Optional[int] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., starts: _Optional[_Iterable[int]] = ..., start: _Optional[int] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class RecoverReply(_message.Message):
+    __slots__ = ("held", "kept", "rows", "compute_ms")
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    held: int
+    kept: int
+    rows: int
+    compute_ms: float
+    def __init__(self, held: _Optional[int] = ..., kept: _Optional[int] = ..., rows: _Optional[int] = ..., compute_ms: _Optional[float] = ...) -> None: ...

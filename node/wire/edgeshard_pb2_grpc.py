@@ -74,6 +74,11 @@ class NodeStub:
                 request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanRequest.SerializeToString,
                 response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanReply.FromString,
                 _registered_method=True)
+        self.Recover = channel.stream_unary(
+                '/edgeshard.v1.Node/Recover',
+                request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.RecoverMessage.SerializeToString,
+                response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.RecoverReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -87,7 +92,8 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LoadShard(self, request, context):
-        """Load a shard (replacing any loaded one and ending its sessions); streams progress, last message done.
+        """Load a shard (replacing any loaded one and ending its sessions; the same shard under a new plan id keeps
+        them for Recover); streams progress, last message done.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,6 +144,15 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Recover(self, request_iterator, context):
+        """Recovery (#21): resume a session on a new plan without recomputing the stages that kept it. KEEP checks
+        (and adopts) a session the node still holds; FILL computes the node's layers over rows given call by
+        call; FEED_NEXT makes the node FILL its next hop from the boundary rows it kept. See docs/recovery.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +195,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.ReleasePlan,
                     request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanRequest.FromString,
                     response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanReply.SerializeToString,
+            ),
+            'Recover': grpc.stream_unary_rpc_method_handler(
+                    servicer.Recover,
+                    request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.RecoverMessage.FromString,
+                    response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.RecoverReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +418,33 @@ class Node:
             '/edgeshard.v1.Node/ReleasePlan',
             edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanRequest.SerializeToString,
             edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Recover(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/edgeshard.v1.Node/Recover',
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.RecoverMessage.SerializeToString,
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.RecoverReply.FromString,
             options,
             channel_credentials,
             insecure,
