@@ -8,7 +8,8 @@ prints it.
 
 Weight shipping: given the model file the coordinator holds (`source`), a node that lacks the model gets the
 tensors of its stage first (coordinator/pipeline/ship.py; a node holding the file or the tensors gets none)
-and loads them from its slice cache. `deploy` remembers the source of a model reference, so a re-deploy by
+and loads them from its slice cache. Tensors another node of the plan (or of `peers`) holds, the node pulls
+from that node directly; the coordinator's file sends the rest. `deploy` remembers the source of a model reference, so a re-deploy by
 failure recovery, which passes only the reference, ships to a spare too. A node whose --memory-limit is
 below its stage's weights is refused before anything is shipped (CapacityError naming what is missing).
 """
@@ -60,6 +61,7 @@ class Deployment:
                 "weight_bytes": s.weight_bytes,
                 "shipped_bytes": r.shipped_bytes if r else 0,
                 "ship_s": round(r.seconds, 3) if r else 0.0,
+                "from_peers_bytes": r.from_peers_bytes if r else 0,  # of shipped_bytes, pulled from nodes
             }
             for c, info, s, r in zip(self.clients, self.infos, self.shards, shipped, strict=True)
         ]
@@ -155,6 +157,7 @@ async def deploy(
     security: Security | None = None,
     source: Path | None = None,
     take_over: bool | None = None,
+    peers: Sequence[str] = (),
 ) -> Deployment:
     """Connect to `addresses` (pipeline order), split `num_layers` evenly, and load the shards on all nodes.
 
@@ -167,6 +170,9 @@ async def deploy(
     Plan ownership (coordinator/pipeline/holder.py): this coordinator becomes the nodes' holder. A node
     another coordinator holds is refused before any node loads (NodeHeldError), unless `take_over` (None:
     what --take-over asked, once per process).
+
+    `peers`: addresses of nodes outside the plan that may hold tensors a node lacks (e.g. the nodes of the
+    previous plan); the plan's own nodes are asked too. A node pulls what a peer holds from that peer.
     """
     if source is not None:
         _SOURCES[model_ref] = Path(source)
@@ -206,6 +212,13 @@ async def deploy(
         )
         load_s = [0.0] * len(clients)
         shipped: list[ShipReport | None] = [None] * len(clients)
+        members = {c.address for c in clients}
+        extra = [
+            GrpcStageClient(a, (*metadata, *holder.metadata()), security)
+            for a in dict.fromkeys(peers)
+            if a not in members
+        ]
+        sources = [*clients, *extra]  # who may hold tensors a node lacks (ship_stage skips the node itself)
         with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
 
             async def load(i: int) -> pb.ShardInfo:
@@ -233,7 +246,7 @@ async def deploy(
                             eta_s=round((total - done) / rate, 1) if rate else None,
                         )
 
-                    report = await ship_stage(c, model_ref, manifest, source, spec, shipping)
+                    report = await ship_stage(c, model_ref, manifest, source, spec, shipping, sources)
                     _note(c.address, shipped_bytes=report.shipped_bytes, ship_s=round(report.seconds, 3))
                     if not report.has_model:
                         shipped[i], slice_id = report, manifest.id
@@ -274,7 +287,10 @@ async def deploy(
                 _note(c.address, phase="ready", load_s=round(load_s[i], 3))
                 return shard
 
-            shards = await asyncio.gather(*(load(i) for i in range(len(clients))))
+            try:
+                shards = await asyncio.gather(*(load(i) for i in range(len(clients))))
+            finally:
+                await asyncio.gather(*(c.close() for c in extra), return_exceptions=True)
         return Deployment(clients, infos, list(shards), plan_id, load_s, shipped)
     except BaseException:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
