@@ -373,3 +373,43 @@ def test_run_peers_cli_ships_to_an_emptied_node_and_matches_run_local(cluster, s
     assert remote["plan"][0]["shipped_bytes"] > 0 and remote["plan"][0]["weight_bytes"] > 0
     assert [p["shipped_bytes"] for p in remote["plan"][1:]] == [0, 0]
     assert not (cluster.dirs[0] / smollm2_path.name).exists()
+
+
+def test_coordinator_without_the_file_ships_from_a_node_that_has_it(
+    aio, tmp_path, smollm2_path, local_tokens
+):
+    """The coordinator has no copy: one node has the GGUF in its --model-dir, the other nothing. The holder
+    describes its file (SliceManifestOf) and the empty node pulls its stage's tensors from it; the tokens
+    are --local's."""
+    import shutil
+
+    dirs = [tmp_path / "holder", tmp_path / "empty"]
+    for d in dirs:
+        d.mkdir()
+    try:
+        os.link(smollm2_path, dirs[0] / smollm2_path.name)
+    except OSError:
+        shutil.copy(smollm2_path, dirs[0] / smollm2_path.name)
+    with LocalNodes(2, model_dirs=dirs, name="nofile", node_args=["--no-benchmark"]) as c:
+
+        async def run():
+            d = await deploy(c.addresses, smollm2_path.name, 30, QUANT)  # no source=: nothing here to ship
+            try:
+                pipe = await d.pipeline()
+                try:
+                    return [
+                        t async for t in generate(pipe, Sequence(PROMPT, SamplingParams(), MAX_TOKENS))
+                    ], d
+                finally:
+                    await pipe.aclose()
+            finally:
+                await d.close()
+
+        got, d = aio(run())
+        assert got == local_tokens
+        holder, empty = d.plan
+        assert holder["shipped_bytes"] == 0 and d.shipped[0] is None  # it loads its own file
+        assert empty["shipped_bytes"] == empty["from_peers_bytes"] > 0
+        assert d.shipped[1].peers == (c.addresses[0],)
+        assert not (dirs[1] / smollm2_path.name).exists()
+        assert objects(dirs[1])  # its slice, in its cache

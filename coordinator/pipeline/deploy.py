@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -33,6 +34,7 @@ from edgeshard.coordinator.pipeline.stage_client import GrpcStageClient, connect
 from edgeshard.node.model.config import ShardSpec, even_split
 from edgeshard.node.presence.capability import format_bytes
 from edgeshard.node.security.channels import Security
+from edgeshard.node.weights.slice import Manifest
 from edgeshard.node.wire import edgeshard_pb2 as pb
 
 
@@ -146,6 +148,36 @@ def check_memory(infos: Sequence[pb.NodeInfo], addresses: Sequence[str], specs, 
             )
 
 
+async def manifest_from_nodes(clients: Sequence[GrpcStageClient], model_ref: str) -> Manifest | None:
+    """When the coordinator has no copy of `model_ref`: None if every node holds the model itself (nothing to
+    ship) or none does (LoadShard says what is missing); else the manifest of the file a holder has
+    (`SliceManifestOf`), so the nodes without it pull their tensors from the holders."""
+    from edgeshard.node.weights.checkpoint import CheckpointError
+
+    async def holds(c: GrpcStageClient) -> bool:
+        try:
+            status = await c.stub.SliceStatus(
+                pb.SliceStatusRequest(model=model_ref, query_only=True), metadata=c.metadata, timeout=30
+            )
+            return status.has_model
+        except grpc.aio.AioRpcError:  # an older node (UNIMPLEMENTED) or a refusal: not a source
+            return False
+
+    held = await asyncio.gather(*(holds(c) for c in clients))
+    if all(held) or not any(held):
+        return None
+    source = next(c for c, h in zip(clients, held, strict=True) if h)
+    try:
+        reply = await source.stub.SliceManifestOf(
+            pb.SliceManifestOfRequest(model=model_ref), metadata=source.metadata, timeout=600
+        )
+        return Manifest.from_pb(reply)
+    except grpc.aio.AioRpcError as e:
+        raise source._error(e, f"describing {model_ref!r}") from None
+    except CheckpointError as e:
+        raise ClusterError(f"node {source.address} described {model_ref!r} wrongly: {e}") from None
+
+
 async def deploy(
     addresses: Sequence[str],
     model_ref: str,
@@ -203,6 +235,8 @@ async def deploy(
         if source is not None:
             await asyncio.to_thread(check_memory, infos, [c.address for c in clients], specs, source, quant)
             manifest = await manifest_for(source, model_ref)
+        else:  # no file here: nodes that hold it can still serve the others (node-to-node shipping)
+            manifest = await manifest_from_nodes(clients, model_ref)
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),

@@ -46,7 +46,7 @@ from edgeshard.node.service.next_hop import coalesce, drain, now_us
 from edgeshard.node.service.ownership import Ownership, caller_id
 from edgeshard.node.service.ring import COMPUTE_MODES, MAX_BATCH_ROWS, SESSION_IDLE_S, RingNode
 from edgeshard.node.service.shard_load import load_shard
-from edgeshard.node.service.slices import pull_slice, read_slice, ship_slice, slice_status
+from edgeshard.node.service.slices import pull_slice, read_slice, ship_slice, slice_manifest_of, slice_status
 from edgeshard.node.weights.cache import SliceCache
 from edgeshard.node.wire import PROTOCOL_VERSION
 from edgeshard.node.wire import edgeshard_pb2 as pb
@@ -207,6 +207,12 @@ class NodeServicer(pb_grpc.NodeServicer):
                 yield progress
         except WireError as e:
             log.warning("PullSlice from %s failed: %s", request.source, e.message)
+            await context.abort(e.code, e.message)
+
+    async def SliceManifestOf(self, request: pb.SliceManifestOfRequest, context) -> pb.SliceManifest:  # noqa: N802
+        try:
+            return await slice_manifest_of(self.slices, request, self.model_dir)
+        except WireError as e:
             await context.abort(e.code, e.message)
 
     async def ReleasePlan(self, request: pb.ReleasePlanRequest, context) -> pb.ReleasePlanReply:  # noqa: N802

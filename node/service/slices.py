@@ -306,3 +306,26 @@ async def pull_slice(
     yield pb.PullSliceProgress(
         bytes_received=received, bytes_total=total or 0, admitted=admitted, rejected=rejected, done=True
     )
+
+
+async def slice_manifest_of(
+    cache: SliceCache, req: pb.SliceManifestOfRequest, model_dir: Path
+) -> pb.SliceManifest:
+    """The manifest of the GGUF file `req.model` names in `model_dir` (recorded in the cache, so this node can
+    serve its tensors to others with ReadSlice); NOT_FOUND when the file is not here."""
+    from edgeshard.node.weights.slice import build_manifest
+
+    try:
+        path = await asyncio.to_thread(resolve_in_model_dir, req.model, model_dir, False)
+    except WireError:
+        raise WireError(
+            grpc.StatusCode.NOT_FOUND, f"{req.model!r} is not in this node's --model-dir"
+        ) from None
+    if not path.is_file():
+        raise WireError(grpc.StatusCode.NOT_FOUND, f"{req.model!r} here is not a GGUF file (only those ship)")
+    try:
+        manifest = await asyncio.to_thread(build_manifest, path, req.model)
+    except (CheckpointError, OSError, ValueError) as e:
+        raise WireError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot describe {req.model!r}: {e}") from None
+    await asyncio.to_thread(cache.save_manifest, manifest)
+    return manifest.to_pb()

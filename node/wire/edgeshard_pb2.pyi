@@ -473,6 +473,12 @@ class PullSliceRequest(_message.Message):
     want: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, manifest_id: _Optional[str] = ..., source: _Optional[str] = ..., want: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class SliceManifestOfRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
 class PullSliceProgress(_message.Message):
     __slots__ = ("bytes_received", "bytes_total", "admitted", "rejected", "done")
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
