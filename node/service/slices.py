@@ -212,6 +212,7 @@ def _model_file_tensors(model: str, model_dir: Path) -> dict[str, tuple[Path, in
 
 
 PULL_ROUNDS = 4  # ReadSlice streams per PullSlice before giving up (each resumes where the last one stopped)
+PULL_IDLE_S = 60.0  # a source that sends nothing for this long is given up on (the stream is resumed)
 
 
 async def pull_slice(
@@ -263,7 +264,10 @@ async def pull_slice(
 
             async def counted(call=call, progress=progress) -> AsyncIterator[pb.SliceChunk]:
                 nonlocal received
-                async for chunk in call:
+                while True:  # a source that stops sending must not hold the pull (and the deploy) forever
+                    chunk = await asyncio.wait_for(call.read(), PULL_IDLE_S)
+                    if chunk is grpc.aio.EOF:
+                        return
                     received += len(chunk.data)
                     progress.put_nowait(received)
                     yield chunk
@@ -280,6 +284,10 @@ async def pull_slice(
                     getter.cancel()
             try:
                 reply = task.result()
+            except TimeoutError:
+                call.cancel()
+                log.warning("PullSlice: %s sent nothing for %.0f s; resuming", req.source, PULL_IDLE_S)
+                continue
             except grpc.aio.AioRpcError as e:
                 if e.code() in (
                     grpc.StatusCode.UNAVAILABLE,
