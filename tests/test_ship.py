@@ -413,3 +413,4 @@ def test_coordinator_without_the_file_ships_from_a_node_that_has_it(
         assert d.shipped[1].peers == (c.addresses[0],)
         assert not (dirs[1] / smollm2_path.name).exists()
         assert objects(dirs[1])  # its slice, in its cache
+        assert transfers()[c.addresses[1]]["from_peers_bytes"] == empty["from_peers_bytes"]  # /v1/cluster

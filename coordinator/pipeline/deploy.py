@@ -281,7 +281,12 @@ async def deploy(
                         )
 
                     report = await ship_stage(c, model_ref, manifest, source, spec, shipping, sources)
-                    _note(c.address, shipped_bytes=report.shipped_bytes, ship_s=round(report.seconds, 3))
+                    _note(
+                        c.address,
+                        shipped_bytes=report.shipped_bytes,
+                        ship_s=round(report.seconds, 3),
+                        from_peers_bytes=report.from_peers_bytes,
+                    )
                     if not report.has_model:
                         shipped[i], slice_id = report, manifest.id
                         bar.reset(task, total=None, detail="")
