@@ -17,6 +17,7 @@ from edgeshard.coordinator.pipeline import ship
 from edgeshard.coordinator.pipeline.deploy import deploy, transfers
 from edgeshard.coordinator.pipeline.generate import AsyncLocalPipeline, Sequence, generate
 from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.node.lowbit import native
 from edgeshard.node.model.config import ShardSpec, even_split
 from edgeshard.node.model.executor import LocalPipeline, ShardExecutor
 from edgeshard.node.model.sampling import SamplingParams
@@ -324,6 +325,9 @@ def test_recovery_ships_the_lost_stage_to_a_spare_without_a_copy(aio, tmp_path, 
 
         async def run(kill_after: int | None):
             d = await deploy(c.addresses[:3], MODEL, 30, None, source=smollm2_path)
+            # the int4 layers say what they run on: the process's own kernel set, the same on every node
+            kernels = native.kernel_set() if native.available() else "torch"
+            assert [list(s.kernels) for s in d.shards] == [[kernels]] * 3
             pipe = resilient(
                 d,
                 await d.pipeline(),
