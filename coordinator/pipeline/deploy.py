@@ -173,6 +173,8 @@ async def manifest_from_nodes(clients: Sequence[GrpcStageClient], model_ref: str
         )
         return Manifest.from_pb(reply)
     except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older node: no node-to-node shipping from it
+            return None
         raise source._error(e, f"describing {model_ref!r}") from None
     except CheckpointError as e:
         raise ClusterError(f"node {source.address} described {model_ref!r} wrongly: {e}") from None
