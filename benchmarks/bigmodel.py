@@ -13,9 +13,16 @@ resident memory (VmHWM) against baseline + weight bytes; the cluster's decode to
 $LLAMA_BENCH names a llama-bench binary (or --llama-bench PATH), llama.cpp's tg tok/s on the same file in one process
 with one thread (each node runs one torch thread too). Writes benchmarks/results/bigmodel.json.
 
-Memory figures: `baseline` is a node's resident memory after start-up with no shard (Python, torch, gRPC,
-the low-bit kernels); `peak` is its high-water mark over start, shipping, loading and decoding. The target is
-peak <= baseline + 1.15 x the shard's weight bytes.
+Memory figures: `idle` is a node's resident memory after start-up with no shard (Python, torch, gRPC);
+`peak` is its high-water mark (VmHWM) over shipping, loading and decoding, split by phase (the mark is reset
+between them through /proc/PID/clear_refs where the kernel allows it). The target is
+peak <= idle + RUNTIME_MB + 1.15 x the shard's weight bytes, RUNTIME_MB being the fixed runtime baseline
+measured with `--size tiny` (docs/shipping.md: the kernel libraries mapped at the first load, the decode's
+scratch, KV cache and gRPC buffers; it does not grow with the shard).
+
+`--kill` then measures failure recovery with shipping: a fifth node with an empty model dir waits as the
+spare, the second node is killed mid-generation, and the time from the kill to the next token is reported
+(the spare gets the lost stage's tensors from the coordinator's file: no survivor holds them).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ SIZES = {
     "0.5b": (1536, 14, 4096, 24, 8, 32000),
     "tiny": (512, 8, 1536, 8, 4, 32000),
 }
+RUNTIME_MB = 64  # the fixed runtime baseline over idle (measured: --size tiny, see docs/shipping.md)
 PROMPT = [1, 450, 4996, 310, 278, 3186, 338, 263, 1243, 2462, 29892, 322, 306, 763, 372, 29889]
 
 
@@ -123,6 +131,15 @@ def rss(pid: int) -> tuple[int, int]:
     return out["VmRSS"], out["VmHWM"]
 
 
+def reset_peak(pid: int) -> bool:
+    """Reset a process's VmHWM to its VmRSS (Linux: `5` to /proc/PID/clear_refs); False where not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def llama_bench(path: Path, exe: Path, tokens: int) -> float | None:
     """llama.cpp's token-generation rate on `path` with one thread (tok/s), or None when it did not run."""
     try:
@@ -157,14 +174,24 @@ async def run_cluster(path: Path, args, work: Path) -> dict:
     t = time.perf_counter()
     build_manifest(path, path.name)  # hashing the file: once per file (memoized for deploy)
     manifest_s = time.perf_counter() - t
-    with LocalNodes(args.nodes, model_dirs=dirs, threads=1, name="big", node_args=node_args) as c:
+    n_procs = args.nodes + (1 if args.kill else 0)  # --kill: the last one is the spare, outside the plan
+    if args.kill:
+        dirs.append(work / "spare")
+        dirs[-1].mkdir()
+    with LocalNodes(n_procs, model_dirs=dirs, threads=1, name="big", node_args=node_args) as c:
         time.sleep(1.0)
-        baseline = [rss(p.pid)[0] for p in c.procs]
-        links = await measure_links(c.addresses)
+        procs, addresses = c.procs[: args.nodes], c.addresses[: args.nodes]
+        baseline = [rss(p.pid)[0] for p in procs]
+        links = await measure_links(addresses)
+        phased = all(reset_peak(p.pid) for p in procs)
         t = time.perf_counter()
-        d = await deploy(c.addresses, path.name, n_layers, None, source=path)
+        d = await deploy(addresses, path.name, n_layers, None, source=path)
         deploy_s = time.perf_counter() - t
-        after_load = [rss(p.pid) for p in c.procs]
+        after_load = [rss(p.pid) for p in procs]
+        infos = [await cl.info() for cl in d.clients]
+        if phased:
+            for p in procs:
+                reset_peak(p.pid)
         try:
             pipe = await d.pipeline()
             seq = Sequence(PROMPT, SamplingParams(), args.tokens)
@@ -172,26 +199,34 @@ async def run_cluster(path: Path, args, work: Path) -> dict:
             await pipe.aclose()
         finally:
             await d.close()
-        after_decode = [rss(p.pid) for p in c.procs]
-        kept = [sum(p.stat().st_size for p in dd.rglob("*") if p.is_file()) for dd in dirs]
+        after_decode = [rss(p.pid) for p in procs]
+        kept = [sum(p.stat().st_size for p in dd.rglob("*") if p.is_file()) for dd in dirs[: args.nodes]]
+        kill = await kill_to_next_token(c, path, n_layers, args) if args.kill else None
     nodes = []
     for i, entry in enumerate(d.plan):
         link = links[entry["address"]]
         r = d.shipped[i]
         peak = max(after_load[i][1], after_decode[i][1])
+        w = entry["weight_bytes"]
         nodes.append(
             {
                 **entry,
                 "memory_limit": limit,
+                "kernels": list(infos[i].shard.kernels),  # what the loaded layers run on (ShardInfo.kernels)
+                "process_kernels": infos[i].capabilities.kernels,
                 "link_mb_per_s": round(link.mbps, 1),
                 "ship_s_at_link_rate": round(r.shipped_bytes / (link.mbps * 1e6), 2) if r else 0.0,
                 "load_s": round(d.load_s[i], 2),
                 "baseline_rss": baseline[i],
                 "rss_after_load": after_load[i][0],
                 "peak_rss": peak,
-                "peak_over_baseline_per_weight_byte": round((peak - baseline[i]) / entry["weight_bytes"], 3),
+                "peak_rss_ship_load": after_load[i][1] if phased else None,
+                "peak_rss_decode": after_decode[i][1] if phased else None,
+                "peak_over_baseline_per_weight_byte": round((peak - baseline[i]) / w, 3),
                 # what the runtime adds beyond the idle node and the weights (load temporaries, KV, activations)
-                "runtime_overhead_bytes": peak - baseline[i] - entry["weight_bytes"],
+                "runtime_overhead_bytes": peak - baseline[i] - w,
+                "target_bytes": baseline[i] + RUNTIME_MB * 2**20 + int(1.15 * w),
+                "within_target": peak <= baseline[i] + RUNTIME_MB * 2**20 + 1.15 * w,
                 "model_dir_bytes": kept[i],
             }
         )
@@ -201,7 +236,44 @@ async def run_cluster(path: Path, args, work: Path) -> dict:
         "ttft_s": round(seq.ttft_s, 2),
         "deploy_s": round(deploy_s, 2),
         "manifest_s": round(manifest_s, 2),
+        "runtime_mb": RUNTIME_MB,
         "nodes": nodes,
+        "kill": kill,
+    }
+
+
+async def kill_to_next_token(c, path: Path, n_layers: int, args) -> dict:
+    """Deploy again on the plan's nodes (nothing ships: they hold their slices), generate, kill the second
+    node after a few tokens; the spare (empty model dir) gets the lost stage shipped and loaded. Seconds
+    from the kill to the next token, and what the recovery did."""
+    from edgeshard.coordinator.pipeline.deploy import deploy
+    from edgeshard.coordinator.pipeline.generate import Sequence, generate
+    from edgeshard.coordinator.recovery.resilient import RecoveryPolicy, resilient
+    from edgeshard.node.model.sampling import SamplingParams
+
+    addresses = c.addresses[: args.nodes]
+    d = await deploy(addresses, path.name, n_layers, None, source=path)
+    pipe = resilient(d, await d.pipeline(), path, candidates=c.addresses, policy=RecoveryPolicy(retry_s=1.0))
+    killed_at, gap, n = 0.0, None, 0
+    try:
+        async for _tok in generate(pipe, Sequence(PROMPT, SamplingParams(), 12)):
+            n += 1
+            if killed_at and gap is None:
+                gap = time.perf_counter() - killed_at
+            if n == 4:
+                c.procs[1].kill()
+                killed_at = time.perf_counter()
+        events = [e if isinstance(e, dict) else e.to_dict() for e in pipe.recoveries]
+    finally:
+        await pipe.aclose()
+        await d.close()
+    shipped = next((e for e in events[-1]["plan"] if e["address"] == c.addresses[-1]), {}) if events else {}
+    return {
+        "kill_to_next_token_s": round(gap, 2) if gap is not None else None,
+        "tokens": n,
+        "spare_shipped_bytes": shipped.get("shipped_bytes"),
+        "spare_ship_s": shipped.get("ship_s"),
+        "recovery": events[-1] if events else None,
     }
 
 
@@ -216,6 +288,9 @@ def main() -> None:
         type=float,
         default=0.4,
         help="each node's --memory-limit as a fraction of the file",
+    )
+    ap.add_argument(
+        "--kill", action="store_true", help="then kill a node mid-generation (a spare gets shipped)"
     )
     ap.add_argument("--llama-bench", type=Path, default=LLAMA_BENCH)
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -245,16 +320,18 @@ def main() -> None:
         f"\nmodel {args.size}: {result['parameters'] / 1e9:.2f}B params, {result['file_bytes'] / 1e9:.2f} GB; "
         f"{args.nodes} nodes, --memory-limit {result['nodes'][0]['memory_limit'] / 1e9:.2f} GB each"
     )
-    head = f"{'node':6} {'layers':>7} {'weights MB':>10} {'shipped MB':>10} {'ship s':>7} {'at link s':>9} {'load s':>7} {'base MB':>8} {'peak MB':>8} {'(peak-base)/w':>13} {'over MB':>7} {'dir MB':>7}"
+    head = f"{'node':6} {'layers':>7} {'kernels':>8} {'weights MB':>10} {'shipped MB':>10} {'ship s':>7} {'at link s':>9} {'load s':>7} {'idle MB':>8} {'peak MB':>8} {'(peak-idle)/w':>13} {'over MB':>7} {'target MB':>9} {'dir MB':>7}"
     print(head)
     for n in result["nodes"]:
         print(
-            f"{n['node']:6} {n['start_layer']:>3}-{n['end_layer'] - 1:<3} {n['weight_bytes'] / 1e6:>10.1f} "
+            f"{n['node']:6} {n['start_layer']:>3}-{n['end_layer'] - 1:<3} {','.join(n['kernels']):>8} {n['weight_bytes'] / 1e6:>10.1f} "
             f"{n['shipped_bytes'] / 1e6:>10.1f} {n['ship_s']:>7.2f} {n['ship_s_at_link_rate']:>9.2f} {n['load_s']:>7.2f} "
             f"{n['baseline_rss'] / 1e6:>8.0f} {n['peak_rss'] / 1e6:>8.0f} {n['peak_over_baseline_per_weight_byte']:>13.3f} "
             f"{n['runtime_overhead_bytes'] / 1e6:>7.0f} "
+            f"{n['target_bytes'] / 1e6:>8.0f}{'' if n['within_target'] else '!'} "
             f"{n['model_dir_bytes'] / 1e6:>7.1f}"
         )
+    print(f"target: idle + {RUNTIME_MB} MiB runtime + 1.15 x weights ('!': over it)")
     print(
         f"decode {result['decode_tok_per_s']} tok/s over {result['tokens']} tokens (ttft {result['ttft_s']} s); "
         f"deploy {result['deploy_s']} s (manifest {result['manifest_s']} s)"
@@ -262,6 +339,12 @@ def main() -> None:
     if ref:
         print(
             f"llama.cpp (llama-bench, 1 thread, whole file): {ref:.2f} tok/s -> cluster/llama.cpp = {result['vs_llama_cpp']}"
+        )
+    if result["kill"]:
+        k = result["kill"]
+        print(
+            f"kill-to-next-token {k['kill_to_next_token_s']} s (node 2 killed; the spare got "
+            f"{(k['spare_shipped_bytes'] or 0) / 1e6:.1f} MB shipped in {k['spare_ship_s']} s)"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -17,6 +17,7 @@ from edgeshard.coordinator.pipeline import ship
 from edgeshard.coordinator.pipeline.deploy import deploy, transfers
 from edgeshard.coordinator.pipeline.generate import AsyncLocalPipeline, Sequence, generate
 from edgeshard.coordinator.sdk.local_nodes import LocalNodes
+from edgeshard.node.lowbit import native
 from edgeshard.node.model.config import ShardSpec, even_split
 from edgeshard.node.model.executor import LocalPipeline, ShardExecutor
 from edgeshard.node.model.sampling import SamplingParams
@@ -162,6 +163,140 @@ def test_broken_stream_resumes_and_corrupt_chunks_are_sent_again(
     assert needed < shipped <= needed + 2 * largest
 
 
+def _cut_inside_a_tensor(manifest, want: list[str], chunk: int) -> tuple[int, str, int]:
+    """(chunks to send before the cut, the tensor it cuts, bytes of it sent): the first cut that falls strictly
+    inside a tensor when `want` streams in chunks of `chunk` bytes."""
+    by_hash = {t.sha256: t for t in manifest.tensors}
+    n = 0
+    for sha in want:
+        size = by_hash[sha].nbytes
+        if size > 2 * chunk:
+            return n + 2, sha, 2 * chunk  # two chunks of this tensor arrive, then the link breaks
+        n += max(1, -(-size // chunk))
+    raise AssertionError("no tensor spans three chunks")
+
+
+def _empty_node(cluster, i: int) -> None:
+    os.kill(cluster.procs[i].pid, signal.SIGKILL)
+    cluster.procs[i].wait()
+    for p in (cluster.dirs[i] / CACHE_DIRNAME / "objects").iterdir():
+        p.unlink()
+    cluster.restart(i)
+
+
+def test_stream_broken_inside_a_tensor_resumes_at_that_byte(
+    aio, cluster, smollm2_path, manifest, local_tokens, monkeypatch
+):
+    """The link breaks two chunks into a tensor: the next stream starts that tensor at the byte where it
+    stopped, so not one byte is sent twice, and the loaded stage generates what --local does."""
+    spec = even_split(30, 3)[1]
+    want = manifest_wants(manifest, spec)
+    by_hash = {t.sha256: t for t in manifest.tensors}
+    needed = sum(by_hash[s].nbytes for s in want)
+    _empty_node(cluster, 1)
+    monkeypatch.setattr(ship, "CHUNK_BYTES", 64 << 10)
+    cut, victim, sent = _cut_inside_a_tensor(manifest, want, 64 << 10)
+    partial = cluster.dirs[1] / CACHE_DIRNAME / "partial" / f"{victim}.part"
+    seen = []
+    monkeypatch.setattr(ship, "after_cut", lambda: seen.append(partial.stat().st_size))
+    ship.cut_next_stream_after = cut
+    try:
+        d = aio(deploy(cluster.addresses, MODEL, 30, QUANT, source=smollm2_path))
+    finally:
+        ship.cut_next_stream_after = None
+    try:
+        report = d.shipped[1]
+        assert seen == [sent]  # the node kept the two chunks of the tensor in flight
+        assert report.resumed_bytes == sent and report.rejected == 0
+        assert report.shipped_bytes == needed  # nothing sent twice
+        assert objects(cluster.dirs[1]) == set(want) and not partial.exists()
+    finally:
+        aio(d.close())
+    got, plan = aio(tokens_of(cluster.addresses, smollm2_path))
+    assert got == local_tokens and plan[1]["shipped_bytes"] == 0
+
+
+def test_resumed_tensor_is_still_checked_whole(
+    aio, cluster, smollm2_path, manifest, local_tokens, monkeypatch
+):
+    """A byte of the part received before the break is flipped on the node's disk: the resumed tensor fails
+    its SHA-256 (checked over all of its bytes, not only the resumed ones), is dropped and sent again whole."""
+    spec = even_split(30, 3)[1]
+    want = manifest_wants(manifest, spec)
+    by_hash = {t.sha256: t for t in manifest.tensors}
+    needed = sum(by_hash[s].nbytes for s in want)
+    _empty_node(cluster, 1)
+    monkeypatch.setattr(ship, "CHUNK_BYTES", 64 << 10)
+    cut, victim, sent = _cut_inside_a_tensor(manifest, want, 64 << 10)
+    partial = cluster.dirs[1] / CACHE_DIRNAME / "partial" / f"{victim}.part"
+
+    def flip() -> None:
+        data = bytearray(partial.read_bytes())
+        data[100] ^= 0x01
+        partial.write_bytes(bytes(data))
+
+    monkeypatch.setattr(ship, "after_cut", flip)
+    ship.cut_next_stream_after = cut
+    try:
+        got, plan = aio(tokens_of(cluster.addresses, smollm2_path))
+    finally:
+        ship.cut_next_stream_after = None
+    assert got == local_tokens
+    assert objects(cluster.dirs[1]) == set(want)
+    # resumed (sent bytes after the first `sent`), rejected whole, then sent again from byte 0
+    assert plan[1]["shipped_bytes"] == needed + by_hash[victim].nbytes
+
+
+def test_spare_pulls_its_slice_from_the_node_that_holds_it(
+    aio, tmp_path, smollm2_path, manifest, local_tokens
+):
+    """Node-to-node shipping: a spare with an empty dir gets the first stage's tensors from the node that held
+    that stage (PullSlice -> ReadSlice), with no copy of the file at the coordinator (path None); then the
+    plan [spare, second] loads with nothing shipped and generates what --local does."""
+    from edgeshard.coordinator.pipeline.stage_client import connect
+
+    dirs = [tmp_path / n for n in ("first", "second", "spare")]
+    for d in dirs:
+        d.mkdir()
+    with LocalNodes(3, model_dirs=dirs, name="peer", node_args=["--no-benchmark"]) as c:
+        first, second, spare = c.addresses
+        d = aio(deploy([first, second], MODEL, 30, QUANT, source=smollm2_path))
+        aio(d.close())
+        spec = even_split(30, 2)[0]
+        want = manifest_wants(manifest, spec)
+        by_hash = {t.sha256: t for t in manifest.tensors}
+
+        async def pull():
+            clients, _ = await connect([spare, first, second])
+            try:
+                return await ship.ship_stage(clients[0], MODEL, manifest, None, spec, peers=clients[1:])
+            finally:
+                await asyncio.gather(*(x.close() for x in clients))
+
+        report = aio(pull())
+        assert report.shipped_bytes == report.from_peers_bytes == sum(by_hash[s].nbytes for s in want)
+        assert report.peers == (first,)
+        assert objects(dirs[2]) == set(want)
+        got, plan = aio(tokens_of([spare, second], smollm2_path))
+        assert got == local_tokens
+        assert [e["shipped_bytes"] for e in plan] == [0, 0]
+
+        # a tensor nobody holds, and no file at the coordinator: one clear error
+        spec_last = even_split(30, 3)[2]
+        for p in (dirs[2] / CACHE_DIRNAME / "objects").iterdir():
+            p.unlink()
+
+        async def nobody():
+            clients, _ = await connect([spare])
+            try:
+                await ship.ship_stage(clients[0], MODEL, manifest, None, spec_last, peers=())
+            finally:
+                await clients[0].close()
+
+        with pytest.raises(Exception, match="no other node holds"):
+            aio(nobody())
+
+
 def test_memory_limit_below_the_share_is_refused(aio, tmp_path, smollm2_path):
     dirs = [tmp_path / "a", tmp_path / "b"]
     for d in dirs:
@@ -190,6 +325,9 @@ def test_recovery_ships_the_lost_stage_to_a_spare_without_a_copy(aio, tmp_path, 
 
         async def run(kill_after: int | None):
             d = await deploy(c.addresses[:3], MODEL, 30, None, source=smollm2_path)
+            # the int4 layers say what they run on: the process's own kernel set, the same on every node
+            kernels = native.kernel_set() if native.available() else "torch"
+            assert [list(s.kernels) for s in d.shards] == [[kernels]] * 3
             pipe = resilient(
                 d,
                 await d.pipeline(),
@@ -239,3 +377,44 @@ def test_run_peers_cli_ships_to_an_emptied_node_and_matches_run_local(cluster, s
     assert remote["plan"][0]["shipped_bytes"] > 0 and remote["plan"][0]["weight_bytes"] > 0
     assert [p["shipped_bytes"] for p in remote["plan"][1:]] == [0, 0]
     assert not (cluster.dirs[0] / smollm2_path.name).exists()
+
+
+def test_coordinator_without_the_file_ships_from_a_node_that_has_it(
+    aio, tmp_path, smollm2_path, local_tokens
+):
+    """The coordinator has no copy: one node has the GGUF in its --model-dir, the other nothing. The holder
+    describes its file (SliceManifestOf) and the empty node pulls its stage's tensors from it; the tokens
+    are --local's."""
+    import shutil
+
+    dirs = [tmp_path / "holder", tmp_path / "empty"]
+    for d in dirs:
+        d.mkdir()
+    try:
+        os.link(smollm2_path, dirs[0] / smollm2_path.name)
+    except OSError:
+        shutil.copy(smollm2_path, dirs[0] / smollm2_path.name)
+    with LocalNodes(2, model_dirs=dirs, name="nofile", node_args=["--no-benchmark"]) as c:
+
+        async def run():
+            d = await deploy(c.addresses, smollm2_path.name, 30, QUANT)  # no source=: nothing here to ship
+            try:
+                pipe = await d.pipeline()
+                try:
+                    return [
+                        t async for t in generate(pipe, Sequence(PROMPT, SamplingParams(), MAX_TOKENS))
+                    ], d
+                finally:
+                    await pipe.aclose()
+            finally:
+                await d.close()
+
+        got, d = aio(run())
+        assert got == local_tokens
+        holder, empty = d.plan
+        assert holder["shipped_bytes"] == 0 and d.shipped[0] is None  # it loads its own file
+        assert empty["shipped_bytes"] == empty["from_peers_bytes"] > 0
+        assert d.shipped[1].peers == (c.addresses[0],)
+        assert not (dirs[1] / smollm2_path.name).exists()
+        assert objects(dirs[1])  # its slice, in its cache
+        assert transfers()[c.addresses[1]]["from_peers_bytes"] == empty["from_peers_bytes"]  # /v1/cluster

@@ -163,3 +163,79 @@ def test_a_copied_cache_is_reused_and_checked(tmp_path, smollm2_path, manifest):
     other = SliceCache(tmp_path / "b")
     assert sorted(other.have(want)) == sorted(want)
     assert all(sha256_file(other.path(s)) == s for s in want)
+
+
+def test_a_partly_received_tensor_resumes_with_its_prefix_hashed_again(tmp_path, smollm2_path, manifest):
+    """What a broken stream leaves (a partial file) survives a restart of the cache; `resume` cuts it back to
+    the offset the next stream starts at and hands over a SHA-256 of the bytes held, so the tensor's hash is
+    checked over all of it: a damaged prefix fails admission."""
+    import hashlib
+
+    from edgeshard.node.weights.gguf_file import GGUFFile
+
+    entry = max(manifest.tensors, key=lambda t: t.nbytes)
+    info = {t.name: t for t in GGUFFile(smollm2_path).tensors}[entry.name]
+    data = bytes(GGUFFile(smollm2_path)._buf[info.data_offset : info.data_offset + info.n_bytes])
+    cache = SliceCache(tmp_path)
+    cache.begin(entry.sha256).write_bytes(data[:300_000])
+    cache = SliceCache(tmp_path)  # a restarted node keeps what arrived
+    assert cache.partial_bytes([entry.sha256, "0" * 64]) == {entry.sha256: 300_000}
+    with pytest.raises(ValueError, match="fewer are held"):
+        cache.resume(entry.sha256, 300_001)
+    part, digest = cache.resume(entry.sha256, 200_000)  # the next stream starts at byte 200000
+    assert part.stat().st_size == 200_000 and digest.hexdigest() == hashlib.sha256(data[:200_000]).hexdigest()
+    with open(part, "ab") as f:
+        f.write(data[200_000:])
+    digest.update(data[200_000:])
+    cache.admit(entry.sha256, part, entry.nbytes, digest.hexdigest())
+    assert cache.have([entry.sha256]) == [entry.sha256] and not cache.partial_bytes([entry.sha256])
+
+    other = sorted(manifest.tensors, key=lambda t: t.nbytes)[-2]
+    info = {t.name: t for t in GGUFFile(smollm2_path).tensors}[other.name]
+    data = bytearray(GGUFFile(smollm2_path)._buf[info.data_offset : info.data_offset + info.n_bytes])
+    data[10] ^= 1  # damaged on disk before the break
+    cache.begin(other.sha256).write_bytes(bytes(data[:100_000]))
+    part, digest = cache.resume(other.sha256, 100_000)
+    with open(part, "ab") as f:
+        f.write(bytes(data[100_000:]))
+    digest.update(bytes(data[100_000:]))
+    with pytest.raises(HashMismatchError):
+        cache.admit(other.sha256, part, other.nbytes, digest.hexdigest())
+    assert not cache.partial_bytes([other.sha256])  # dropped: it is sent again from byte 0
+
+
+def test_a_node_reads_tensors_from_its_model_file_for_another_node(tmp_path, smollm2_path, manifest):
+    """ReadSlice's source side: tensors a node holds only in its model file (not in its cache) stream from
+    that file by name, each from the requested offset; the bytes hash to the manifest's SHA-256."""
+    import asyncio
+    import hashlib
+    import os
+
+    from edgeshard.node.service.slices import read_slice
+    from edgeshard.node.wire import edgeshard_pb2 as pb
+
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    try:
+        os.link(smollm2_path, model_dir / smollm2_path.name)
+    except OSError:
+        shutil.copy(smollm2_path, model_dir / smollm2_path.name)
+    m = build_manifest(model_dir / smollm2_path.name, smollm2_path.name)
+    cache = SliceCache(model_dir)
+    cache.save_manifest(m)
+    picks = sorted(m.tensors, key=lambda t: t.nbytes)[-2:]
+
+    async def read(offsets):
+        req = pb.ReadSliceRequest(
+            manifest_id=m.id, tensors=[pb.ShipPartial(sha256=t.sha256, bytes=o) for t, o in offsets]
+        )
+        return [c async for c in read_slice(cache, req, model_dir)]
+
+    chunks = asyncio.run(read([(picks[0], 0), (picks[1], 1_000_000)]))
+    got = {t.sha256: b"" for t in picks}
+    for c in chunks:
+        got[c.sha256] += c.data
+    assert hashlib.sha256(got[picks[0].sha256]).hexdigest() == picks[0].sha256
+    full = tensor_bytes(model_dir / smollm2_path.name, picks[1].name)
+    assert got[picks[1].sha256] == bytes(full[1_000_000:])
+    assert chunks[-1].last and chunks[-1].offset + len(chunks[-1].data) == picks[1].nbytes

@@ -8,7 +8,8 @@ prints it.
 
 Weight shipping: given the model file the coordinator holds (`source`), a node that lacks the model gets the
 tensors of its stage first (coordinator/pipeline/ship.py; a node holding the file or the tensors gets none)
-and loads them from its slice cache. `deploy` remembers the source of a model reference, so a re-deploy by
+and loads them from its slice cache. Tensors another node of the plan (or of `peers`) holds, the node pulls
+from that node directly; the coordinator's file sends the rest. `deploy` remembers the source of a model reference, so a re-deploy by
 failure recovery, which passes only the reference, ships to a spare too. A node whose --memory-limit is
 below its stage's weights is refused before anything is shipped (CapacityError naming what is missing).
 """
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -32,6 +34,7 @@ from edgeshard.coordinator.pipeline.stage_client import GrpcStageClient, connect
 from edgeshard.node.model.config import ShardSpec, even_split
 from edgeshard.node.presence.capability import format_bytes
 from edgeshard.node.security.channels import Security
+from edgeshard.node.weights.slice import Manifest
 from edgeshard.node.wire import edgeshard_pb2 as pb
 
 
@@ -60,6 +63,7 @@ class Deployment:
                 "weight_bytes": s.weight_bytes,
                 "shipped_bytes": r.shipped_bytes if r else 0,
                 "ship_s": round(r.seconds, 3) if r else 0.0,
+                "from_peers_bytes": r.from_peers_bytes if r else 0,  # of shipped_bytes, pulled from nodes
             }
             for c, info, s, r in zip(self.clients, self.infos, self.shards, shipped, strict=True)
         ]
@@ -144,6 +148,38 @@ def check_memory(infos: Sequence[pb.NodeInfo], addresses: Sequence[str], specs, 
             )
 
 
+async def manifest_from_nodes(clients: Sequence[GrpcStageClient], model_ref: str) -> Manifest | None:
+    """When the coordinator has no copy of `model_ref`: None if every node holds the model itself (nothing to
+    ship) or none does (LoadShard says what is missing); else the manifest of the file a holder has
+    (`SliceManifestOf`), so the nodes without it pull their tensors from the holders."""
+    from edgeshard.node.weights.checkpoint import CheckpointError
+
+    async def holds(c: GrpcStageClient) -> bool:
+        try:
+            status = await c.stub.SliceStatus(
+                pb.SliceStatusRequest(model=model_ref, query_only=True), metadata=c.metadata, timeout=30
+            )
+            return status.has_model
+        except grpc.aio.AioRpcError:  # an older node (UNIMPLEMENTED) or a refusal: not a source
+            return False
+
+    held = await asyncio.gather(*(holds(c) for c in clients))
+    if all(held) or not any(held):
+        return None
+    source = next(c for c, h in zip(clients, held, strict=True) if h)
+    try:
+        reply = await source.stub.SliceManifestOf(
+            pb.SliceManifestOfRequest(model=model_ref), metadata=source.metadata, timeout=600
+        )
+        return Manifest.from_pb(reply)
+    except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older node: no node-to-node shipping from it
+            return None
+        raise source._error(e, f"describing {model_ref!r}") from None
+    except CheckpointError as e:
+        raise ClusterError(f"node {source.address} described {model_ref!r} wrongly: {e}") from None
+
+
 async def deploy(
     addresses: Sequence[str],
     model_ref: str,
@@ -155,6 +191,7 @@ async def deploy(
     security: Security | None = None,
     source: Path | None = None,
     take_over: bool | None = None,
+    peers: Sequence[str] = (),
 ) -> Deployment:
     """Connect to `addresses` (pipeline order), split `num_layers` evenly, and load the shards on all nodes.
 
@@ -167,6 +204,9 @@ async def deploy(
     Plan ownership (coordinator/pipeline/holder.py): this coordinator becomes the nodes' holder. A node
     another coordinator holds is refused before any node loads (NodeHeldError), unless `take_over` (None:
     what --take-over asked, once per process).
+
+    `peers`: addresses of nodes outside the plan that may hold tensors a node lacks (e.g. the nodes of the
+    previous plan); the plan's own nodes are asked too. A node pulls what a peer holds from that peer.
     """
     if source is not None:
         _SOURCES[model_ref] = Path(source)
@@ -197,6 +237,8 @@ async def deploy(
         if source is not None:
             await asyncio.to_thread(check_memory, infos, [c.address for c in clients], specs, source, quant)
             manifest = await manifest_for(source, model_ref)
+        else:  # no file here: nodes that hold it can still serve the others (node-to-node shipping)
+            manifest = await manifest_from_nodes(clients, model_ref)
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
@@ -206,6 +248,13 @@ async def deploy(
         )
         load_s = [0.0] * len(clients)
         shipped: list[ShipReport | None] = [None] * len(clients)
+        members = {c.address for c in clients}
+        extra = [
+            GrpcStageClient(a, (*metadata, *holder.metadata()), security)
+            for a in dict.fromkeys(peers)
+            if a not in members
+        ]
+        sources = [*clients, *extra]  # who may hold tensors a node lacks (ship_stage skips the node itself)
         with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
 
             async def load(i: int) -> pb.ShardInfo:
@@ -233,8 +282,13 @@ async def deploy(
                             eta_s=round((total - done) / rate, 1) if rate else None,
                         )
 
-                    report = await ship_stage(c, model_ref, manifest, source, spec, shipping)
-                    _note(c.address, shipped_bytes=report.shipped_bytes, ship_s=round(report.seconds, 3))
+                    report = await ship_stage(c, model_ref, manifest, source, spec, shipping, sources)
+                    _note(
+                        c.address,
+                        shipped_bytes=report.shipped_bytes,
+                        ship_s=round(report.seconds, 3),
+                        from_peers_bytes=report.from_peers_bytes,
+                    )
                     if not report.has_model:
                         shipped[i], slice_id = report, manifest.id
                         bar.reset(task, total=None, detail="")
@@ -274,7 +328,10 @@ async def deploy(
                 _note(c.address, phase="ready", load_s=round(load_s[i], 3))
                 return shard
 
-            shards = await asyncio.gather(*(load(i) for i in range(len(clients))))
+            try:
+                shards = await asyncio.gather(*(load(i) for i in range(len(clients))))
+            finally:
+                await asyncio.gather(*(c.close() for c in extra), return_exceptions=True)
         return Deployment(clients, infos, list(shards), plan_id, load_s, shipped)
     except BaseException:
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)

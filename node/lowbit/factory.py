@@ -56,6 +56,8 @@ def make_linear(src: WeightSource, bias: torch.Tensor | None, quant: str) -> nn.
         chunks = _int4_code_chunks(src, bf16_params=int4_cls is Int4Linear)
         return int4_cls.from_codes(chunks, in_f, out_f, bias)
     if quant == "int8":
+        if hasattr(int8_cls, "from_row_chunks"):  # packs chunk by chunk: the weight is never held twice
+            return int8_cls.from_row_chunks(_int8_row_chunks(src), out_f, bias)
         return int8_cls.from_rows(*_collect(_int8_row_chunks(src), out_f, src.name), bias)
     dtype = compute_dtype(quant)
     (weight,) = _collect(((w.to(dtype),) for w in _dense_chunks(src)), out_f, src.name)

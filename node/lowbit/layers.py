@@ -58,7 +58,9 @@ from edgeshard.node.lowbit.formats import QUANT_FORMATS, WeightSource, _qt
 _INT4_EXACT = {QT.Q4_0, QT.Q4_1, QT.Q4_K}
 GROUP_SIZE = 32  # weights per int4 scale/zero group; matches GGUF's 32-weight blocks and sub-blocks
 _INT8_QMAX = 127  # symmetric int8: -127..127 keeps the grid symmetric around 0
-_CHUNK_ELEMS = 4 << 20  # rows are converted in chunks of ~4M weights (16 MB of float32) to bound peak memory
+# rows are converted in chunks of ~1M weights (4 MB of float32) to bound peak memory: dequantizing a chunk
+# makes several temporaries of its size (4M-weight chunks put ~75 MB more on a node's peak, bigmodel.py)
+_CHUNK_ELEMS = 1 << 20
 _ROW_ALIGN = 64  # chunk boundaries on multiples of the largest int4pack row block, so chunks pack identically
 _INT4_N_ALIGN = 16  # _weight_int4pack_mm_for_cpu needs out_features % 16 == 0; we pad rows with zeros
 

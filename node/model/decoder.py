@@ -69,8 +69,14 @@ class Stage(nn.Module):
 
     def init_tables(self) -> None:
         """(Re)build the state that is not a weight: rotary tables and the embedding scale (the loader calls
-        this after building the stage on the meta device)."""
-        self.rotary = Rotaries(self.config)
+        this after building the stage on the meta device).
+
+        Built on the CPU whatever device is current: computed under `torch.device("meta")` (the loader builds
+        the stage there) the float ops of `rope_inv_freq` go through torch's meta decompositions, whose first
+        use imports torch._dynamo and sympy: ~0.9 s and ~70 MB resident for the node's lifetime (measured with
+        benchmarks/bigmodel.py), for tables of a few KB that are rebuilt right after anyway."""
+        with torch.device("cpu"):
+            self.rotary = Rotaries(self.config)
         # Gemma: embeddings times sqrt(D), as transformers computes it (a float32 scalar tensor)
         scaled = family_module(self.config).EMBED_SCALE
         self.embed_scale = torch.tensor(self.config.hidden_size**0.5, device="cpu") if scaled else None

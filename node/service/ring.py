@@ -40,6 +40,7 @@ from edgeshard.node.model.executor import ShardExecutor
 from edgeshard.node.service.batching import STEP_KINDS, Pending, StageTimes, group_size, take_batch
 from edgeshard.node.service.next_hop import NextHop, now_us
 from edgeshard.node.service.stage_step import Outcome, run_batch
+from edgeshard.node.weights.loader import stage_kernels
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire.limits import MAX_QUEUED_MESSAGES, MAX_QUEUED_ROWS, check_forward
 from edgeshard.node.wire.tensors import TO_WIRE_DTYPE, WireError, error_message, invalid, step_from_wire
@@ -97,6 +98,7 @@ class LoadedShard:
             kv_bytes_per_position=self.executor.bytes_per_position,  # KV + kept boundary row
             kv_budget=self.executor.kv_budget,
             kept_bytes_per_position=self.executor.kept_bytes_per_position,
+            kernels=stage_kernels(self.executor.stage),  # what the loaded layers run on
         )
 
 

@@ -47,7 +47,7 @@ from edgeshard.node.service.ownership import Ownership, caller_id
 from edgeshard.node.service.recover import recover
 from edgeshard.node.service.ring import COMPUTE_MODES, MAX_BATCH_ROWS, SESSION_IDLE_S, RingNode
 from edgeshard.node.service.shard_load import load_shard
-from edgeshard.node.service.slices import ship_slice, slice_status
+from edgeshard.node.service.slices import pull_slice, read_slice, ship_slice, slice_manifest_of, slice_status
 from edgeshard.node.weights.cache import SliceCache
 from edgeshard.node.wire import PROTOCOL_VERSION
 from edgeshard.node.wire import edgeshard_pb2 as pb
@@ -192,6 +192,28 @@ class NodeServicer(pb_grpc.NodeServicer):
             return await ship_slice(self.slices, request_iterator)
         except WireError as e:
             log.warning("ShipSlice refused: %s", e.message)
+            await context.abort(e.code, e.message)
+
+    async def ReadSlice(self, request: pb.ReadSliceRequest, context):  # noqa: N802
+        try:
+            async for chunk in read_slice(self.slices, request, self.model_dir):
+                yield chunk
+        except WireError as e:
+            log.warning("ReadSlice refused: %s", e.message)
+            await context.abort(e.code, e.message)
+
+    async def PullSlice(self, request: pb.PullSliceRequest, context):  # noqa: N802
+        try:
+            async for progress in pull_slice(self.slices, request):
+                yield progress
+        except WireError as e:
+            log.warning("PullSlice from %s failed: %s", request.source, e.message)
+            await context.abort(e.code, e.message)
+
+    async def SliceManifestOf(self, request: pb.SliceManifestOfRequest, context) -> pb.SliceManifest:  # noqa: N802
+        try:
+            return await slice_manifest_of(self.slices, request, self.model_dir)
+        except WireError as e:
             await context.abort(e.code, e.message)
 
     async def ReleasePlan(self, request: pb.ReleasePlanRequest, context) -> pb.ReleasePlanReply:  # noqa: N802

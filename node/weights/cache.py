@@ -4,7 +4,8 @@ Layout under `<model-dir>/.edgeshard-slices/`:
 
     objects/<sha256>       the raw bytes of one tensor (ggml blocks as stored in the GGUF file)
     manifests/<id>.json    the manifests the node was told about (node/weights/slice.py)
-    partial/<sha256>.part  a tensor being received; admitted (renamed into objects/) once its hash matches
+    partial/<sha256>.part  a tensor being received; admitted (renamed into objects/) once its hash matches;
+                           kept when a stream breaks inside it: the next stream resumes at its size
     index.json             per object: size, mtime, last use (for LRU and for cheap re-verification)
 
 Content addressing makes a cached tensor valid for any model file that contains the same bytes, and makes
@@ -28,6 +29,7 @@ from edgeshard.node.errors import EdgeshardError
 from edgeshard.node.weights.slice import Manifest, SliceCheckpoint
 
 CACHE_DIRNAME = ".edgeshard-slices"
+PARTIAL_MAX_AGE_S = 24 * 3600  # a partly received tensor older than this is dropped at start
 
 
 class CacheFullError(EdgeshardError):
@@ -57,8 +59,14 @@ class SliceCache:
         self.manifests = self.root / "manifests"
         for d in (self.objects, self.partial, self.manifests):
             d.mkdir(parents=True, exist_ok=True)
-        for stale in self.partial.iterdir():  # a tensor cut off by a crash restarts from its first chunk
-            stale.unlink(missing_ok=True)
+        for part in self.partial.iterdir():  # a tensor cut off (stream or node) resumes where it stopped...
+            try:
+                if (
+                    time.time() - part.stat().st_mtime > PARTIAL_MAX_AGE_S
+                ):  # ...unless nobody came back for it
+                    part.unlink(missing_ok=True)
+            except OSError:
+                pass
         self._lock = threading.RLock()
         self._pinned: dict[str, set[str]] = {}  # owner (e.g. "loaded", "incoming") -> hashes
         self.loaded = ""  # manifest id of the shard the node has installed from this cache ("": none)
@@ -162,6 +170,37 @@ class SliceCache:
         p = self.partial / f"{sha}.part"
         p.write_bytes(b"")
         return p
+
+    def partial_bytes(self, hashes: Iterable[str]) -> dict[str, int]:
+        """Of `hashes`, those received in part (a stream broke inside them): sha -> bytes held."""
+        out = {}
+        for sha in dict.fromkeys(hashes):
+            try:
+                n = (self.partial / f"{sha}.part").stat().st_size
+            except OSError:
+                continue
+            if n:
+                out[sha] = n
+        return out
+
+    def resume(self, sha: str, offset: int) -> tuple[Path, hashlib._Hash]:
+        """The partial file of `sha` cut back to its first `offset` bytes, and a SHA-256 over those bytes (read
+        again from disk: the tensor's hash is checked over all of it, whichever stream brought which part).
+        ValueError when fewer than `offset` bytes are held."""
+        p = self.partial / f"{sha}.part"
+        digest = hashlib.sha256()
+        with open(p, "r+b") as f:
+            if os.fstat(f.fileno()).st_size < offset:
+                raise ValueError(f"tensor {sha[:12]}: {offset} bytes to resume from but fewer are held")
+            f.truncate(offset)
+            left = offset
+            while left:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    raise ValueError(f"tensor {sha[:12]}: the partial file ended early")
+                digest.update(chunk)
+                left -= len(chunk)
+        return p, digest
 
     def admit(self, sha: str, part: Path, nbytes: int, digest: str | None = None) -> None:
         """Verify a received tensor and move it into the cache; HashMismatchError drops it, CacheFullError

@@ -202,5 +202,11 @@ def shard_metadata(stage: Stage) -> dict:
         "modules": list(groups.values()),
         # low-bit kernels in use: "amx" (node/lowbit/amx.py), a dot-product set such as "avx2" or "neon-dot"
         # (node/lowbit/kernels.py), and/or "torch"; none for f32/bf16 stages
-        "kernels": sorted({k for m in stage.modules() if (k := getattr(m, "kernel", None))}),
+        "kernels": stage_kernels(stage),
     }
+
+
+def stage_kernels(stage: nn.Module) -> list[str]:
+    """The low-bit kernel sets a loaded stage's layers run on: "amx" (node/lowbit/amx.py), a dot-product set
+    such as "avx2" or "neon-dot" (node/lowbit/kernels.py), and/or "torch"; [] for f32/bf16 stages."""
+    return sorted({k for m in stage.modules() if (k := getattr(m, "kernel", None))})

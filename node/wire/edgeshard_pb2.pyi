@@ -113,7 +113,7 @@ class Benchmark(_message.Message):
     def __init__(self, mem_gbps: _Optional[float] = ..., int4_gbps: _Optional[float] = ..., int8_gbps: _Optional[float] = ..., bf16_gbps: _Optional[float] = ..., f32_gbps: _Optional[float] = ..., layer_overhead_ms: _Optional[float] = ..., step_overhead_ms: _Optional[float] = ..., bench_ms: _Optional[float] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("model", "start_layer", "end_layer", "num_layers", "quant", "plan_id", "weight_bytes", "next_hop", "load_s", "wire_dtype", "hidden_size", "vocab_size", "kv_bytes_per_position", "kv_budget", "kept_bytes_per_position", "holder", "held")
+    __slots__ = ("model", "start_layer", "end_layer", "num_layers", "quant", "plan_id", "weight_bytes", "next_hop", "load_s", "wire_dtype", "hidden_size", "vocab_size", "kv_bytes_per_position", "kv_budget", "kept_bytes_per_position", "holder", "held", "kernels")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class ShardInfo(_message.Message):
     KEPT_BYTES_PER_POSITION_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
+    KERNELS_FIELD_NUMBER: _ClassVar[int]
     model: str
     start_layer: int
     end_layer: int
@@ -148,7 +149,8 @@ class ShardInfo(_message.Message):
     kept_bytes_per_position: int
     holder: PlanHolder
     held: bool
-    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_hop: _Optional[str] = ..., load_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_bytes_per_position: _Optional[int] = ..., kv_budget: _Optional[int] = ..., kept_bytes_per_position: _Optional[int] = ..., holder: _Optional[_Union[PlanHolder, _Mapping]] = ..., held: _Optional[bool] = ...) -> None: ...
+    kernels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_hop: _Optional[str] = ..., load_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_bytes_per_position: _Optional[int] = ..., kv_budget: _Optional[int] = ..., kept_bytes_per_position: _Optional[int] = ..., holder: _Optional[_Union[PlanHolder, _Mapping]] = ..., held: _Optional[bool] = ..., kernels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeStats(_message.Message):
     __slots__ = ("steps", "messages", "compute_ms", "network_ms", "errors", "sessions", "kv_bytes", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences", "batch_hist", "kv_reserved", "frames", "recovered_rows", "kept_bytes")
@@ -437,26 +439,76 @@ class SliceManifest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., metadata_json: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[SliceTensor, _Mapping]]] = ...) -> None: ...
 
 class SliceStatusRequest(_message.Message):
-    __slots__ = ("manifest", "model", "want")
+    __slots__ = ("manifest", "model", "want", "query_only")
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     WANT_FIELD_NUMBER: _ClassVar[int]
+    QUERY_ONLY_FIELD_NUMBER: _ClassVar[int]
     manifest: SliceManifest
     model: str
     want: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, manifest: _Optional[_Union[SliceManifest, _Mapping]] = ..., model: _Optional[str] = ..., want: _Optional[_Iterable[str]] = ...) -> None: ...
+    query_only: bool
+    def __init__(self, manifest: _Optional[_Union[SliceManifest, _Mapping]] = ..., model: _Optional[str] = ..., want: _Optional[_Iterable[str]] = ..., query_only: _Optional[bool] = ...) -> None: ...
 
 class SliceStatusReply(_message.Message):
-    __slots__ = ("has_model", "have", "cache_bytes", "cache_limit")
+    __slots__ = ("has_model", "have", "cache_bytes", "cache_limit", "partial")
     HAS_MODEL_FIELD_NUMBER: _ClassVar[int]
     HAVE_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CACHE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     has_model: bool
     have: _containers.RepeatedScalarFieldContainer[str]
     cache_bytes: int
     cache_limit: int
-    def __init__(self, has_model: _Optional[bool] = ..., have: _Optional[_Iterable[str]] = ..., cache_bytes: _Optional[int] = ..., cache_limit: _Optional[int] = ...) -> None: ...
+    partial: _containers.RepeatedCompositeFieldContainer[ShipPartial]
+    def __init__(self, has_model: _Optional[bool] = ..., have: _Optional[_Iterable[str]] = ..., cache_bytes: _Optional[int] = ..., cache_limit: _Optional[int] = ..., partial: _Optional[_Iterable[_Union[ShipPartial, _Mapping]]] = ...) -> None: ...
+
+class ShipPartial(_message.Message):
+    __slots__ = ("sha256", "bytes")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    bytes: int
+    def __init__(self, sha256: _Optional[str] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class ReadSliceRequest(_message.Message):
+    __slots__ = ("manifest_id", "tensors")
+    MANIFEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    manifest_id: str
+    tensors: _containers.RepeatedCompositeFieldContainer[ShipPartial]
+    def __init__(self, manifest_id: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[ShipPartial, _Mapping]]] = ...) -> None: ...
+
+class PullSliceRequest(_message.Message):
+    __slots__ = ("manifest_id", "source", "want")
+    MANIFEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    WANT_FIELD_NUMBER: _ClassVar[int]
+    manifest_id: str
+    source: str
+    want: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, manifest_id: _Optional[str] = ..., source: _Optional[str] = ..., want: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SliceManifestOfRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class PullSliceProgress(_message.Message):
+    __slots__ = ("bytes_received", "bytes_total", "admitted", "rejected", "done")
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ADMITTED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    bytes_received: int
+    bytes_total: int
+    admitted: _containers.RepeatedScalarFieldContainer[str]
+    rejected: _containers.RepeatedScalarFieldContainer[str]
+    done: bool
+    def __init__(self, bytes_received: _Optional[int] = ..., bytes_total: _Optional[int] = ..., admitted: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[str]] = ..., done: _Optional[bool] = ...) -> None: ...
 
 class SliceChunk(_message.Message):
     __slots__ = ("manifest_id", "sha256", "offset", "data", "last")

@@ -69,6 +69,21 @@ class NodeStub:
                 request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceChunk.SerializeToString,
                 response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ShipSliceReply.FromString,
                 _registered_method=True)
+        self.ReadSlice = channel.unary_stream(
+                '/edgeshard.v1.Node/ReadSlice',
+                request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReadSliceRequest.SerializeToString,
+                response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceChunk.FromString,
+                _registered_method=True)
+        self.PullSlice = channel.unary_stream(
+                '/edgeshard.v1.Node/PullSlice',
+                request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.PullSliceRequest.SerializeToString,
+                response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.PullSliceProgress.FromString,
+                _registered_method=True)
+        self.SliceManifestOf = channel.unary_unary(
+                '/edgeshard.v1.Node/SliceManifestOf',
+                request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceManifestOfRequest.SerializeToString,
+                response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceManifest.FromString,
+                _registered_method=True)
         self.ReleasePlan = channel.unary_unary(
                 '/edgeshard.v1.Node/ReleasePlan',
                 request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReleasePlanRequest.SerializeToString,
@@ -137,6 +152,30 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadSlice(self, request, context):
+        """Weight shipping from a node (#16, fields 370-389): the tensors this node holds (its slice cache, verified
+        by hash as they are read), each from a byte offset, as SliceChunks. Another node calls it (PullSlice).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullSlice(self, request, context):
+        """Weight shipping from a node: fetch the wanted tensors of a manifest from the node at `source` (ReadSlice)
+        into this node's slice cache, with the checks of ShipSlice; streams progress, the last message done.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SliceManifestOf(self, request, context):
+        """Weight shipping when the coordinator has no copy of the model: the manifest of the model file in this
+        node's --model-dir (hashing it the first time: about a second per GB). NOT_FOUND when it is not there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReleasePlan(self, request, context):
         """Plan ownership: the coordinator that loaded the shard lets go of the node (it keeps the shard loaded).
         """
@@ -190,6 +229,21 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.ShipSlice,
                     request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceChunk.FromString,
                     response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ShipSliceReply.SerializeToString,
+            ),
+            'ReadSlice': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadSlice,
+                    request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReadSliceRequest.FromString,
+                    response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceChunk.SerializeToString,
+            ),
+            'PullSlice': grpc.unary_stream_rpc_method_handler(
+                    servicer.PullSlice,
+                    request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.PullSliceRequest.FromString,
+                    response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.PullSliceProgress.SerializeToString,
+            ),
+            'SliceManifestOf': grpc.unary_unary_rpc_method_handler(
+                    servicer.SliceManifestOf,
+                    request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceManifestOfRequest.FromString,
+                    response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceManifest.SerializeToString,
             ),
             'ReleasePlan': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleasePlan,
@@ -391,6 +445,87 @@ class Node:
             '/edgeshard.v1.Node/ShipSlice',
             edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceChunk.SerializeToString,
             edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ShipSliceReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadSlice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgeshard.v1.Node/ReadSlice',
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.ReadSliceRequest.SerializeToString,
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullSlice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/edgeshard.v1.Node/PullSlice',
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.PullSliceRequest.SerializeToString,
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.PullSliceProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SliceManifestOf(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeshard.v1.Node/SliceManifestOf',
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceManifestOfRequest.SerializeToString,
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.SliceManifest.FromString,
             options,
             channel_credentials,
             insecure,
