@@ -300,7 +300,7 @@ class EndSession(_message.Message):
     def __init__(self) -> None: ...
 
 class ForwardMessage(_message.Message):
-    __slots__ = ("plan_id", "session_id", "start", "sample", "tokens", "hidden", "open", "end", "error", "sent_at_us", "burst_left", "batch", "draft")
+    __slots__ = ("plan_id", "session_id", "start", "sample", "tokens", "hidden", "open", "end", "error", "sent_at_us", "burst_left", "batch", "draft", "feed", "fed")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -314,6 +314,8 @@ class ForwardMessage(_message.Message):
     BURST_LEFT_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
+    FEED_FIELD_NUMBER: _ClassVar[int]
+    FED_FIELD_NUMBER: _ClassVar[int]
     plan_id: int
     session_id: str
     start: int
@@ -327,7 +329,19 @@ class ForwardMessage(_message.Message):
     burst_left: int
     batch: _containers.RepeatedCompositeFieldContainer[ForwardMessage]
     draft: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sample: _Optional[bool] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., end: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., burst_left: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[ForwardMessage, _Mapping]]] = ..., draft: _Optional[_Iterable[int]] = ...) -> None: ...
+    feed: TokenFeed
+    fed: bool
+    def __init__(self, plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sample: _Optional[bool] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., end: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., burst_left: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[ForwardMessage, _Mapping]]] = ..., draft: _Optional[_Iterable[int]] = ..., feed: _Optional[_Union[TokenFeed, _Mapping]] = ..., fed: _Optional[bool] = ...) -> None: ...
+
+class TokenFeed(_message.Message):
+    __slots__ = ("first_node", "until", "stop_ids")
+    FIRST_NODE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    STOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    first_node: str
+    until: int
+    stop_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, first_node: _Optional[str] = ..., until: _Optional[int] = ..., stop_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("plan_id", "session_id", "start", "error")
@@ -350,7 +364,7 @@ class ResultsRequest(_message.Message):
     def __init__(self, subscriber: _Optional[str] = ..., plan_id: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("kind", "plan_id", "session_id", "start", "sampled", "token", "error", "sent_at_us", "batch", "tokens")
+    __slots__ = ("kind", "plan_id", "session_id", "start", "sampled", "token", "error", "sent_at_us", "batch", "tokens", "feeding")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -361,6 +375,7 @@ class Result(_message.Message):
     SENT_AT_US_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FEEDING_FIELD_NUMBER: _ClassVar[int]
     kind: ResultKind
     plan_id: int
     session_id: str
@@ -371,7 +386,8 @@ class Result(_message.Message):
     sent_at_us: int
     batch: _containers.RepeatedCompositeFieldContainer[Result]
     tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, kind: _Optional[_Union[ResultKind, str]] = ..., plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sampled: _Optional[bool] = ..., token: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    feeding: bool
+    def __init__(self, kind: _Optional[_Union[ResultKind, str]] = ..., plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sampled: _Optional[bool] = ..., token: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., tokens: _Optional[_Iterable[int]] = ..., feeding: _Optional[bool] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ("reply_bytes", "payload")
