@@ -564,6 +564,7 @@ class RingNode:
             steps=ex.steps if ex else 0,
             messages=self.messages,
             frames=self.frames,
+            fed=self.fed,
             compute_ms=(ex.compute_s if ex else 0.0) * 1e3,
             network_ms=self.network_s * 1e3,
             errors=self.errors,

@@ -138,7 +138,7 @@ class ShardInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_hop: _Optional[str] = ..., load_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_bytes_per_position: _Optional[int] = ..., kv_budget: _Optional[int] = ..., holder: _Optional[_Union[PlanHolder, _Mapping]] = ..., held: _Optional[bool] = ...) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("steps", "messages", "compute_ms", "network_ms", "errors", "sessions", "kv_bytes", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences", "batch_hist", "kv_reserved", "frames")
+    __slots__ = ("steps", "messages", "compute_ms", "network_ms", "errors", "sessions", "kv_bytes", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences", "batch_hist", "kv_reserved", "frames", "fed")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class NodeStats(_message.Message):
     BATCH_HIST_FIELD_NUMBER: _ClassVar[int]
     KV_RESERVED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FED_FIELD_NUMBER: _ClassVar[int]
     steps: int
     messages: int
     compute_ms: float
@@ -169,7 +170,8 @@ class NodeStats(_message.Message):
     batch_hist: _containers.RepeatedScalarFieldContainer[int]
     kv_reserved: int
     frames: int
-    def __init__(self, steps: _Optional[int] = ..., messages: _Optional[int] = ..., compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., errors: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., wall_ms: _Optional[float] = ..., idle_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., rows: _Optional[int] = ..., sequences: _Optional[int] = ..., batch_hist: _Optional[_Iterable[int]] = ..., kv_reserved: _Optional[int] = ..., frames: _Optional[int] = ...) -> None: ...
+    fed: int
+    def __init__(self, steps: _Optional[int] = ..., messages: _Optional[int] = ..., compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., errors: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., wall_ms: _Optional[float] = ..., idle_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., rows: _Optional[int] = ..., sequences: _Optional[int] = ..., batch_hist: _Optional[_Iterable[int]] = ..., kv_reserved: _Optional[int] = ..., frames: _Optional[int] = ..., fed: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "name", "protocol_version", "capabilities", "loaded", "shard", "max_sessions", "stats", "address", "cluster", "clock_unix_s", "version")
