@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument(
+        "--keep", action="store_true", help="keep the raw trace files (their directory is printed)"
+    )
     args = p.parse_args(argv)
     args.tokens = max(args.tokens, 48)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -183,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
+    if args.keep:
+        print(f"raw traces in {TRACE_DIR}")
+        return 0
     with contextlib.suppress(OSError):
         for f in Path(TRACE_DIR).glob("trace-*.tsv"):
             f.unlink()

@@ -319,6 +319,7 @@ class RingNode:
         self.inbox.append(item)
         self.queued_rows += item.req.length if item.req is not None else 0
         self.ready.set()
+        hop_trace.mark("queued", msg.session_id, msg.start)
         if len(self.inbox) >= MAX_QUEUED_MESSAGES or self.queued_rows >= MAX_QUEUED_ROWS:
             self.room.clear()
             await self.room.wait()  # this stream is read again once the stage has caught up
@@ -333,6 +334,7 @@ class RingNode:
                 times.idle_since = time.perf_counter()
                 self.ready.clear()
                 await self.ready.wait()
+                hop_trace.mark("woke")
                 times.idle_s += time.perf_counter() - times.idle_since
                 times.idle_since = None
             for _ in range(8 if self.worker is None else 0):  # inline: first let the streams deliver
