@@ -107,11 +107,10 @@ def tokens_from_wire(msg: pb.TokenIds, vocab_size: int, max_rows: int = MAX_STEP
     n = len(msg.ids)
     if not 1 <= n <= max_rows:
         raise invalid(f"a step carries 1..{max_rows} token ids, got {n}; split longer prompts into chunks")
-    ids = np.array(msg.ids, dtype=np.int64)  # numpy: see tensor_from_wire
-    lo, hi = int(ids.min()), int(ids.max())
+    lo, hi = min(msg.ids), max(msg.ids)  # plain Python: a tensor op per check costs more (docs/pipeline.md)
     if lo < 0 or hi >= vocab_size:
         raise invalid(f"token ids must be in [0, {vocab_size}), got {lo}..{hi}")
-    return torch.from_numpy(ids)
+    return torch.tensor(msg.ids, dtype=torch.long)
 
 
 def step_from_wire(
