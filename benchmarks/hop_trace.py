@@ -15,6 +15,9 @@ path: coordinator -> node 1 -> ... -> node N -> (coordinator -> node 1 | node 1)
 * `publish -> coordinator`: the last node's Result until the coordinator's reader has it,
 * `coordinator`: the result in hand to the next step written (waking the step, the generation loop).
 
+For scale it also measures the floor of any transport here: a raw socket message from a busy process to one
+that has idled 2 or 8 ms (the time a node idles in a ring), send to receive, in two plain processes.
+
 Writes benchmarks/results/hop_trace.json. Timings on a shared machine are noisy: compare segments within a run.
 """
 
@@ -25,7 +28,8 @@ import os
 import tempfile
 from pathlib import Path
 
-TRACE_DIR = tempfile.mkdtemp(prefix="edgeshard-hop-trace-")
+# the spawned child of socket_floor imports this module again: it inherits the variable, so no second directory
+TRACE_DIR = os.environ.get("EDGESHARD_HOP_TRACE") or tempfile.mkdtemp(prefix="edgeshard-hop-trace-")
 os.environ["EDGESHARD_HOP_TRACE"] = TRACE_DIR  # before edgeshard is imported: hop_trace reads it once
 
 import asyncio  # noqa: E402
@@ -49,6 +53,41 @@ from edgeshard.node.weights.registry import resolve_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hop_trace.json"
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3717, 7018, 2, 198, 1, 4093, 198, 1780]
+
+
+def _echo(sock, n: int) -> None:
+    """The receiving end of `socket_floor`: stamp each message's arrival, answer, report the median."""
+    import struct
+
+    lat = []
+    for _ in range(n):
+        sent = struct.unpack("q", sock.recv(8))[0]
+        lat.append(time.time_ns() - sent)
+        sock.sendall(b"k")
+    sock.sendall(struct.pack("q", int(statistics.median(lat))))
+
+
+def socket_floor(idle_s: float, n: int = 200) -> float:
+    """Median ms from a send (by a process that computed for `idle_s`) to its receipt by a process that
+    idled meanwhile: the wake-up and the kernel's part of a hop, without gRPC or Python on top."""
+    import multiprocessing
+    import socket
+    import struct
+
+    a, b = socket.socketpair()
+    child = multiprocessing.get_context("spawn").Process(target=_echo, args=(b, n))
+    child.start()
+    b.close()
+    for _ in range(n):
+        t = time.perf_counter()
+        while time.perf_counter() - t < idle_s:  # the sender computes while the receiver idles
+            pass
+        a.sendall(struct.pack("q", time.time_ns()))
+        a.recv(1)
+    median_ns = struct.unpack("q", a.recv(8))[0]
+    child.join()
+    a.close()
+    return median_ns / 1e6
 
 
 def segments(n: int, fed: bool) -> list[tuple[str, tuple, tuple]]:
@@ -161,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.tokens = max(args.tokens, 48)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    floor = {f"socket after {ms} ms idle": socket_floor(ms / 1e3) for ms in (2, 8)}
     rows = asyncio.run(main_async(args))
     from rich.console import Console
     from rich.table import Table
@@ -173,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         f, u = rows["fed"].get(label), rows["unfed"].get(label)
         t.add_row(label, "" if f is None else f"{f:.3f}", "" if u is None else f"{u:.3f}")
     Console().print(t)
+    for label, ms in floor.items():
+        print(f"{label}: {ms:.3f} ms (send -> receive, raw socket between two plain processes)")
     report = {
         "model": args.model,
         "nodes": args.nodes,
@@ -182,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg": os.getloadavg(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "median_ms": {k: {kk: round(vv, 4) for kk, vv in v.items()} for k, v in rows.items()},
+        "transport_floor_ms": {k: round(v, 4) for k, v in floor.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
