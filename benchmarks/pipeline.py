@@ -7,7 +7,7 @@ is that 3 nodes keep >= 0.9x the single-process decode rate.
     python benchmarks/pipeline.py                  # local, 2 and 3 nodes; 64 tokens, 5 runs each
     python benchmarks/pipeline.py --nodes 1,2,3 --tokens 128 --runs 9
     python benchmarks/pipeline.py --quick          # CI smoke: 16 tokens, 1 run
-    python benchmarks/pipeline.py --feed both      # each node count with and without the direct token feed
+    python benchmarks/pipeline.py --feed 4,1,0     # token feed, results in 4s / one by one / no feed
 
 All configurations are started first and their runs interleaved, so load from other work on the machine
 hits them alike. Reported per configuration (median over runs): ttft_ms (prompt in, first token out), decode tok/s (tokens after
@@ -155,18 +155,19 @@ def local_config(path: Path, quant: str | None) -> Config:
 
 
 async def node_config(
-    stack: contextlib.AsyncExitStack, path: Path, quant: str | None, n: int, threads: int, feed: bool
+    stack: contextlib.AsyncExitStack, path: Path, quant: str | None, n: int, threads: int, feed: int
 ) -> Config:
     """`n` node processes on 127.0.0.1 with an even split, kept up until `stack` closes (a cluster of its
-    own per configuration: the nodes' counters then belong to it alone)."""
+    own per configuration: the nodes' counters then belong to it alone). `feed`: 0 no token feed, else the
+    feed with results published in groups of `feed` (TokenFeed.results_every)."""
     num_layers = open_checkpoint(path).config.num_hidden_layers
-    tag = "" if feed else "nofeed-"
+    tag = f"feed{feed}-"
     cluster = stack.enter_context(
         LocalNodes(n, model_dir=path.parent, threads=threads, name=f"bench{n}-{tag}")
     )
     d = await deploy(cluster.addresses, path.name, num_layers, quant)
     stack.push_async_callback(d.close)
-    pipe = RemotePipeline(d.clients, d.plan_id, feed=feed)
+    pipe = RemotePipeline(d.clients, d.plan_id, feed=feed > 0, feed_results_every=max(1, feed))
     await pipe.start()
     stack.push_async_callback(pipe.aclose)
 
@@ -174,7 +175,8 @@ async def node_config(
         return [i.stats for i in await asyncio.gather(*(c.info() for c in d.clients))]
 
     # messages per token: coordinator -> node 1 -> ... -> node N -> coordinator, or N with the feed
-    return Config(f"{n} nodes" if feed else f"{n} nodes, no feed", pipe, stats, hops=n if feed else n + 1)
+    name = f"{n} nodes, feed/{feed}" if feed else f"{n} nodes, no feed"
+    return Config(name, pipe, stats, hops=n if feed else n + 1)
 
 
 def _table(rows: dict[str, dict], base: float):
@@ -211,7 +213,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     async with contextlib.AsyncExitStack() as stack:
         configs = [local_config(path, args.quant)]
         for n in args.nodes:
-            for feed in {"both": (True, False), "on": (True,), "off": (False,)}[args.feed]:
+            for feed in args.feed:
                 configs.append(await node_config(stack, path, args.quant, n, args.threads, feed))
         return await measure(configs, args.tokens, args.runs)
 
@@ -226,14 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument(
         "--feed",
-        choices=("both", "on", "off"),
-        default="both",
-        help="the direct token feed (last node -> node 1): with it, without it, or both (default)",
+        default="4,0",
+        help="token feed settings to compare per node count: 0 = no feed, k = the last node feeds node 1 and "
+        "publishes results in groups of k (default 4,0)",
     )
     p.add_argument("--quick", action="store_true", help="16 tokens, 1 run (smoke)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     args.nodes = [int(x) for x in args.nodes.split(",") if x]
+    args.feed = [int(x) for x in args.feed.split(",") if x]
     if args.quick:
         args.tokens, args.runs = 16, 1
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))

@@ -63,6 +63,7 @@ class RemotePipeline:
         subscriber: str | None = None,
         groups: int | None = None,
         feed: bool = True,
+        feed_results_every: int = 4,
     ) -> None:
         if not clients:
             raise ValueError("a pipeline needs at least one node")
@@ -80,6 +81,7 @@ class RemotePipeline:
         # the direct token feed (see the module docstring): whether to ask for it, the sessions that asked,
         # and per fed session the results that came before anyone waited for them (by start; _FAILED: error)
         self.feed_enabled = feed
+        self.feed_results_every = feed_results_every  # TokenFeed.results_every (see the proto)
         self.feed_asked: dict[str, pb.TokenFeed] = {}
         self.fed: dict[str, dict[int, pb.Result | ClusterError]] = {}
         self.fed_next: dict[str, int] = {}  # fed session -> start of the step the ring runs without us
@@ -136,7 +138,10 @@ class RemotePipeline:
         if not self.feed_enabled or set(self.pending) - {session_id}:
             return False
         self.feed_asked[session_id] = pb.TokenFeed(
-            first_node=self.clients[0].address, until=until, stop_ids=list(stop_ids)
+            first_node=self.clients[0].address,
+            until=until,
+            stop_ids=list(stop_ids),
+            results_every=self.feed_results_every,
         )
         return True
 

@@ -54,6 +54,7 @@ KV_AVAILABLE_FRACTION = 0.5  # default KV budget: this share of the memory avail
 SESSION_IDLE_S = 1800.0  # a session nobody stepped for this long is ended (--session-idle-timeout)
 INLINE_MAX_ROWS = 16  # a lone session's step runs on the event loop only up to this many rows (see _run)
 BURST_WAIT_S = 0.002  # longest a node waits for the rest of an arriving burst before it starts a forward
+RESULTS_HOLD_S = 0.05  # longest the last node holds a fed session's results (TokenFeed.results_every)
 ReplyFn = Callable[[pb.ForwardReply], None]  # puts an error reply on the sender's stream (never blocks)
 __all__ = ["LAST", "LoadedShard", "NextHop", "RingNode"]
 
@@ -148,6 +149,7 @@ class RingNode:
         self.feeds: dict[str, pb.TokenFeed] = {}
         self.feed_hops: dict[str, NextHop] = {}
         self.fed = 0  # steps this (last) node sent to the first node itself
+        self.held: dict[str, list[pb.Result]] = {}  # fed results not yet published (TokenFeed.results_every)
         self.messages = 0
         self.frames = 0  # gRPC messages: a batch counts once
         self.errors = 0
@@ -459,7 +461,9 @@ class RingNode:
             kind=pb.RESULT_ENDED, plan_id=msg.plan_id, session_id=msg.session_id, start=msg.start
         )
 
-    def _publish(self, result: pb.Result) -> None:
+    def _publish(self, result: pb.Result, hold: bool = True) -> None:
+        if hold and self.held and self._hold(result):
+            return
         result.sent_at_us = now_us()
         hop_trace.mark("publish", result.session_id, result.start)
         sub = self.route.get(result.session_id)
@@ -511,6 +515,10 @@ class RingNode:
         hop.send(step)
         self.fed += 1
         result.feeding = True
+        # results of fed steps are held back (see _hold); not the first token (time to first token)
+        if feed.results_every > 1 and msg.fed and msg.session_id not in self.held:
+            self.held[msg.session_id] = []
+            asyncio.get_running_loop().call_later(RESULTS_HOLD_S, self._release, msg.session_id)
 
     def _feed_failed(self, msg: pb.ForwardMessage, e: WireError) -> None:
         """The first node could not be reached with a fed step: fail the session at its coordinator."""
@@ -540,7 +548,29 @@ class RingNode:
                 )
             )
 
+    def _hold(self, result: pb.Result) -> bool:
+        """Keep a fed step's Result back until its session has `results_every` (or its feed ends, or
+        RESULTS_HOLD_S passed): whether it was kept. Anything else of the session releases what is held
+        first, so the coordinator sees its results in order."""
+        held = self.held.get(result.session_id)
+        if held is None:
+            return False
+        feed = self.feeds.get(result.session_id)
+        if result.feeding and result.kind == pb.RESULT_TOKEN and feed is not None:
+            held.append(result)
+            if len(held) < feed.results_every:
+                return True
+        self._release(result.session_id)
+        return result in held
+
+    def _release(self, session_id: str) -> None:
+        """Publish what is held of `session_id` (one Results message: they are queued together)."""
+        held = self.held.pop(session_id, None)
+        for r in held or ():
+            self._publish(r, hold=False)
+
     async def _close_feeds(self) -> None:
+        self.held.clear()
         self.feeds.clear()
         hops, self.feed_hops = list(self.feed_hops.values()), {}
         for hop in hops:

@@ -336,14 +336,16 @@ class ForwardMessage(_message.Message):
     def __init__(self, plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sample: _Optional[bool] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., end: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., burst_left: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[ForwardMessage, _Mapping]]] = ..., draft: _Optional[_Iterable[int]] = ..., feed: _Optional[_Union[TokenFeed, _Mapping]] = ..., fed: _Optional[bool] = ...) -> None: ...
 
 class TokenFeed(_message.Message):
-    __slots__ = ("first_node", "until", "stop_ids")
+    __slots__ = ("first_node", "until", "stop_ids", "results_every")
     FIRST_NODE_FIELD_NUMBER: _ClassVar[int]
     UNTIL_FIELD_NUMBER: _ClassVar[int]
     STOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_EVERY_FIELD_NUMBER: _ClassVar[int]
     first_node: str
     until: int
     stop_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, first_node: _Optional[str] = ..., until: _Optional[int] = ..., stop_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    results_every: int
+    def __init__(self, first_node: _Optional[str] = ..., until: _Optional[int] = ..., stop_ids: _Optional[_Iterable[int]] = ..., results_every: _Optional[int] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("plan_id", "session_id", "start", "error")
