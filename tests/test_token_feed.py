@@ -47,8 +47,10 @@ def test_fed_tokens_equal_unfed_and_stop_where_the_loop_stops(node_cluster, smol
         fed = await d.pipeline()
         unfed = RemotePipeline(d.clients, d.plan_id, feed=False)
         await unfed.start()
+        one_by_one = RemotePipeline(d.clients, d.plan_id, feed_results_every=1)  # no results held back
+        await one_by_one.start()
         try:
-            out = {}
+            out = {"one_by_one": await _run(one_by_one, 24)}
             for name, sampling in (("greedy", GREEDY), ("seeded", SEEDED)):
                 before = await _stats(d)
                 ref = await _run(unfed, 24, sampling=sampling)
@@ -70,6 +72,7 @@ def test_fed_tokens_equal_unfed_and_stop_where_the_loop_stops(node_cluster, smol
         finally:
             await fed.aclose()
             await unfed.aclose()
+            await one_by_one.aclose()
             await d.close()
 
     out = asyncio.run(run())
@@ -81,6 +84,7 @@ def test_fed_tokens_equal_unfed_and_stop_where_the_loop_stops(node_cluster, smol
         assert after[-1].fed - mid[-1].fed == 23, "every decode step after the first token is fed"
         assert all(s.sessions == 0 for s in after)
         assert [s.errors for s in after] == [s.errors for s in before]
+    assert out["one_by_one"].generated == out["greedy"][0].generated
     ref, got, before, _, after = out["stop"]
     assert got.generated == ref.generated == out["greedy"][0].generated[: out["first"]]
     assert got.finish_reason == ref.finish_reason == "stop"

@@ -8,6 +8,10 @@ The gRPC servicer (node/service/server.py) is a thin layer over it. The data pat
     stage loop: take ALL ready messages (node/service/batching.py) -> run_batch: one executor.step (node/service/stage_step.py)
                 -> encode -> next_hop.send (middle node) / Result to the subscriber (last node)
 
+The direct token feed (docs/pipeline.md): for a session that asked (`ForwardMessage.feed`), the last node sends
+each sampled token straight to the first node as the next step (`_feed`), and holds the Results back in small
+groups (`_hold`), so the coordinator is off the critical path of every token.
+
 Continuous batching: while the stage computes, messages keep arriving and queue in the inbox; when it is free
 it takes everything ready (at most one step per session, one chunk of prefill rows, `max_batch_rows` rows and 1/N of
 its sessions on an N-node ring) and runs one forward, so with many sequences in flight every node computes a
