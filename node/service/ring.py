@@ -491,10 +491,11 @@ class RingNode:
         step, if the session asked for it (`ForwardMessage.feed`) and the coordinator's loop would go on
         (not a stop id, below `until`); mark `result.feeding` so the coordinator waits instead of sending.
 
-        Why: in a serial ring every hop is a message plus an idle receiver waking up (~0.5-0.9 ms on a
-        2-vCPU VM). Feeding from here drops the coordinator's hop and wake-up from the critical path of
-        every token; the coordinator still gets every token (the Result goes out right after) and can end
-        the session at any time (EndSession; the first node then drops the fed step in flight)."""
+        Why: in a serial ring every hop is a message plus an idle receiver waking up (0.35-0.55 ms of gRPC
+        on a 2-vCPU VM, docs/pipeline.md). Feeding from here drops the coordinator's hop and wake-up from
+        the critical path of every token; the coordinator still gets every token (the Result goes out
+        after the fed step, held back in small groups: `_hold`) and can end the session at any time
+        (EndSession; the first node then drops the fed step in flight)."""
         msg = item.msg
         if msg.HasField("feed"):
             self.feeds[msg.session_id] = msg.feed
@@ -565,7 +566,7 @@ class RingNode:
             if len(held) < feed.results_every:
                 return True
         self._release(result.session_id)
-        return result in held
+        return any(r is result for r in held)  # kept and now published with the rest
 
     def _release(self, session_id: str) -> None:
         """Publish what is held of `session_id` (one Results message: they are queued together)."""
