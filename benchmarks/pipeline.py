@@ -7,12 +7,15 @@ is that 3 nodes keep >= 0.9x the single-process decode rate.
     python benchmarks/pipeline.py                  # local, 2 and 3 nodes; 64 tokens, 5 runs each
     python benchmarks/pipeline.py --nodes 1,2,3 --tokens 128 --runs 9
     python benchmarks/pipeline.py --quick          # CI smoke: 16 tokens, 1 run
+    python benchmarks/pipeline.py --feed 4,1,0     # token feed, results in 4s / one by one / no feed
 
 All configurations are started first and their runs interleaved, so load from other work on the machine
 hits them alike. Reported per configuration (median over runs): ttft_ms (prompt in, first token out), decode tok/s (tokens after
 the first), step_ms (one decode token's round trip), compute_ms (sum over the stages of their forward time per
 step, from the nodes' counters), and hop_ms = (step_ms - compute_ms) / hops, with hops = nodes + 1 messages per
-token (coordinator -> node 1 -> ... -> node N -> coordinator). Writes benchmarks/results/pipeline.json.
+token (coordinator -> node 1 -> ... -> node N -> coordinator), or nodes with the direct token feed (the last node
+sends the token to node 1 itself; docs/pipeline.md). `fed` is the share of decode steps the last node fed.
+Writes benchmarks/results/pipeline.json.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 
 from edgeshard.coordinator.pipeline.deploy import deploy
 from edgeshard.coordinator.pipeline.generate import AsyncLocalPipeline, Sequence, generate
+from edgeshard.coordinator.pipeline.remote import RemotePipeline
 from edgeshard.coordinator.sdk.local_nodes import LocalNodes
 from edgeshard.node.model.config import ShardSpec
 from edgeshard.node.model.executor import LocalPipeline, ShardExecutor
@@ -79,8 +83,8 @@ PROMPT = [
 class Config:
     """One configuration under test: a started pipeline and a way to read its stages' counters."""
 
-    def __init__(self, name: str, pipeline, stats) -> None:
-        self.name, self.pipeline, self.stats = name, pipeline, stats
+    def __init__(self, name: str, pipeline, stats, hops: int = 0) -> None:
+        self.name, self.pipeline, self.stats, self.hops = name, pipeline, stats, hops
         self.ttft: list[float] = []
         self.rates: list[float] = []
         self.snapshots: dict[str, list] = {}
@@ -130,8 +134,9 @@ async def measure(configs: list[Config], tokens: int, runs: int) -> dict[str, di
         r["compute_ms"] = sum(per_step("compute_ms"))
         r["node_compute_ms"] = [round(x, 3) for x in per_step("compute_ms")]
         r["node_network_ms"] = [round(x, 3) for x in per_step("network_ms")]
-        # hops per token: coordinator -> node 1 -> ... -> node N -> coordinator (local: none)
-        hops = len(s0) + 1 if c.name != "local" else 0
+        hops = c.hops
+        r["hops"] = hops
+        r["fed"] = round(per_step("fed")[-1], 3) if c.name != "local" else 0.0
         r["hop_ms"] = (r["step_ms"] - r["compute_ms"]) / hops if hops else 0.0
         out[c.name] = r
     return out
@@ -144,26 +149,34 @@ def local_config(path: Path, quant: str | None) -> Config:
     ex = ShardExecutor(stage)
 
     async def stats():  # the executor's counters, in the shape of a node's
-        return [SimpleNamespace(compute_ms=ex.compute_s * 1e3, network_ms=0.0)]
+        return [SimpleNamespace(compute_ms=ex.compute_s * 1e3, network_ms=0.0, fed=0)]
 
     return Config("local", AsyncLocalPipeline(LocalPipeline([ex])), stats)
 
 
 async def node_config(
-    stack: contextlib.AsyncExitStack, path: Path, quant: str | None, n: int, threads: int
+    stack: contextlib.AsyncExitStack, path: Path, quant: str | None, n: int, threads: int, feed: int
 ) -> Config:
-    """`n` node processes on 127.0.0.1 with an even split, kept up until `stack` closes."""
+    """`n` node processes on 127.0.0.1 with an even split, kept up until `stack` closes (a cluster of its
+    own per configuration: the nodes' counters then belong to it alone). `feed`: 0 no token feed, else the
+    feed with results published in groups of `feed` (TokenFeed.results_every)."""
     num_layers = open_checkpoint(path).config.num_hidden_layers
-    cluster = stack.enter_context(LocalNodes(n, model_dir=path.parent, threads=threads, name=f"bench{n}-"))
+    tag = f"feed{feed}-"
+    cluster = stack.enter_context(
+        LocalNodes(n, model_dir=path.parent, threads=threads, name=f"bench{n}-{tag}")
+    )
     d = await deploy(cluster.addresses, path.name, num_layers, quant)
     stack.push_async_callback(d.close)
-    pipe = await d.pipeline()
+    pipe = RemotePipeline(d.clients, d.plan_id, feed=feed > 0, feed_results_every=max(1, feed))
+    await pipe.start()
     stack.push_async_callback(pipe.aclose)
 
     async def stats():
         return [i.stats for i in await asyncio.gather(*(c.info() for c in d.clients))]
 
-    return Config(f"{n} nodes", pipe, stats)
+    # messages per token: coordinator -> node 1 -> ... -> node N -> coordinator, or N with the feed
+    name = f"{n} nodes, feed/{feed}" if feed else f"{n} nodes, no feed"
+    return Config(name, pipe, stats, hops=n if feed else n + 1)
 
 
 def _table(rows: dict[str, dict], base: float):
@@ -177,6 +190,7 @@ def _table(rows: dict[str, dict], base: float):
         "step ms",
         "compute ms",
         "hop ms",
+        "fed",
         title="pipeline: one sequence, greedy, same threads per stage",
     )
     for name, r in rows.items():
@@ -188,6 +202,7 @@ def _table(rows: dict[str, dict], base: float):
             f"{r['step_ms']:.2f}",
             f"{r['compute_ms']:.2f}",
             f"{r['hop_ms']:.3f}",
+            f"{r['fed']:.2f}",
         )
     return t
 
@@ -198,7 +213,8 @@ async def main_async(args: argparse.Namespace) -> dict:
     async with contextlib.AsyncExitStack() as stack:
         configs = [local_config(path, args.quant)]
         for n in args.nodes:
-            configs.append(await node_config(stack, path, args.quant, n, args.threads))
+            for feed in args.feed:
+                configs.append(await node_config(stack, path, args.quant, n, args.threads, feed))
         return await measure(configs, args.tokens, args.runs)
 
 
@@ -210,10 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per stage (and for local)")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument(
+        "--feed",
+        default="4,0",
+        help="token feed settings to compare per node count: 0 = no feed, k = the last node feeds node 1 and "
+        "publishes results in groups of k (default 4,0)",
+    )
     p.add_argument("--quick", action="store_true", help="16 tokens, 1 run (smoke)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     args.nodes = [int(x) for x in args.nodes.split(",") if x]
+    args.feed = [int(x) for x in args.feed.split(",") if x]
     if args.quick:
         args.tokens, args.runs = 16, 1
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -230,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": args.runs,
         "prompt_tokens": len(PROMPT),
         "machine": {"arch": platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__},
+        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "results": {
             k: {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items()}

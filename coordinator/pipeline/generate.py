@@ -131,12 +131,16 @@ async def generate(
     try:
         # inside the try: a request cancelled while opening still closes whatever stages opened it
         await pipeline.open(seq.session_id, seq.sampling, max_len=seq.max_len)  # the KV it may reserve
+        spec = seq.speculation if hasattr(pipeline, "verify") else None
+        if spec is None and hasattr(pipeline, "feed"):
+            # every next step is just the last token: the last node may feed it to the first one itself,
+            # stopping where this loop stops (a stop id; the token at position prompt + max_tokens - 1)
+            pipeline.feed(seq.session_id, seq.stop_ids, len(seq.prompt) + seq.max_tokens - 1)
         token = None
         for start in range(0, len(seq.prompt), prefill_chunk):
             chunk = seq.prompt[start : start + prefill_chunk]
             last = start + len(chunk) == len(seq.prompt)
             token = await pipeline.step(seq.session_id, start, chunk, sample=last)
-        spec = seq.speculation if hasattr(pipeline, "verify") else None
         made = [token]  # tokens the last trip produced (one, or several with speculation)
         while True:
             if seq.first_token_at is None:

@@ -11,6 +11,13 @@ their session with a `ClusterError` naming the node and what went wrong.
 A non-final prefill chunk (sample=False) is not waited for: the next chunk follows at once, so chunks
 overlap across nodes; its acknowledgement is checked before the session's next sampled step returns.
 
+The direct token feed: a session whose every next step is just its last sampled token (no speculation)
+asks the last node to send each sampled token straight to the first node (`feed`, `ForwardMessage.feed`).
+The coordinator still receives every token from the Results stream; `step` then only waits for the result
+of the step the ring already runs (`Result.feeding` says it does), and `close` ends the session as before.
+A ring of N nodes then costs N messages per token instead of N + 1, and the coordinator's wake-up is off
+the critical path (docs/pipeline.md).
+
 Many sessions run at once: their decode steps go out in one group per node (coordinator/pipeline/groups.py), so each
 node computes one group's steps in one batched forward while the others compute the other groups.
 """
@@ -28,11 +35,13 @@ from edgeshard.coordinator.errors import ClusterError
 from edgeshard.coordinator.pipeline.groups import StepGroups
 from edgeshard.coordinator.pipeline.stage_client import NodeUnavailableError, StageClient
 from edgeshard.node.model.sampling import SamplingParams
+from edgeshard.node.service import hop_trace
 from edgeshard.node.service.next_hop import coalesce, drain, now_us
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire.tensors import sampling_to_wire, status_code
 
 _OPEN = -1  # the pending key of a session's OpenSession (steps use their start position, >= 0)
+_FAILED = -2  # the key under which a fed session keeps an error that came while nobody waited
 
 
 class RemoteStepError(ClusterError):
@@ -53,6 +62,8 @@ class RemotePipeline:
         plan_id: int,
         subscriber: str | None = None,
         groups: int | None = None,
+        feed: bool = True,
+        feed_results_every: int = 4,
     ) -> None:
         if not clients:
             raise ValueError("a pipeline needs at least one node")
@@ -67,6 +78,13 @@ class RemotePipeline:
         self.outbox: asyncio.Queue[pb.ForwardMessage] = asyncio.Queue()  # see _write
         # decode steps travel in groups, one per node by default (None: as many as nodes)
         self.groups = StepGroups(groups or len(self.clients), self._put)
+        # the direct token feed (see the module docstring): whether to ask for it, the sessions that asked,
+        # and per fed session the results that came before anyone waited for them (by start; _FAILED: error)
+        self.feed_enabled = feed
+        self.feed_results_every = feed_results_every  # TokenFeed.results_every (see the proto)
+        self.feed_asked: dict[str, pb.TokenFeed] = {}
+        self.fed: dict[str, dict[int, pb.Result | ClusterError]] = {}
+        self.fed_next: dict[str, int] = {}  # fed session -> start of the step the ring runs without us
         self.return_hop_s = 0.0  # network time of the last hop (last node -> here), summed over results
         self.return_hops = 0
 
@@ -109,10 +127,33 @@ class RemotePipeline:
         )
         await self._send_and_wait(session_id, _OPEN, msg)
 
+    def feed(self, session_id: str, stop_ids: Sequence[int], until: int) -> bool:
+        """Ask the last node to feed `session_id`'s sampled tokens straight back to the first node from its
+        next sampled step on, stopping where the generation loop stops: at a token in `stop_ids` or a
+        position >= `until`. Only a session whose next steps are exactly its sampled tokens may ask
+        (generate() without speculation). Returns whether it will be asked.
+
+        Only while it is the pipeline's only session: with several, the coordinator's step groups keep
+        the nodes' batches balanced (coordinator/pipeline/groups.py), which a fed ring would bypass."""
+        if not self.feed_enabled or set(self.pending) - {session_id}:
+            return False
+        self.feed_asked[session_id] = pb.TokenFeed(
+            first_node=self.clients[0].address,
+            until=until,
+            stop_ids=list(stop_ids),
+            results_every=self.feed_results_every,
+        )
+        return True
+
     async def step(self, session_id: str, start: int, tokens: list[int], sample: bool = True) -> int | None:
         """Feed `tokens` at `start` to the ring; the sampled next token (None for sample=False, not awaited)."""
+        if sample and len(tokens) == 1 and self.fed_next.get(session_id) == start:
+            return await self._fed_step(session_id, start)  # the last node sent it to node 1 itself
         msg = pb.ForwardMessage(plan_id=self.plan_id, session_id=session_id, start=start, sample=sample)
         msg.tokens.ids.extend(tokens)
+        if sample and (feed := self.feed_asked.pop(session_id, None)) is not None:
+            msg.feed.CopyFrom(feed)
+            self.fed[session_id] = {}  # its results may now come before anyone waits for them
         if not sample:
             fut = self._expect(session_id, start)
             await self._write(msg)
@@ -126,6 +167,24 @@ class RemotePipeline:
             result = await self._send_and_wait(session_id, start, msg)
         for fut in self.unchecked.pop(session_id, ()):
             await fut  # earlier chunks of this session: done before this one (the ring is FIFO)
+        if result.feeding:
+            self.fed_next[session_id] = start + len(tokens)
+        hop_trace.mark("c.return", session_id, start)
+        return int(result.token)
+
+    async def _fed_step(self, session_id: str, start: int) -> int:
+        """The token of the step at `start` that the ring runs on its own (the token feed)."""
+        del self.fed_next[session_id]
+        early = self.fed.get(session_id, {})
+        result = early.pop(start, None)
+        if result is None:
+            failed = early.pop(_FAILED, None)
+            if isinstance(failed, ClusterError):
+                raise failed
+            result = await self._expect(session_id, start)
+        if result.feeding:
+            self.fed_next[session_id] = start + 1
+        hop_trace.mark("c.return", session_id, start)
         return int(result.token)
 
     async def verify(self, session_id: str, start: int, tokens: list[int], draft: list[int]) -> list[int]:
@@ -148,6 +207,9 @@ class RemotePipeline:
     async def close(self, session_id: str) -> None:
         """End the session on every node (not awaited: the ring frees it in order after the last step)."""
         self.groups.leave(session_id)
+        self.feed_asked.pop(session_id, None)
+        self.fed.pop(session_id, None)
+        self.fed_next.pop(session_id, None)
         for fut in self.unchecked.pop(session_id, ()):
             if fut.done() and not fut.cancelled():
                 fut.exception()  # retrieved: the session is over, nobody will await this chunk's outcome
@@ -177,6 +239,7 @@ class RemotePipeline:
 
     def _put(self, msg: pb.ForwardMessage) -> None:
         msg.sent_at_us = now_us()  # node 1 counts the hop from here (see the proto)
+        hop_trace.mark("c.put", msg.session_id, msg.start)
         self.outbox.put_nowait(msg)
 
     async def _write_loop(self) -> None:
@@ -205,9 +268,15 @@ class RemotePipeline:
         fut = self.pending.get(session_id, {}).pop(key, None)
         if fut is not None and not fut.done():
             fut.set_result(result)
+        elif session_id in self.fed:  # a fed step's, before anyone waits for it
+            self.fed[session_id][key] = result
 
     def _fail_session(self, session_id: str, error: ClusterError) -> None:
-        for fut in self.pending.pop(session_id, {}).values():
+        futures = self.pending.pop(session_id, {}).values()
+        if session_id in self.fed and not futures:  # nobody waits now: the next fed step raises it
+            self.fed[session_id][_FAILED] = error
+            self.pending[session_id] = {}  # still open: its later results are still taken
+        for fut in futures:
             if not fut.done():
                 fut.set_exception(error)
 
@@ -232,6 +301,7 @@ class RemotePipeline:
             # (epoch fencing: a session replayed after a failure must not fail by its past)
             return
         if r.kind == pb.RESULT_TOKEN:
+            hop_trace.mark("c.result", r.session_id, r.start)
             if r.sent_at_us:
                 self.return_hop_s += max(0, now_us() - r.sent_at_us) / 1e6
                 self.return_hops += 1

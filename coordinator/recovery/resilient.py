@@ -124,6 +124,14 @@ class ResilientPipeline:
             session.predicted = (start + len(tokens), token)
         return token
 
+    def feed(self, session_id: str, stop_ids, until: int) -> bool:
+        """The direct token feed (`RemotePipeline.feed`) for `session_id` on the current plan. After a failure
+        the replayed session runs unfed on the new plan: the coordinator sends its steps again."""
+        session = self.sessions.get(session_id)
+        if session is None or self.state != "serving" or session.epoch != self.epoch:
+            return False
+        return self.pipeline.feed(session_id, stop_ids, until)
+
     async def verify(self, session_id: str, start: int, tokens: list[int], draft: list[int]) -> list[int]:
         """`RemotePipeline.verify`, surviving node failures as `step` does. The history keeps the proposals as
         fed (a replay repeats the same calls, so rebuilt caches are bit-identical); the next step overwrites

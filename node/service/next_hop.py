@@ -10,6 +10,7 @@ from collections.abc import Callable
 import grpc
 
 from edgeshard.node.security.channels import Security, channel, connection_problem
+from edgeshard.node.service import hop_trace
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire import edgeshard_pb2_grpc as pb_grpc
 from edgeshard.node.wire.tensors import WireError
@@ -135,7 +136,11 @@ class NextHop:
                 await self._reset()
                 await self._open()
             try:
+                if hop_trace.enabled():
+                    hop_trace.mark("write", msg.session_id, msg.start)
                 await self.call.write(msg)
+                if hop_trace.enabled():
+                    hop_trace.mark("written", msg.session_id, msg.start)
                 return
             except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as e:
                 log.warning(

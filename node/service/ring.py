@@ -8,6 +8,10 @@ The gRPC servicer (node/service/server.py) is a thin layer over it. The data pat
     stage loop: take ALL ready messages (node/service/batching.py) -> run_batch: one executor.step (node/service/stage_step.py)
                 -> encode -> next_hop.send (middle node) / Result to the subscriber (last node)
 
+The direct token feed (docs/pipeline.md): for a session that asked (`ForwardMessage.feed`), the last node sends
+each sampled token straight to the first node as the next step (`_feed`), and holds the Results back in small
+groups (`_hold`), so the coordinator is off the critical path of every token.
+
 Continuous batching: while the stage computes, messages keep arriving and queue in the inbox; when it is free
 it takes everything ready (at most one step per session, one chunk of prefill rows, `max_batch_rows` rows and 1/N of
 its sessions on an N-node ring) and runs one forward, so with many sequences in flight every node computes a
@@ -37,6 +41,7 @@ import torch
 
 from edgeshard.node.model.config import ShardSpec
 from edgeshard.node.model.executor import ShardExecutor
+from edgeshard.node.service import hop_trace
 from edgeshard.node.service.batching import STEP_KINDS, Pending, StageTimes, group_size, take_batch
 from edgeshard.node.service.next_hop import NextHop, now_us
 from edgeshard.node.service.stage_step import Outcome, run_batch
@@ -57,6 +62,7 @@ SESSION_IDLE_S = 1800.0  # a session nobody stepped for this long is ended (--se
 ORPHAN_S = 60.0
 INLINE_MAX_ROWS = 16  # a lone session's step runs on the event loop only up to this many rows (see _run)
 BURST_WAIT_S = 0.002  # longest a node waits for the rest of an arriving burst before it starts a forward
+RESULTS_HOLD_S = 0.05  # longest the last node holds a fed session's results (TokenFeed.results_every)
 ReplyFn = Callable[[pb.ForwardReply], None]  # puts an error reply on the sender's stream (never blocks)
 __all__ = ["LAST", "LoadedShard", "NextHop", "RingNode"]
 
@@ -150,6 +156,12 @@ class RingNode:
         self.subscribers: dict[str, asyncio.Queue] = {}  # Results streams on this (last) node
         self.route: dict[str, str] = {}  # session -> subscriber its results go to
         self.upstream: dict[str, ReplyFn] = {}  # session -> the stream its messages came from
+        # the direct token feed (last node): session -> where and until when its tokens go to the first node,
+        # and one stream per first node (see _feed)
+        self.feeds: dict[str, pb.TokenFeed] = {}
+        self.feed_hops: dict[str, NextHop] = {}
+        self.fed = 0  # steps this (last) node sent to the first node itself
+        self.held: dict[str, list[pb.Result]] = {}  # fed results not yet published (TokenFeed.results_every)
         self.messages = 0
         self.frames = 0  # gRPC messages: a batch counts once
         self.errors = 0
@@ -188,6 +200,7 @@ class RingNode:
         if self.next_hop is not None:
             await self.next_hop.close()
             self.next_hop = None
+        await self._close_feeds()
 
     def kv_budget_for(self, weight_bytes: int) -> int:
         """The KV budget of a shard with `weight_bytes` of weights: --kv-budget, else what --memory-limit leaves
@@ -330,6 +343,7 @@ class RingNode:
     async def _take(self, msg: pb.ForwardMessage, reply: ReplyFn) -> None:
         self.messages += 1
         which = msg.WhichOneof("payload") or ""
+        hop_trace.mark("recv", msg.session_id, msg.start)
         t0 = time.perf_counter()
         if msg.sent_at_us and which in STEP_KINDS:  # the hop into this node (see the proto)
             self.network_s += max(0, now_us() - msg.sent_at_us) / 1e6
@@ -359,6 +373,7 @@ class RingNode:
         self.inbox.append(item)
         self.queued_rows += item.req.length if item.req is not None else 0
         self.ready.set()
+        hop_trace.mark("queued", msg.session_id, msg.start)
         if len(self.inbox) >= MAX_QUEUED_MESSAGES or self.queued_rows >= MAX_QUEUED_ROWS:
             self.room.clear()
             await self.room.wait()  # this stream is read again once the stage has caught up
@@ -373,6 +388,7 @@ class RingNode:
                 times.idle_since = time.perf_counter()
                 self.ready.clear()
                 await self.ready.wait()
+                hop_trace.mark("woke")
                 times.idle_s += time.perf_counter() - times.idle_since
                 times.idle_since = None
             for _ in range(8 if self.worker is None else 0):  # inline: first let the streams deliver
@@ -389,6 +405,9 @@ class RingNode:
                 self.room.set()
             if steps:
                 times.record(steps, time.perf_counter())
+                if hop_trace.enabled():
+                    for item in steps:
+                        hop_trace.mark("batch", item.msg.session_id, item.msg.start)
             work = partial(run_batch, shard.executor, self.name, controls, steps)
             # one session (or none): nothing else can arrive meanwhile, so skip the thread hand-off; but not
             # for a long step (a prefill chunk): on the event loop it would keep Health unanswered for its
@@ -405,6 +424,9 @@ class RingNode:
                 ]
                 encode_s = 0.0
             self.network_s += encode_s
+            if hop_trace.enabled():
+                for item in steps:
+                    hop_trace.mark("computed", item.msg.session_id, item.msg.start)
             onward = [o.out for o in outcomes if isinstance(o.out, pb.ForwardMessage)]
             for i, out in enumerate(onward):  # one burst: the next node computes them together
                 out.burst_left = len(onward) - 1 - i
@@ -426,17 +448,23 @@ class RingNode:
         """Hand one message's outcome on: answer the sender if it failed, then pass the output along the ring."""
         item, msg = outcome.item, outcome.item.msg
         if outcome.error is not None:
-            self._refuse(msg, outcome.error, item.reply)
-        elif item.kind in STEP_KINDS or item.kind == "open":
+            # a fed step's sender is the last node: its failure goes to the coordinator's stream instead
+            reply = self.upstream.get(msg.session_id, _nobody) if msg.fed else item.reply
+            self._refuse(msg, outcome.error, reply)
+        elif (item.kind in STEP_KINDS or item.kind == "open") and not msg.fed:
             # errors of the next hops about it go back there (only sessions this node holds: bounded)
             self.upstream[msg.session_id] = item.reply
             self.orphans.pop(msg.session_id, None)  # stepped again: not an orphan any more
             if item.kind == "open" and shard.next_hop == LAST:
                 self.route[msg.session_id] = msg.open.reply_to
         if outcome.out is not None:
+            if isinstance(outcome.out, pb.Result) and outcome.out.kind == pb.RESULT_TOKEN:
+                self._feed(item, outcome.out)  # before the Result: the next step is the critical path
             self._emit(outcome.out)
         if item.kind == "end":
             self.upstream.pop(msg.session_id, None)
+            self.feeds.pop(msg.session_id, None)
+            hop_trace.flush()
 
     def _refuse(self, msg: pb.ForwardMessage, e: WireError, reply: ReplyFn) -> None:
         self.errors += 1
@@ -457,6 +485,7 @@ class RingNode:
         if self.next_hop is None:  # no shard: an error with nowhere to go was already answered upstream
             return
         out.sent_at_us = now_us()
+        hop_trace.mark("emit", out.session_id, out.start)
         self.next_hop.send(out)
 
     def _hop_failed(self, msg: pb.ForwardMessage, e: WireError) -> None:
@@ -485,8 +514,11 @@ class RingNode:
             kind=pb.RESULT_ENDED, plan_id=msg.plan_id, session_id=msg.session_id, start=msg.start
         )
 
-    def _publish(self, result: pb.Result) -> None:
+    def _publish(self, result: pb.Result, hold: bool = True) -> None:
+        if hold and self.held and self._hold(result):
+            return
         result.sent_at_us = now_us()
+        hop_trace.mark("publish", result.session_id, result.start)
         sub = self.route.get(result.session_id)
         if result.kind == pb.RESULT_ENDED:
             self.route.pop(result.session_id, None)
@@ -500,6 +532,103 @@ class RingNode:
         upstream = self.upstream.get(reply.session_id)
         if upstream is not None:
             upstream(reply)
+
+    # ---------------------------------------------------------------------------------- the token feed
+
+    def _feed(self, item: Pending, result: pb.Result) -> None:
+        """Last node: send the token just sampled for `item` straight to the first node as the session's next
+        step, if the session asked for it (`ForwardMessage.feed`) and the coordinator's loop would go on
+        (not a stop id, below `until`); mark `result.feeding` so the coordinator waits instead of sending.
+
+        Why: in a serial ring every hop is a message plus an idle receiver waking up (0.35-0.55 ms of gRPC
+        on a 2-vCPU VM, docs/pipeline.md). Feeding from here drops the coordinator's hop and wake-up from
+        the critical path of every token; the coordinator still gets every token (the Result goes out
+        after the fed step, held back in small groups: `_hold`) and can end the session at any time
+        (EndSession; the first node then drops the fed step in flight)."""
+        msg = item.msg
+        if msg.HasField("feed"):
+            self.feeds[msg.session_id] = msg.feed
+        feed = self.feeds.get(msg.session_id)
+        if feed is None or not result.sampled or len(result.tokens) or item.req is None:
+            return
+        pos = msg.start + item.req.length  # the sampled token's position
+        if result.token in feed.stop_ids or pos >= feed.until:
+            del self.feeds[msg.session_id]  # the coordinator stops here; nothing more to feed
+            return
+        hop = self.feed_hops.get(feed.first_node)
+        if hop is None:
+            hop = self.feed_hops[feed.first_node] = NextHop(
+                feed.first_node, self._feed_refused, self._feed_failed
+            )
+        step = pb.ForwardMessage(
+            plan_id=msg.plan_id, session_id=msg.session_id, start=pos, sample=True, fed=True
+        )
+        step.tokens.ids.append(result.token)
+        step.sent_at_us = now_us()
+        hop_trace.mark("feed", step.session_id, step.start)
+        hop.send(step)
+        self.fed += 1
+        result.feeding = True
+        # results of fed steps are held back (see _hold); not the first token (time to first token)
+        if feed.results_every > 1 and msg.fed and msg.session_id not in self.held:
+            self.held[msg.session_id] = []
+            asyncio.get_running_loop().call_later(RESULTS_HOLD_S, self._release, msg.session_id)
+
+    def _feed_failed(self, msg: pb.ForwardMessage, e: WireError) -> None:
+        """The first node could not be reached with a fed step: fail the session at its coordinator."""
+        self.feeds.pop(msg.session_id, None)
+        self._publish(
+            pb.Result(
+                kind=pb.RESULT_ERROR,
+                plan_id=msg.plan_id,
+                session_id=msg.session_id,
+                start=msg.start,
+                error=e.to_proto(self.name),
+            )
+        )
+
+    def _feed_refused(self, reply: pb.ForwardReply) -> None:
+        """The first node refused a fed step before queueing it (stale plan, a limit): the coordinator waits
+        for that step, so tell it (failures after queueing also come along the ring; a repeat is harmless)."""
+        if reply.session_id in self.feeds:
+            del self.feeds[reply.session_id]
+            self._publish(
+                pb.Result(
+                    kind=pb.RESULT_ERROR,
+                    plan_id=reply.plan_id,
+                    session_id=reply.session_id,
+                    start=reply.start,
+                    error=reply.error,
+                )
+            )
+
+    def _hold(self, result: pb.Result) -> bool:
+        """Keep a fed step's Result back until its session has `results_every` (or its feed ends, or
+        RESULTS_HOLD_S passed): whether it was kept. Anything else of the session releases what is held
+        first, so the coordinator sees its results in order."""
+        held = self.held.get(result.session_id)
+        if held is None:
+            return False
+        feed = self.feeds.get(result.session_id)
+        if result.feeding and result.kind == pb.RESULT_TOKEN and feed is not None:
+            held.append(result)
+            if len(held) < feed.results_every:
+                return True
+        self._release(result.session_id)
+        return any(r is result for r in held)  # kept and now published with the rest
+
+    def _release(self, session_id: str) -> None:
+        """Publish what is held of `session_id` (one Results message: they are queued together)."""
+        held = self.held.pop(session_id, None)
+        for r in held or ():
+            self._publish(r, hold=False)
+
+    async def _close_feeds(self) -> None:
+        self.held.clear()
+        self.feeds.clear()
+        hops, self.feed_hops = list(self.feed_hops.values()), {}
+        for hop in hops:
+            await hop.close()
 
     # ---------------------------------------------------------------------------------- Results
 
@@ -521,6 +650,7 @@ class RingNode:
             steps=ex.steps if ex else 0,
             messages=self.messages,
             frames=self.frames,
+            fed=self.fed,
             compute_ms=(ex.compute_s if ex else 0.0) * 1e3,
             network_ms=self.network_s * 1e3,
             errors=self.errors,

@@ -46,6 +46,9 @@ def run_batch(
             ex.validate(item.req)
             ok.append(item)
         except (SessionError, StepError) as e:
+            if item.msg.fed and item.msg.session_id not in ex.sessions:
+                done.append(Outcome(item, None))  # the coordinator ended it while this step was on its way
+                continue
             done.append(_failed(item, invalid(str(e)), node))
     if not ok:
         return done, 0.0
@@ -115,6 +118,8 @@ def _output(ex: ShardExecutor, msg: pb.ForwardMessage, res: StepResult) -> pb.Fo
         plan_id=msg.plan_id, session_id=msg.session_id, start=msg.start, sample=msg.sample, draft=msg.draft
     )
     tensor_to_wire(res.hidden, out.hidden)
+    if msg.HasField("feed"):  # for the last node (the token feed)
+        out.feed.CopyFrom(msg.feed)
     return out
 
 

@@ -153,7 +153,7 @@ class ShardInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., quant: _Optional[str] = ..., plan_id: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., next_hop: _Optional[str] = ..., load_s: _Optional[float] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., hidden_size: _Optional[int] = ..., vocab_size: _Optional[int] = ..., kv_bytes_per_position: _Optional[int] = ..., kv_budget: _Optional[int] = ..., kept_bytes_per_position: _Optional[int] = ..., holder: _Optional[_Union[PlanHolder, _Mapping]] = ..., held: _Optional[bool] = ..., kernels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeStats(_message.Message):
-    __slots__ = ("steps", "messages", "compute_ms", "network_ms", "errors", "sessions", "kv_bytes", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences", "batch_hist", "kv_reserved", "frames", "recovered_rows", "kept_bytes")
+    __slots__ = ("steps", "messages", "compute_ms", "network_ms", "errors", "sessions", "kv_bytes", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences", "batch_hist", "kv_reserved", "frames", "recovered_rows", "kept_bytes", "fed")
     STEPS_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class NodeStats(_message.Message):
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     RECOVERED_ROWS_FIELD_NUMBER: _ClassVar[int]
     KEPT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FED_FIELD_NUMBER: _ClassVar[int]
     steps: int
     messages: int
     compute_ms: float
@@ -188,7 +189,8 @@ class NodeStats(_message.Message):
     frames: int
     recovered_rows: int
     kept_bytes: int
-    def __init__(self, steps: _Optional[int] = ..., messages: _Optional[int] = ..., compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., errors: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., wall_ms: _Optional[float] = ..., idle_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., rows: _Optional[int] = ..., sequences: _Optional[int] = ..., batch_hist: _Optional[_Iterable[int]] = ..., kv_reserved: _Optional[int] = ..., frames: _Optional[int] = ..., recovered_rows: _Optional[int] = ..., kept_bytes: _Optional[int] = ...) -> None: ...
+    fed: int
+    def __init__(self, steps: _Optional[int] = ..., messages: _Optional[int] = ..., compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., errors: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., wall_ms: _Optional[float] = ..., idle_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., rows: _Optional[int] = ..., sequences: _Optional[int] = ..., batch_hist: _Optional[_Iterable[int]] = ..., kv_reserved: _Optional[int] = ..., frames: _Optional[int] = ..., recovered_rows: _Optional[int] = ..., kept_bytes: _Optional[int] = ..., fed: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
     __slots__ = ("node_id", "name", "protocol_version", "capabilities", "loaded", "shard", "max_sessions", "stats", "address", "cluster", "clock_unix_s", "version")
@@ -319,7 +321,7 @@ class EndSession(_message.Message):
     def __init__(self) -> None: ...
 
 class ForwardMessage(_message.Message):
-    __slots__ = ("plan_id", "session_id", "start", "sample", "tokens", "hidden", "open", "end", "error", "sent_at_us", "burst_left", "batch", "draft")
+    __slots__ = ("plan_id", "session_id", "start", "sample", "tokens", "hidden", "open", "end", "error", "sent_at_us", "burst_left", "batch", "draft", "feed", "fed")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
@@ -333,6 +335,8 @@ class ForwardMessage(_message.Message):
     BURST_LEFT_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
+    FEED_FIELD_NUMBER: _ClassVar[int]
+    FED_FIELD_NUMBER: _ClassVar[int]
     plan_id: int
     session_id: str
     start: int
@@ -346,7 +350,21 @@ class ForwardMessage(_message.Message):
     burst_left: int
     batch: _containers.RepeatedCompositeFieldContainer[ForwardMessage]
     draft: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sample: _Optional[bool] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., end: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., burst_left: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[ForwardMessage, _Mapping]]] = ..., draft: _Optional[_Iterable[int]] = ...) -> None: ...
+    feed: TokenFeed
+    fed: bool
+    def __init__(self, plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sample: _Optional[bool] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., open: _Optional[_Union[OpenSession, _Mapping]] = ..., end: _Optional[_Union[EndSession, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., burst_left: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[ForwardMessage, _Mapping]]] = ..., draft: _Optional[_Iterable[int]] = ..., feed: _Optional[_Union[TokenFeed, _Mapping]] = ..., fed: _Optional[bool] = ...) -> None: ...
+
+class TokenFeed(_message.Message):
+    __slots__ = ("first_node", "until", "stop_ids", "results_every")
+    FIRST_NODE_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_FIELD_NUMBER: _ClassVar[int]
+    STOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_EVERY_FIELD_NUMBER: _ClassVar[int]
+    first_node: str
+    until: int
+    stop_ids: _containers.RepeatedScalarFieldContainer[int]
+    results_every: int
+    def __init__(self, first_node: _Optional[str] = ..., until: _Optional[int] = ..., stop_ids: _Optional[_Iterable[int]] = ..., results_every: _Optional[int] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
     __slots__ = ("plan_id", "session_id", "start", "error")
@@ -369,7 +387,7 @@ class ResultsRequest(_message.Message):
     def __init__(self, subscriber: _Optional[str] = ..., plan_id: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("kind", "plan_id", "session_id", "start", "sampled", "token", "error", "sent_at_us", "batch", "tokens")
+    __slots__ = ("kind", "plan_id", "session_id", "start", "sampled", "token", "error", "sent_at_us", "batch", "tokens", "feeding")
     KIND_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -380,6 +398,7 @@ class Result(_message.Message):
     SENT_AT_US_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FEEDING_FIELD_NUMBER: _ClassVar[int]
     kind: ResultKind
     plan_id: int
     session_id: str
@@ -390,7 +409,8 @@ class Result(_message.Message):
     sent_at_us: int
     batch: _containers.RepeatedCompositeFieldContainer[Result]
     tokens: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, kind: _Optional[_Union[ResultKind, str]] = ..., plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sampled: _Optional[bool] = ..., token: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
+    feeding: bool
+    def __init__(self, kind: _Optional[_Union[ResultKind, str]] = ..., plan_id: _Optional[int] = ..., session_id: _Optional[str] = ..., start: _Optional[int] = ..., sampled: _Optional[bool] = ..., token: _Optional[int] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sent_at_us: _Optional[int] = ..., batch: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., tokens: _Optional[_Iterable[int]] = ..., feeding: _Optional[bool] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ("reply_bytes", "payload")

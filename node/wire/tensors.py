@@ -13,6 +13,7 @@ cast by the receiving stage itself.
 from __future__ import annotations
 
 import grpc
+import numpy as np
 import torch
 
 from edgeshard.node.model.executor import StepRequest
@@ -25,6 +26,7 @@ MAX_STEP_ROWS = 2048
 TO_WIRE_DTYPE = {torch.bfloat16: pb.DTYPE_BF16, torch.float16: pb.DTYPE_F16, torch.float32: pb.DTYPE_F32}
 FROM_WIRE_DTYPE = {v: k for k, v in TO_WIRE_DTYPE.items()}
 _ITEMSIZE = {pb.DTYPE_BF16: 2, pb.DTYPE_F16: 2, pb.DTYPE_F32: 4}
+_NUMPY = {pb.DTYPE_F16: np.float16, pb.DTYPE_F32: np.float32}  # numpy has no bf16
 
 
 class WireError(Exception):
@@ -83,9 +85,18 @@ def tensor_from_wire(msg: pb.Tensor, hidden_size: int, max_rows: int = MAX_STEP_
         raise invalid(
             f"tensor data is {len(msg.data)} bytes but shape {shape} of {pb.DType.Name(msg.dtype)} needs {want}"
         )
-    # bytearray: a writable copy (torch refuses to alias immutable bytes without a warning; the copy is tiny)
-    hidden = torch.frombuffer(bytearray(msg.data), dtype=dtype).view(rows, hidden_size)
     # NaN/inf would poison the session's KV cache and make the last node's sampler fail; a stage never sends them
+    # bytearray: a writable copy (torch refuses to alias immutable bytes without a warning; the copy is tiny)
+    np_dtype = _NUMPY.get(msg.dtype)
+    if np_dtype is not None:
+        # numpy, not torch: this runs on every hop right after the node woke up, and torch's isfinite + all +
+        # bool cost ~30 us hot and ~200 us with cold caches (docs/pipeline.md); a float64 sum is finite
+        # exactly when every element is (f32/f16 values cannot overflow it)
+        arr = np.frombuffer(bytearray(msg.data), dtype=np_dtype)
+        if not np.isfinite(arr.sum(dtype=np.float64)):
+            raise invalid("hidden states contain NaN or infinity; the sending node's stage is broken")
+        return torch.from_numpy(arr).view(rows, hidden_size)
+    hidden = torch.frombuffer(bytearray(msg.data), dtype=dtype).view(rows, hidden_size)
     if not bool(torch.isfinite(hidden).all()):
         raise invalid("hidden states contain NaN or infinity; the sending node's stage is broken")
     return hidden
@@ -96,11 +107,10 @@ def tokens_from_wire(msg: pb.TokenIds, vocab_size: int, max_rows: int = MAX_STEP
     n = len(msg.ids)
     if not 1 <= n <= max_rows:
         raise invalid(f"a step carries 1..{max_rows} token ids, got {n}; split longer prompts into chunks")
-    ids = torch.tensor(msg.ids, dtype=torch.long)
-    lo, hi = (int(ids.min()), int(ids.max())) if n > 1 else (int(ids[0]), int(ids[0]))
+    lo, hi = min(msg.ids), max(msg.ids)  # plain Python: a tensor op per check costs more (docs/pipeline.md)
     if lo < 0 or hi >= vocab_size:
         raise invalid(f"token ids must be in [0, {vocab_size}), got {lo}..{hi}")
-    return ids
+    return torch.tensor(msg.ids, dtype=torch.long)
 
 
 def step_from_wire(
