@@ -25,6 +25,9 @@ from collections import OrderedDict
 
 import grpc
 
+from edgeshard.node.security.credentials import CERT_HEADER, CallSigner, Trust
+from edgeshard.node.security.credentials import TOKEN_HEADER as CERT_TOKEN_HEADER
+
 log = logging.getLogger("edgeshard.node.auth")
 
 HEADER = "authorization"
@@ -55,13 +58,15 @@ class TokenVerifier:
 
     def __init__(
         self,
-        key: bytes,
+        key: bytes | None,
         window_s: float = WINDOW_S,
         max_nonces: int = MAX_NONCES,
         also: tuple[bytes, ...] = (),
+        trust: Trust | None = None,
     ) -> None:
-        self.key = key
-        self.keys = (key, *also)  # `also`: keys still accepted during a rotation's overlap
+        self.key = key  # None: an enrolled node (no cluster key), which takes signed tokens only
+        self.keys = (key, *also) if key is not None else ()  # `also`: keys still accepted during a rotation
+        self.trust = trust  # CA certificates + revocation list: checks signed tokens (credentials.py)
         self.window_s = window_s
         self.max_nonces = max_nonces
         self.seen: OrderedDict[str, float] = OrderedDict()  # nonce -> when it expires (insertion order)
@@ -79,6 +84,40 @@ class TokenVerifier:
         ms, nonce, mac = int(match[1]), match[2], match[3]
         if not any(hmac.compare_digest(mac.encode(), _mac(k, method, ms, nonce).encode()) for k in self.keys):
             return "wrong cluster key"
+        return self.fresh(ms, nonce, now)
+
+    def check_signed(self, method: str, token: object, cert: object, now: float | None = None) -> str | None:
+        """None when a signed token (credentials.py) and its certificate admit a call of `method`, else why
+        not. Needs `trust` (the CA certificates and revocation list of this member)."""
+        if self.trust is None:
+            return "no cluster credentials"
+        identity, why, stamp = self.trust.check_token(method, token, cert)
+        if why is not None:
+            return why
+        ms, nonce = stamp.split(".", 1)
+        return self.fresh(int(ms), "c" + nonce, now)  # (its own nonce space: never equal to an HMAC one)
+
+    def check_metadata(self, method: str, metadata, now: float | None = None) -> str | None:
+        """Checks a call's metadata: the HMAC token when this member holds a cluster key and the call has
+        one; else the signed token. None when admitted, else why not."""
+        token = cert_token = cert = None
+        for k, v in metadata:
+            if k == HEADER:
+                token = v
+            elif k == CERT_TOKEN_HEADER:
+                cert_token = v
+            elif k == CERT_HEADER:
+                cert = v
+        if token is not None and self.key is not None:
+            return self.check(method, token if isinstance(token, (str, bytes)) else None, now)
+        if cert_token is not None:
+            return self.check_signed(method, cert_token, cert, now)
+        if token is not None:  # an HMAC token, but this (enrolled) node holds no cluster key
+            return "this node is enrolled (no cluster key): the caller's edgeshard is too old to sign calls"
+        return "no cluster credentials"
+
+    def fresh(self, ms: int, nonce: str, now: float | None = None) -> str | None:
+        """The time and single-use checks shared by both kinds of token."""
         now = time.time() if now is None else now
         skew = ms / 1000 - now
         if abs(skew) > self.window_s:
@@ -126,32 +165,41 @@ class RateLimitedLog:
 class TokenPlugin(grpc.AuthMetadataPlugin):
     """Client side: puts a fresh token on every call of a channel (gRPC calls it per call, in a thread)."""
 
-    def __init__(self, key: bytes) -> None:
-        self.key = key
+    def __init__(self, key: bytes | None, signer: CallSigner | None = None) -> None:
+        self.key = key  # the cluster key's HMAC key (None: an enrolled member, which has none)
+        self.signer = signer  # signs the certificate token every member sends (credentials.py)
 
     def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
         service = context.service_url.rsplit("/", 1)[-1]  # https://<authority>/edgeshard.v1.Node
-        callback(((HEADER, make_token(self.key, f"/{service}/{context.method_name}")),), None)
+        method = f"/{service}/{context.method_name}"
+        headers = ((HEADER, make_token(self.key, method)),) if self.key is not None else ()
+        if self.signer is not None:
+            headers += self.signer.metadata(method)
+        callback(headers, None)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Server side: refuses calls without a valid token with UNAUTHENTICATED, before any handler runs."""
 
     def __init__(
-        self, key: bytes, node: str = "", window_s: float = WINDOW_S, also: tuple[bytes, ...] = ()
+        self,
+        key: bytes | None,
+        node: str = "",
+        window_s: float = WINDOW_S,
+        also: tuple[bytes, ...] = (),
+        trust: Trust | None = None,
     ) -> None:
         quiet_grpc_decode_errors()
-        self.verifier = TokenVerifier(key, window_s, also=also)
+        self.verifier = TokenVerifier(key, window_s, also=also, trust=trust)
         self.node = node
         self.logger = RateLimitedLog()
         self.refused = 0  # calls refused since start
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         metadata = handler_call_details.invocation_metadata or ()
-        token = next((v for k, v in metadata if k == HEADER), None)
         method = handler_call_details.method or ""
         try:
-            why = self.verifier.check(method, token if isinstance(token, (str, bytes)) else None)
+            why = self.verifier.check_metadata(method, metadata)
         except Exception:  # never UNKNOWN plus a traceback for what a stranger sends: a typed refusal
             why = "malformed cluster credentials"
         if why is None:
