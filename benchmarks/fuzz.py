@@ -212,6 +212,7 @@ async def wire_fuzz(n: int, seed: int, console: Console, budget_s: float = float
             log = node.log_tail(0, 1_000_000)
     tracebacks = log.count("Traceback")
     ok = alive and not bad and tracebacks == 0 and after == reference
+    shown = ["\n".join(chunk.splitlines()[:40])[-2000:] for chunk in log.split("Traceback")[1:4]]
     return {
         "messages": sent,
         "seconds": round(seconds, 1),
@@ -221,6 +222,7 @@ async def wire_fuzz(n: int, seed: int, console: Console, budget_s: float = float
         "untyped_examples": bad[:10],
         "node_alive": alive,
         "tracebacks_in_log": tracebacks,
+        "traceback_examples": shown,
         "same_generation_after": after == reference,
         "ok": ok,
     }
