@@ -122,7 +122,10 @@ def cmd_secret_id(args: argparse.Namespace) -> int:
     """`edgeshard secret id`: the fingerprint of the key the flags (or the environment) name."""
     security = security_from_args(args, required=True)
     if not isinstance(security, ClusterKey):
-        raise UserError("--insecure has no key id; pass --cluster-key-file FILE")
+        if not getattr(security, "fingerprint", ""):  # --insecure (or a bundle from before cluster ids)
+            raise UserError("--insecure has no key id; pass --cluster-key-file FILE")
+        print(security.fingerprint)  # an enrolled node's bundle: the id of the key that enrolled it
+        return 0
     print(security.fingerprint)
     return 0
 
