@@ -346,3 +346,43 @@ def test_discovery_finds_an_enrolled_node_and_ignores_it_once_revoked(tmp_path):
     finally:
         channels.use_revocation_file(None)
         channels._revocations.clear()
+
+
+def test_a_revocation_ends_the_calls_the_revoked_node_has_open(tmp_path):
+    """A Forward stream lives as long as the ring. When a node takes a list revoking the caller, the streams
+    that caller has open end (UNAUTHENTICATED) and new calls are refused; other members' calls go on."""
+    key = ClusterKey.generate()
+    revoked, kept = issue(key, "leaving"), issue(key, "staying")
+
+    async def scenario(address: str) -> tuple[grpc.StatusCode, grpc.StatusCode | None]:
+        async with (
+            channel(address, revoked) as bad,
+            channel(address, kept) as good,
+            channel(address, key) as op,
+        ):
+            doomed = bad.stream_stream(FORWARD)(timeout=60)
+            alive = good.stream_stream(FORWARD)(timeout=60)
+            for call in (doomed, alive):  # both streams are open and answered
+                await call.write(pb.ForwardMessage(session_id="x", plan_id=1).SerializeToString())
+                await asyncio.wait_for(call.read(), 20)
+            lst = RevocationList().with_revoked(key, "leaving").to_bytes()
+            reply = await pb_grpc.NodeStub(op).PushRevocations(
+                pb.CredsRevocations(signed_list=lst), timeout=10
+            )
+            assert reply.accepted and reply.seq == 1
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(doomed.read(), 20)
+            await alive.write(pb.ForwardMessage(session_id="y", plan_id=1).SerializeToString())
+            assert (
+                pb.ForwardReply.FromString(await asyncio.wait_for(alive.read(), 20)).session_id == "y"
+            )  # the other member's goes on
+            alive.cancel()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await pb_grpc.NodeStub(bad).GetInfo(pb.GetInfoRequest(), timeout=10)
+            return ended.value.code(), refused.value.code()
+
+    with LocalNodes(1, name="cut", security=issue(key, "host"), node_args=["--no-benchmark"]) as node:
+        ended, refused = asyncio.run(scenario(node.addresses[0]))
+        log = node.log_tail(0, 100_000)
+    assert ended == refused == grpc.StatusCode.UNAUTHENTICATED
+    assert "ending a call of leaving" in log and "Traceback" not in log, log[-3000:]

@@ -14,7 +14,9 @@ The token binds the method (a token for Health cannot open a Forward stream), is
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -25,7 +27,7 @@ from collections import OrderedDict
 
 import grpc
 
-from edgeshard.node.security.credentials import CERT_HEADER, CallSigner, Trust
+from edgeshard.node.security.credentials import CERT_HEADER, KEY_HOLDER, CallSigner, Identity, Trust
 from edgeshard.node.security.credentials import TOKEN_HEADER as CERT_TOKEN_HEADER
 
 log = logging.getLogger("edgeshard.node.auth")
@@ -67,6 +69,7 @@ class TokenVerifier:
         self.key = key  # None: an enrolled node (no cluster key), which takes signed tokens only
         self.keys = (key, *also) if key is not None else ()  # `also`: keys still accepted during a rotation
         self.trust = trust  # CA certificates + revocation list: checks signed tokens (credentials.py)
+        self.identity: Identity | None = None  # the certificate of the last call admitted by a signed token
         self.window_s = window_s
         self.max_nonces = max_nonces
         self.seen: OrderedDict[str, float] = OrderedDict()  # nonce -> when it expires (insertion order)
@@ -94,6 +97,7 @@ class TokenVerifier:
         identity, why, stamp = self.trust.check_token(method, token, cert)
         if why is not None:
             return why
+        self.identity = identity  # read by the interceptor right after (no await in between)
         ms, nonce = stamp.split(".", 1)
         return self.fresh(int(ms), "c" + nonce, now)  # (its own nonce space: never equal to an HMAC one)
 
@@ -194,18 +198,75 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.node = node
         self.logger = RateLimitedLog()
         self.refused = 0  # calls refused since start
+        # streaming calls running for enrolled members, so a revocation also ends the ones already open (a
+        # Forward stream lives as long as the ring): an event that ends the call -> the caller's certificate
+        self.running: dict[asyncio.Event, Identity] = {}
+        self.cut = 0  # calls ended by a revocation
+        if trust is not None and trust.store is not None:
+            trust.store.listeners.append(self.end_revoked)
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         metadata = handler_call_details.invocation_metadata or ()
         method = handler_call_details.method or ""
+        self.verifier.identity = None
         try:
             why = self.verifier.check_metadata(method, metadata)
         except Exception:  # never UNKNOWN plus a traceback for what a stranger sends: a typed refusal
             why = "malformed cluster credentials"
+        identity = self.verifier.identity
         if why is None:
-            return await continuation(handler_call_details)
+            handler = await continuation(handler_call_details)
+            if identity is None or identity.name == KEY_HOLDER or handler is None:
+                return handler  # key holders are not revocable one by one (rotate the key)
+            return _tracked(handler, identity, self.running)
         self.refused += 1
         return _refusal(self, method, why)
+
+    def end_revoked(self, revocations) -> None:
+        """End the open calls of members the new list revokes (their callers see UNAUTHENTICATED)."""
+        for gone, identity in list(self.running.items()):
+            if revocations.refuses(identity.name, identity.not_before) and not gone.is_set():
+                log.warning("ending a call of %s: revoked", identity.name)
+                self.cut += 1
+                gone.set()
+
+
+def _tracked(handler: grpc.RpcMethodHandler, identity: Identity, running: dict) -> grpc.RpcMethodHandler:
+    """`handler` (response-streaming: the calls that stay open) ending with UNAUTHENTICATED when `running`'s
+    event for it is set. The status is sent from the handler's own coroutine between two replies (never from
+    another task while a reply is written: see wire_guard.py); short unary calls are left as they are."""
+    if not handler.response_streaming:
+        return handler
+    field = "stream_stream" if handler.request_streaming else "unary_stream"
+    behavior = getattr(handler, field)
+
+    async def streaming(request, context):
+        gone = asyncio.Event()
+        running[gone] = identity
+        replies = behavior(request, context).__aiter__()
+        try:
+            while True:
+                step = asyncio.ensure_future(replies.__anext__())
+                stop = asyncio.ensure_future(gone.wait())
+                await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():  # revoked while waiting for the next reply
+                    step.cancel()
+                    with contextlib.suppress(BaseException):
+                        await step
+                    await context.abort(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        f"node {identity.name} was revoked (`edgeshard secret revoke`): its calls end",
+                    )
+                stop.cancel()
+                try:
+                    reply = step.result()
+                except StopAsyncIteration:
+                    return
+                yield reply
+        finally:
+            running.pop(gone, None)
+
+    return handler._replace(**{field: streaming})
 
 
 class _DropDecodeErrors(logging.Filter):

@@ -406,6 +406,7 @@ class RevocationStore:
         self.ca_certs = tuple(ca_certs)
         self.current = RevocationList()
         self.lock = threading.Lock()
+        self.listeners: list = []  # called with each list taken (the node's interceptor ends revoked calls)
         if path is not None and path.exists():
             try:
                 data = path.read_bytes()
@@ -430,6 +431,8 @@ class RevocationStore:
                 write_private(self.path, new.to_bytes().decode(), overwrite=True)
             self.current = new
         log.warning("revocation list %d taken: revoked %s", new.seq, ", ".join(sorted(new.revoked)) or "none")
+        for listener in list(self.listeners):
+            listener(new)
         return True, ""
 
     def save(self, new: RevocationList) -> None:
