@@ -94,6 +94,12 @@ def member_checks(members: list[Member]) -> list[Check]:
             fix = "give this node and this coordinator the same --cluster-key-file (docs/security.md)"
             checks.append(Check(f"key {m.name}", False, m.problem, fix))
             continue
+        if m.status == "revoked":  # its certificate is on the revocation list (#20)
+            fix = (
+                "stop the board, or re-enrol it: `edgeshard secret enrol NAME --out FILE` (docs/security.md)"
+            )
+            checks.append(Check(f"key {m.name}", False, m.problem, fix))
+            continue
         checks.append(Check(f"port {m.name}", True, f"{m.address} answers GetInfo in {m.rtt_ms:.1f} ms"))
         if m.status == "version":
             checks.append(Check(f"version {m.name}", False, m.problem, "install the same edgeshard version"))

@@ -206,7 +206,7 @@ async def stream_generation(
 
 async def run_remote(args: argparse.Namespace) -> int:
     """`edgeshard run --peers ...`: deploy over the peers and stream one generation to stdout."""
-    from edgeshard.coordinator.discovery.members import parse_peers
+    from edgeshard.coordinator.discovery.members import parse_peers, refuse_revoked
     from edgeshard.coordinator.pipeline.deploy import deploy
     from edgeshard.coordinator.placement.gather import node_model_ref, plan_for
     from edgeshard.coordinator.recovery.resilient import resilient
@@ -233,6 +233,8 @@ async def run_remote(args: argparse.Namespace) -> int:
         plan = await plan_for(opts, args.model, path, args.quant)
         peers, specs = plan.addresses(), plan.specs()
         extra = {"predicted_ms_per_token": plan.latency_ms, "predicted_tok_per_s": round(plan.tok_per_s, 2)}
+    if not planned:  # (planned members were confirmed: a revoked node is never planned with)
+        await refuse_revoked(peers)
     deployment = await deploy(
         peers, node_model_ref(args.model), num_layers, args.quant, specs=specs, source=path
     )  # nodes lacking the model get their stage's tensors shipped from `path`

@@ -38,9 +38,8 @@ from edgeshard.coordinator.discovery.members import (
 )
 from edgeshard.node.presence.advertise import SERVICE_TYPE, Advert, make_zeroconf
 from edgeshard.node.security.advert_proof import proof_time, signed_addresses, verify_any
-from edgeshard.node.security.channels import Security
+from edgeshard.node.security.channels import Insecure, Security, trust
 from edgeshard.node.security.channels import current as current_security
-from edgeshard.node.security.cluster_key import ClusterKey
 
 __all__ = [
     "Discovery",
@@ -118,6 +117,7 @@ class ZeroconfDiscovery:
         self.misses: dict[str, int] = {}
         self.proof_ts: dict[str, int] = {}  # instance name -> timestamp of the newest proof accepted
         self.ignored_goodbyes = 0  # goodbyes for members that went on answering
+        self.trust = None  # CA certificates + revocation list, for enrolled nodes' adverts (#20)
 
     async def start(self) -> None:
         """Open the mDNS sockets and start browsing (idempotent)."""
@@ -150,7 +150,7 @@ class ZeroconfDiscovery:
         if state_change is ServiceStateChange.Removed:
             self.ignored.pop(name, None)
             self.strangers.pop(name, None)
-            if isinstance(self.security, ClusterKey) and name in self.table:
+            if not isinstance(self.security, Insecure) and name in self.table:
                 task = asyncio.ensure_future(self._goodbye(name))  # anyone can send one: check first
             else:
                 member = self.table.pop(name, None)
@@ -168,8 +168,17 @@ class ZeroconfDiscovery:
             log.info("mDNS: %s announced but could not be resolved", name)
             return
         addresses = info.parsed_addresses()
-        if isinstance(self.security, ClusterKey):  # before anything is dialled: strangers cost nothing
-            why = verify_any(info.properties, info.port or 0, self.security, name=name, addresses=addresses)
+        if not isinstance(self.security, Insecure):  # before anything is dialled: strangers cost nothing
+            if self.trust is None:  # enrolled nodes' adverts: their certificate, minus the revoked (#20)
+                self.trust = trust(self.security)
+            why = verify_any(
+                info.properties,
+                info.port or 0,
+                self.security,
+                name=name,
+                addresses=addresses,
+                trust=self.trust,
+            )
             ts = proof_time(info.properties)
             if why is None and ts < self.proof_ts.get(name, 0):
                 why = "older than an advert already accepted for this name (a replay)"

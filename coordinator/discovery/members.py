@@ -8,6 +8,7 @@ GetInfo before it counts, and what GetInfo says wins. A member carries a status:
     cluster      GetInfo says another cluster than its TXT did (reported)
     unreachable  announced on mDNS but its gRPC port does not answer (firewall, wrong address, crashed)
     untrusted    answers, but not as a member: it holds another (or a stale) cluster key, or runs --insecure
+    revoked      answers with a certificate `edgeshard secret revoke` revoked (never planned with)
 
 Membership changes arrive as events: `join` (first confirmed), `update` (its record or info changed),
 `leave` (mDNS goodbye, or two failed health checks in a row for a node that vanished without one).
@@ -18,17 +19,22 @@ Membership changes arrive as events: `join` (first confirmed), `update` (its rec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import grpc
 
+from edgeshard.coordinator.errors import ClusterError
 from edgeshard.node.presence.advertise import Advert
 from edgeshard.node.presence.capability import Capability, from_wire
-from edgeshard.node.security.channels import Security, connection_problem
+from edgeshard.node.security.channels import Insecure, Security, connection_problem, revocations
 from edgeshard.node.security.channels import channel as secure_channel
+from edgeshard.node.security.channels import current as current_security
+from edgeshard.node.security.credentials import Trust, ca_certificates
 from edgeshard.node.wire import PROTOCOL_VERSION
 from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire import edgeshard_pb2_grpc as pb_grpc
@@ -90,12 +96,15 @@ async def confirm(
     """Ask the node at `address` for GetInfo and judge it (`cluster` None accepts any cluster; `security`
     None: this process's cluster key)."""
     name = advert.name if advert else address
+    challenge = secrets.token_bytes(16)  # the node signs it: which member's certificate answers (#20)
     try:
         async with secure_channel(address, security, GRPC_OPTIONS) as channel:
             sent = time.time()
             t0 = time.perf_counter()
-            info = await pb_grpc.NodeStub(channel).GetInfo(pb.GetInfoRequest(), timeout=timeout)
+            stub = pb_grpc.NodeStub(channel)
+            info = await stub.GetInfo(pb.GetInfoRequest(creds_challenge=challenge), timeout=timeout)
             rtt = time.perf_counter() - t0
+            revoked = await _check_credentials(stub, info, challenge, security, timeout)
     except grpc.aio.AioRpcError as e:
         why = (e.details() or e.code().name).splitlines()[0][:160]
         stranger = connection_problem(e.details())
@@ -140,6 +149,8 @@ async def confirm(
         rtt_ms=round(rtt * 1e3, 3),
         clock_offset_s=round(info.clock_unix_s - (sent + rtt / 2), 4) if info.clock_unix_s else 0.0,
     )
+    if revoked is not None:
+        return dataclasses.replace(member, status="revoked", problem=revoked)
     if info.protocol_version != PROTOCOL_VERSION:
         return dataclasses.replace(
             member,
@@ -159,6 +170,44 @@ async def confirm(
             ),
         )
     return member
+
+
+async def _check_credentials(
+    stub: pb_grpc.NodeStub, info: pb.NodeInfo, challenge: bytes, security: Security | None, timeout: float
+) -> str | None:
+    """Why the node that answered GetInfo is refused (its certificate is revoked or not its own), else None;
+    pushes our revocation list when the node holds an older one (how members learn it, #20)."""
+    sec = security if security is not None else current_security()
+    if isinstance(sec, Insecure):
+        return None
+    store = revocations(sec)
+    why = None
+    if info.creds_certificate:  # (an older node sends none: the token check on its side still applies)
+        trusted = Trust(ca_certificates(sec), store)
+        _, why = trusted.check_challenge(info.creds_certificate, info.creds_signature, challenge)
+    if why is None and store is not None and store.current.seq > info.creds_revocation_seq:
+        with contextlib.suppress(grpc.aio.AioRpcError):  # (an older node has no such method: it stays as is)
+            await stub.PushRevocations(
+                pb.CredsRevocations(signed_list=store.current.to_bytes()), timeout=timeout
+            )
+    return why
+
+
+async def refuse_revoked(addresses: Sequence[str], security: Security | None = None) -> None:
+    """ClusterError naming the first of `addresses` whose node answers with a revoked certificate (#20).
+
+    For paths that dial given addresses without confirming them first (`run --peers`, `serve --peers`):
+    free when this process holds no revocation list, one GetInfo per node otherwise."""
+    sec = security if security is not None else current_security()
+    if isinstance(sec, Insecure):
+        return
+    store = revocations(sec)
+    if store is None or store.current.seq == 0:
+        return
+    members = await asyncio.gather(*(confirm(a, a, "peers", security=sec) for a in addresses))
+    for m in members:
+        if m.status == "revoked":
+            raise ClusterError(f"node {m.name} at {m.address}: {m.problem}; leave it out of --peers")
 
 
 def same_node(a: Member, b: Member) -> bool:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edgeshard.coordinator.errors import ClusterError
-from edgeshard.node.security.channels import ClusterKey, Security, for_local_nodes
+from edgeshard.node.security.channels import ClusterKey, NodeCredentials, Security, for_local_nodes
 from edgeshard.node.service.server import PARENT_PID_ENV, READY_PREFIX
 
 _READY = re.compile(rf"^{READY_PREFIX} port=(\d+)")
@@ -65,8 +65,11 @@ class LocalNodes:
         # the cluster key of these nodes: the one configured, else an ephemeral one (node/security/channels.py)
         self.security = security if security is not None else for_local_nodes()
         self.key_file: Path | None = None  # the key as a file (0600, in log_dir) for nodes and CLI runs
+        self.creds_file: Path | None = None  # or an enrolled node's credentials (#20), as a file
         if isinstance(self.security, ClusterKey):
             self.key_file = self.security.save(self.log_dir / "cluster.key", overwrite=True)
+        elif isinstance(self.security, NodeCredentials):
+            self.creds_file = self.security.save(self.log_dir / "node.creds", overwrite=True)
         self.procs: list[subprocess.Popen] = []
         self.addresses: list[str] = []
 
@@ -99,6 +102,8 @@ class LocalNodes:
 
     def security_args(self) -> list[str]:
         """`--cluster-key-file F` (or `--insecure`): how these nodes, and commands run against them, get in."""
+        if self.creds_file is not None:
+            return ["--credentials", str(self.creds_file)]
         return ["--cluster-key-file", str(self.key_file)] if self.key_file else ["--insecure"]
 
     def start(self, timeout: float = START_TIMEOUT_S) -> list[str]:

@@ -234,12 +234,14 @@ def follow_kv_capacity(pipe, engine: Engine) -> None:
 
 async def _deploy(peers: Sequence[str], model: str, path: Path, quant, console, node_model, specs):
     """Load the shards over `peers` and open the ring: (deployment, started RemotePipeline)."""
+    from edgeshard.coordinator.discovery.members import refuse_revoked
     from edgeshard.coordinator.pipeline.deploy import deploy
     from edgeshard.coordinator.placement.gather import node_model_ref
     from edgeshard.node.weights.checkpoint import open_checkpoint
 
     num_layers = open_checkpoint(path).config.num_hidden_layers
     ref = node_model or node_model_ref(model)
+    await refuse_revoked(peers)  # a node `secret revoke` removed is never deployed to (#20)
     deployment = await deploy(peers, ref, num_layers, quant, console=console, specs=specs, source=path)
     try:
         return deployment, await deployment.pipeline()

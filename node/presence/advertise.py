@@ -359,9 +359,11 @@ async def start_advertising(servicer, port: int) -> Advertiser:
     """Advertise the node that `servicer` serves on `port` (the hook node/service/server.py calls once listening)."""
     from edgeshard.node.security.advert_proof import sign_txt
     from edgeshard.node.security.cluster_key import ClusterKey
+    from edgeshard.node.security.credentials import NodeCredentials
 
     opts = servicer.options
-    key = opts.security if isinstance(opts.security, ClusterKey) else None
+    # a key holder signs with the cluster's mDNS key, an enrolled node with its own key and certificate
+    key = opts.security if isinstance(opts.security, ClusterKey | NodeCredentials) else None
     adv = Advertiser(
         lambda: node_advert(servicer, port, opts.host, opts.mdns_interfaces),
         opts.mdns_interfaces,

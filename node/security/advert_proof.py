@@ -29,8 +29,19 @@ import time
 from collections.abc import Iterable, Mapping
 
 from edgeshard.node.security.cluster_key import ClusterKey
+from edgeshard.node.security.credentials import NodeCredentials, Trust, signer_for
 
-PROOF_KEYS = ("ts", "kid", "mac", "pv", "addrs")
+PROOF_KEYS = ("ts", "kid", "mac", "pv", "addrs", "sig")
+CERT_CHUNK = (
+    240  # an enrolled node's certificate goes in TXT as crt0, crt1, ... (a TXT string holds 255 bytes)
+)
+MAX_CERT_CHUNKS = 8
+
+
+def _proof_key(k: str) -> bool:
+    return k in PROOF_KEYS or (k.startswith("crt") and k[3:].isdigit())
+
+
 VERSION = "2"
 MAX_AGE_S = 900.0  # adverts older (or newer, clock skew) than this are refused
 RESIGN_S = 300.0  # a node re-announces with a fresh timestamp this often
@@ -44,29 +55,68 @@ def _norm_name(name: str) -> str:
     return name.strip().lower().rstrip(".")  # DNS names compare case-insensitively
 
 
-def _mac(key: ClusterKey, props: Mapping[str, str], port: int, name: str) -> str:
+def _body(props: Mapping[str, str], port: int, name: str) -> bytes:
     # JSON of the name, port and sorted pairs: unambiguous whatever the values hold
-    pairs = sorted((k, v) for k, v in props.items() if k != "mac")
-    body = json.dumps([_norm_name(name), port, pairs], separators=(",", ":"))
-    digest = hmac.new(key.mdns_key, b"edgeshard-mdns-v2\n" + body.encode(), hashlib.sha256).digest()
+    pairs = sorted((k, v) for k, v in props.items() if k not in ("mac", "sig"))
+    return json.dumps([_norm_name(name), port, pairs], separators=(",", ":")).encode()
+
+
+def _mac(key: ClusterKey, props: Mapping[str, str], port: int, name: str) -> str:
+    digest = hmac.new(
+        key.mdns_key, b"edgeshard-mdns-v2\n" + _body(props, port, name), hashlib.sha256
+    ).digest()
     return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")
+
+
+def _signed_why(text: Mapping[str, str], port: int, name: str, trust: Trust | None) -> str | None:
+    """An enrolled node's advert (#20): its certificate in crt0.., an ECDSA signature in `sig`."""
+    if trust is None:
+        return "signed with a node certificate, and this side holds no cluster trust root"
+    chunks = []
+    for i in range(MAX_CERT_CHUNKS):
+        if f"crt{i}" not in text:
+            break
+        chunks.append(text[f"crt{i}"])
+    try:
+        der = base64.urlsafe_b64decode("".join(chunks) + "=" * (-len("".join(chunks)) % 4))
+        sig = base64.urlsafe_b64decode(text["sig"] + "=" * (-len(text["sig"]) % 4))
+    except ValueError:
+        return "invalid membership proof (a forged, altered or re-announced advert)"
+    identity, why = trust.check_challenge(der, sig, b"mdns\n" + _body(text, port, name))
+    if identity is None:
+        kid = text.get("kid", "")
+        return (
+            f"its certificate is not of this cluster (cluster id {kid[:12] or '?'}): another or a stale key"
+        )
+    if why is not None and "revoked" in why:
+        return why
+    return None if why is None else "invalid membership proof (a forged, altered or re-announced advert)"
 
 
 def sign_txt(
     props: Mapping[str, str],
     port: int,
-    key: ClusterKey,
+    key: ClusterKey | NodeCredentials,
     now: float | None = None,
     name: str = "",
     addresses: Iterable[str] = (),
 ) -> dict[str, str]:
     """`props` plus addrs, ts, kid, pv and mac proving that a holder of `key` announced them as instance
-    `name` on `port` at `addresses`."""
-    out = {k: str(v) for k, v in props.items() if k not in PROOF_KEYS}
+    `name` on `port` at `addresses`. An enrolled node (NodeCredentials) has no mDNS key: it puts its
+    certificate in crt0, crt1, ... and signs the same content with its own key (`sig`)."""
+    out = {k: str(v) for k, v in props.items() if not _proof_key(k)}
     out["addrs"] = ",".join(sorted(set(addresses)))
     out["ts"] = str(int(time.time() if now is None else now))
     out["kid"] = key.fingerprint
     out["pv"] = VERSION
+    if isinstance(key, NodeCredentials):
+        signer = signer_for(key)
+        cert = signer.cert_value
+        for i in range(0, len(cert), CERT_CHUNK):
+            out[f"crt{i // CERT_CHUNK}"] = cert[i : i + CERT_CHUNK]
+        out["sig"] = base64.urlsafe_b64encode(signer.sign_challenge(b"mdns\n" + _body(out, port, name)))
+        out["sig"] = out["sig"].decode().rstrip("=")
+        return out
     out["mac"] = _mac(key, out, port, name)
     return out
 
@@ -86,19 +136,26 @@ def proof_time(props: Mapping) -> int:
 def verify_txt(
     props: Mapping,
     port: int,
-    key: ClusterKey,
+    key: ClusterKey | NodeCredentials,
     now: float | None = None,
     max_age: float = MAX_AGE_S,
     name: str = "",
     addresses: Iterable[str] | None = None,
+    trust: Trust | None = None,
 ) -> str | None:
     """None when the TXT properties (as zeroconf parsed them: bytes or str) carry a valid, fresh proof for
     `key`, instance `name` and `port`, and (when given) the resolved `addresses` include one it signed; else
-    why the advert is not a member's."""
+    why the advert is not a member's. An enrolled node's advert (a certificate and `sig`) is checked against
+    `trust`: the CA certificates and the revocation list."""
     text = {_text(k): _text(v) for k, v in props.items() if k is not None}
     mac = text.get("mac", "")
+    if "sig" in text and not mac:
+        why = _signed_why(text, port, name, trust)
+        return why if why is not None else _fresh_and_here(text, now, max_age, addresses)
     if not mac:
         return "no membership proof (an --insecure node, an older edgeshard, or not an edgeshard node)"
+    if not isinstance(key, ClusterKey):
+        return "signed with the cluster key, which this side does not hold (it is enrolled)"
     if not hmac.compare_digest(mac.encode(), _mac(key, text, port, name).encode()):
         kid = text.get("kid", "")
         if kid and kid != key.fingerprint:
@@ -106,6 +163,12 @@ def verify_txt(
         if text.get("pv", "1") != VERSION:
             return "an older edgeshard's proof (it does not cover the name and addresses): upgrade the node"
         return "invalid membership proof (a forged, altered or re-announced advert)"
+    return _fresh_and_here(text, now, max_age, addresses)
+
+
+def _fresh_and_here(
+    text: Mapping[str, str], now: float | None, max_age: float, addresses: Iterable[str] | None
+) -> str | None:
     ts = proof_time(text)
     age = (time.time() if now is None else now) - ts if ts else float("inf")
     if abs(age) > max_age:
@@ -118,7 +181,7 @@ def verify_txt(
     return None
 
 
-def verify_any(props: Mapping, port: int, key: ClusterKey, **kw) -> str | None:
+def verify_any(props: Mapping, port: int, key: ClusterKey | NodeCredentials, **kw) -> str | None:
     """`verify_txt` with the primary key, then each key still accepted (a rotation's overlap); None when one
     of them verifies, else the primary's reason."""
     first = verify_txt(props, port, key.keys[0], **kw)

@@ -14,7 +14,9 @@ The token binds the method (a token for Health cannot open a Forward stream), is
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -24,6 +26,9 @@ import time
 from collections import OrderedDict
 
 import grpc
+
+from edgeshard.node.security.credentials import CERT_HEADER, KEY_HOLDER, CallSigner, Identity, Trust
+from edgeshard.node.security.credentials import TOKEN_HEADER as CERT_TOKEN_HEADER
 
 log = logging.getLogger("edgeshard.node.auth")
 
@@ -55,13 +60,16 @@ class TokenVerifier:
 
     def __init__(
         self,
-        key: bytes,
+        key: bytes | None,
         window_s: float = WINDOW_S,
         max_nonces: int = MAX_NONCES,
         also: tuple[bytes, ...] = (),
+        trust: Trust | None = None,
     ) -> None:
-        self.key = key
-        self.keys = (key, *also)  # `also`: keys still accepted during a rotation's overlap
+        self.key = key  # None: an enrolled node (no cluster key), which takes signed tokens only
+        self.keys = (key, *also) if key is not None else ()  # `also`: keys still accepted during a rotation
+        self.trust = trust  # CA certificates + revocation list: checks signed tokens (credentials.py)
+        self.identity: Identity | None = None  # the certificate of the last call admitted by a signed token
         self.window_s = window_s
         self.max_nonces = max_nonces
         self.seen: OrderedDict[str, float] = OrderedDict()  # nonce -> when it expires (insertion order)
@@ -79,6 +87,41 @@ class TokenVerifier:
         ms, nonce, mac = int(match[1]), match[2], match[3]
         if not any(hmac.compare_digest(mac.encode(), _mac(k, method, ms, nonce).encode()) for k in self.keys):
             return "wrong cluster key"
+        return self.fresh(ms, nonce, now)
+
+    def check_signed(self, method: str, token: object, cert: object, now: float | None = None) -> str | None:
+        """None when a signed token (credentials.py) and its certificate admit a call of `method`, else why
+        not. Needs `trust` (the CA certificates and revocation list of this member)."""
+        if self.trust is None:
+            return "no cluster credentials"
+        identity, why, stamp = self.trust.check_token(method, token, cert)
+        if why is not None:
+            return why
+        self.identity = identity  # read by the interceptor right after (no await in between)
+        ms, nonce = stamp.split(".", 1)
+        return self.fresh(int(ms), "c" + nonce, now)  # (its own nonce space: never equal to an HMAC one)
+
+    def check_metadata(self, method: str, metadata, now: float | None = None) -> str | None:
+        """Checks a call's metadata: the HMAC token when this member holds a cluster key and the call has
+        one; else the signed token. None when admitted, else why not."""
+        token = cert_token = cert = None
+        for k, v in metadata:
+            if k == HEADER:
+                token = v
+            elif k == CERT_TOKEN_HEADER:
+                cert_token = v
+            elif k == CERT_HEADER:
+                cert = v
+        if token is not None and self.key is not None:
+            return self.check(method, token if isinstance(token, (str, bytes)) else None, now)
+        if cert_token is not None:
+            return self.check_signed(method, cert_token, cert, now)
+        if token is not None:  # an HMAC token, but this (enrolled) node holds no cluster key
+            return "this node is enrolled (no cluster key): the caller's edgeshard is too old to sign calls"
+        return "no cluster credentials"
+
+    def fresh(self, ms: int, nonce: str, now: float | None = None) -> str | None:
+        """The time and single-use checks shared by both kinds of token."""
         now = time.time() if now is None else now
         skew = ms / 1000 - now
         if abs(skew) > self.window_s:
@@ -126,38 +169,104 @@ class RateLimitedLog:
 class TokenPlugin(grpc.AuthMetadataPlugin):
     """Client side: puts a fresh token on every call of a channel (gRPC calls it per call, in a thread)."""
 
-    def __init__(self, key: bytes) -> None:
-        self.key = key
+    def __init__(self, key: bytes | None, signer: CallSigner | None = None) -> None:
+        self.key = key  # the cluster key's HMAC key (None: an enrolled member, which has none)
+        self.signer = signer  # signs the certificate token every member sends (credentials.py)
 
     def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
         service = context.service_url.rsplit("/", 1)[-1]  # https://<authority>/edgeshard.v1.Node
-        callback(((HEADER, make_token(self.key, f"/{service}/{context.method_name}")),), None)
+        method = f"/{service}/{context.method_name}"
+        headers = ((HEADER, make_token(self.key, method)),) if self.key is not None else ()
+        if self.signer is not None:
+            headers += self.signer.metadata(method)
+        callback(headers, None)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Server side: refuses calls without a valid token with UNAUTHENTICATED, before any handler runs."""
 
     def __init__(
-        self, key: bytes, node: str = "", window_s: float = WINDOW_S, also: tuple[bytes, ...] = ()
+        self,
+        key: bytes | None,
+        node: str = "",
+        window_s: float = WINDOW_S,
+        also: tuple[bytes, ...] = (),
+        trust: Trust | None = None,
     ) -> None:
         quiet_grpc_decode_errors()
-        self.verifier = TokenVerifier(key, window_s, also=also)
+        self.verifier = TokenVerifier(key, window_s, also=also, trust=trust)
         self.node = node
         self.logger = RateLimitedLog()
         self.refused = 0  # calls refused since start
+        # streaming calls running for enrolled members, so a revocation also ends the ones already open (a
+        # Forward stream lives as long as the ring): an event that ends the call -> the caller's certificate
+        self.running: dict[asyncio.Event, Identity] = {}
+        self.cut = 0  # calls ended by a revocation
+        if trust is not None and trust.store is not None:
+            trust.store.listeners.append(self.end_revoked)
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         metadata = handler_call_details.invocation_metadata or ()
-        token = next((v for k, v in metadata if k == HEADER), None)
         method = handler_call_details.method or ""
+        self.verifier.identity = None
         try:
-            why = self.verifier.check(method, token if isinstance(token, (str, bytes)) else None)
+            why = self.verifier.check_metadata(method, metadata)
         except Exception:  # never UNKNOWN plus a traceback for what a stranger sends: a typed refusal
             why = "malformed cluster credentials"
+        identity = self.verifier.identity
         if why is None:
-            return await continuation(handler_call_details)
+            handler = await continuation(handler_call_details)
+            if identity is None or identity.name == KEY_HOLDER or handler is None:
+                return handler  # key holders are not revocable one by one (rotate the key)
+            return _tracked(handler, identity, self.running)
         self.refused += 1
         return _refusal(self, method, why)
+
+    def end_revoked(self, revocations) -> None:
+        """End the open calls of members the new list revokes (their callers see UNAUTHENTICATED)."""
+        for gone, identity in list(self.running.items()):
+            if revocations.refuses(identity.name, identity.not_before) and not gone.is_set():
+                log.warning("ending a call of %s: revoked", identity.name)
+                self.cut += 1
+                gone.set()
+
+
+def _tracked(handler: grpc.RpcMethodHandler, identity: Identity, running: dict) -> grpc.RpcMethodHandler:
+    """`handler` (response-streaming: the calls that stay open) ending with UNAUTHENTICATED when `running`'s
+    event for it is set. The status is sent from the handler's own coroutine between two replies (never from
+    another task while a reply is written: see wire_guard.py); short unary calls are left as they are."""
+    if not handler.response_streaming:
+        return handler
+    field = "stream_stream" if handler.request_streaming else "unary_stream"
+    behavior = getattr(handler, field)
+
+    async def streaming(request, context):
+        gone = asyncio.Event()
+        running[gone] = identity
+        replies = behavior(request, context).__aiter__()
+        try:
+            while True:
+                step = asyncio.ensure_future(replies.__anext__())
+                stop = asyncio.ensure_future(gone.wait())
+                await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():  # revoked while waiting for the next reply
+                    step.cancel()
+                    with contextlib.suppress(BaseException):
+                        await step
+                    await context.abort(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        f"node {identity.name} was revoked (`edgeshard secret revoke`): its calls end",
+                    )
+                stop.cancel()
+                try:
+                    reply = step.result()
+                except StopAsyncIteration:
+                    return
+                yield reply
+        finally:
+            running.pop(gone, None)
+
+    return handler._replace(**{field: streaming})
 
 
 class _DropDecodeErrors(logging.Filter):

@@ -28,6 +28,15 @@ import grpc
 
 from edgeshard.node.security.call_auth import AuthInterceptor, TokenPlugin
 from edgeshard.node.security.cluster_key import ENV_VAR, NO_KEY_HELP, TLS_NAME, ClusterKey, ClusterKeyError
+from edgeshard.node.security.credentials import (
+    CREDENTIALS_ENV,
+    NodeCredentials,
+    RevocationStore,
+    Trust,
+    ca_certificates,
+    default_revocation_file,
+    signer_for,
+)
 from edgeshard.node.security.wire_guard import DecodeGuard
 from edgeshard.node.wire.options import GRPC_OPTIONS
 
@@ -38,6 +47,7 @@ __all__ = [
     "ClusterKey",
     "ClusterKeyError",
     "Insecure",
+    "NodeCredentials",
     "channel",
     "configure",
     "connection_problem",
@@ -56,7 +66,7 @@ class Insecure:
 
 
 INSECURE = Insecure()
-Security = ClusterKey | Insecure
+Security = ClusterKey | NodeCredentials | Insecure  # NodeCredentials: an enrolled member (credentials.py)
 INSECURE_WARNING = (
     "--insecure: traffic between nodes and coordinators is neither authenticated nor encrypted; anyone on "
     "this network can load shards, send activations and read prompts and answers. Use a cluster key "
@@ -64,12 +74,43 @@ INSECURE_WARNING = (
 )
 
 _configured: Security | None = None
+_revocations: dict[tuple, RevocationStore] = {}  # (file, CA certificates) -> the store this process enforces
+_revocation_file: Path | None = None  # set by a node (its state directory); None: default_revocation_file()
 
 
 def configure(security: Security | None) -> None:
     """Set this process's mode (None forgets it: the environment decides again)."""
     global _configured
     _configured = security
+
+
+def use_revocation_file(path: Path | None) -> None:
+    """Where this process keeps (and reads) the revocation list; None: the default (credentials.py)."""
+    global _revocation_file
+    _revocation_file = path
+
+
+def revocations(security: Security | None = None) -> RevocationStore | None:
+    """The revocation list this process enforces for `security` (None: current()); None when insecure.
+    Read once per file and trust root; ClusterKeyError when the file is there but not a valid list."""
+    sec = current() if security is None else security
+    if isinstance(sec, Insecure):
+        return None
+    path = _revocation_file or default_revocation_file()
+    cas = ca_certificates(sec)
+    key = (str(path), tuple(c.tbs_certificate_bytes for c in cas))
+    store = _revocations.get(key)
+    if store is None:
+        store = _revocations[key] = RevocationStore(path, cas)
+    return store
+
+
+def trust(security: Security | None = None) -> Trust | None:
+    """What this process accepts as a member's certificate (its CAs, minus the revoked); None if insecure."""
+    sec = current() if security is None else security
+    if isinstance(sec, Insecure):
+        return None
+    return Trust(ca_certificates(sec), revocations(sec))
 
 
 def current() -> Security:
@@ -79,7 +120,14 @@ def current() -> Security:
     text = os.environ.get(ENV_VAR, "").strip()
     if text:
         return _from_env(text)
+    if os.environ.get(CREDENTIALS_ENV, "").strip():
+        return _creds_from_env(os.environ[CREDENTIALS_ENV].strip())
     raise ClusterKeyError(f"no cluster key: {NO_KEY_HELP}")
+
+
+@functools.lru_cache(maxsize=4)
+def _creds_from_env(path: str) -> NodeCredentials:
+    return NodeCredentials.load(path)
 
 
 @functools.lru_cache(maxsize=4)
@@ -113,9 +161,10 @@ def channel(
         return grpc.aio.insecure_channel(address, options=list(merged.items()))
     merged["grpc.ssl_target_name_override"] = TLS_NAME  # nodes are dialled by IP; the certificate names this
     trusted = b"".join(k.tls.ca_pem for k in sec.keys)  # during a rotation: the CAs of every accepted key
+    hmac_key = sec.auth_key if isinstance(sec, ClusterKey) else None  # an enrolled member has none
     creds = grpc.composite_channel_credentials(
         grpc.ssl_channel_credentials(root_certificates=trusted),
-        grpc.metadata_call_credentials(TokenPlugin(sec.auth_key), name="edgeshard-call-token"),
+        grpc.metadata_call_credentials(TokenPlugin(hmac_key, signer_for(sec)), name="edgeshard-call-token"),
     )
     return grpc.aio.secure_channel(address, creds, options=list(merged.items()))
 
@@ -132,14 +181,20 @@ def listen(server: grpc.aio.Server, address: str, security: Security) -> int:
     return server.add_secure_port(address, creds)
 
 
-def server_interceptors(security: Security, node: str = "") -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors(
+    security: Security, node: str = "", trusted: Trust | None = None
+) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors a node's server needs in this mode: the token check (not when insecure), then the
-    parse guard (corrupt requests are INVALID_ARGUMENT, never UNKNOWN plus a traceback)."""
+    parse guard (corrupt requests are INVALID_ARGUMENT, never UNKNOWN plus a traceback). `trusted` (default:
+    `trust(security)`) checks signed tokens: the CA certificates and the revocation list."""
     guard = DecodeGuard()
     if isinstance(security, Insecure):
         return [guard]
+    trusted = trusted if trusted is not None else trust(security)
+    if isinstance(security, NodeCredentials):
+        return [AuthInterceptor(None, node, trust=trusted), guard]
     also = tuple(k.auth_key for k in security.accepted)
-    return [AuthInterceptor(security.auth_key, node, also=also), guard]
+    return [AuthInterceptor(security.auth_key, node, also=also, trust=trusted), guard]
 
 
 def connection_problem(details: str | None, security: Security | None = None) -> str | None:
@@ -172,6 +227,15 @@ def add_security_args(p: argparse.ArgumentParser) -> None:
         "key rotation: the first file's key is presented and signed with, the others' are accepted too",
     )
     p.add_argument(
+        "--credentials",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"this member's own credentials instead of the cluster key (`edgeshard secret enrol NAME --out "
+        f"FILE` on the machine with the key; default: ${CREDENTIALS_ENV}): a stolen board then yields only "
+        "its own, revocable credentials",
+    )
+    p.add_argument(
         "--insecure",
         action="store_true",
         help="run without a cluster key: no authentication, no encryption (a lab you control only)",
@@ -190,6 +254,14 @@ def security_from_args(args: argparse.Namespace, required: bool = True) -> Secur
     insecure = getattr(args, "insecure", False)
     if key_files and insecure:
         raise ClusterKeyError("--insecure and --cluster-key-file contradict each other; choose one")
+    creds_file = getattr(args, "credentials", None)
+    if creds_file is not None:
+        if key_files or insecure:
+            other = "--insecure" if insecure else "--cluster-key-file"
+            raise ClusterKeyError(f"--credentials and {other} contradict each other; choose one")
+        if ClusterKey.loose_permissions(creds_file):
+            log.warning("credentials file %s is readable by other users; chmod 600 it", creds_file)
+        return NodeCredentials.load(creds_file)
     if key_files:
         keys = []
         for key_file in key_files:
@@ -201,6 +273,8 @@ def security_from_args(args: argparse.Namespace, required: bool = True) -> Secur
         return INSECURE
     if os.environ.get(ENV_VAR, "").strip():
         return _from_env(os.environ[ENV_VAR].strip())
+    if os.environ.get(CREDENTIALS_ENV, "").strip():
+        return _creds_from_env(os.environ[CREDENTIALS_ENV].strip())
     if required:
         raise ClusterKeyError(f"no cluster key: {NO_KEY_HELP}")
     return None

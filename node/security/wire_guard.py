@@ -6,6 +6,13 @@ call, for anyone who can reach the method (any member; in --insecure mode, anyon
 handler raw bytes instead and parses them itself: a corrupt message is refused with INVALID_ARGUMENT and a
 rate-limited log line, and a stream is ended the same way at its first corrupt message. Found by
 benchmarks/fuzz.py (raw mutated wire messages).
+
+In a request stream the status is set by the handler's own coroutine, never from inside the request
+iterator: a handler that reads its requests in another task (Forward's pump) is sending replies meanwhile,
+and a status sent from the reading task while a reply is being written fails in gRPC's core
+(GRPC_CALL_ERROR_TOO_MANY_OPERATIONS): the caller got INTERNAL, the node logged a traceback, and now and
+then the call hung until its deadline. The iterator raises `CorruptRequest` instead; the wrapper turns it
+into INVALID_ARGUMENT once the handler has stopped (benchmarks/fuzz.py found it; tests/test_security_wire.py).
 """
 
 from __future__ import annotations
@@ -19,6 +26,10 @@ from google.protobuf.message import DecodeError
 from edgeshard.node.security.call_auth import RateLimitedLog
 
 log = logging.getLogger("edgeshard.node.wire")
+
+
+class CorruptRequest(Exception):
+    """A streamed request that does not parse; becomes INVALID_ARGUMENT in the handler's coroutine."""
 
 
 class DecodeGuard(grpc.aio.ServerInterceptor):
@@ -44,15 +55,16 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
             field = "stream_stream" if handler.response_streaming else "stream_unary"
         return handler._replace(request_deserializer=None, **{field: wrapped})
 
-    async def _refuse(self, context: grpc.aio.ServicerContext, method: str, e: Exception) -> None:
+    def _note(self, context: grpc.aio.ServicerContext, method: str, e: Exception) -> str:
         self.refused += 1
         peer = context.peer() or "unknown peer"
         self.logger.warn(
             peer, "decode", "INVALID_ARGUMENT %s from %s: the request does not parse (%s)", method, peer, e
         )
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, f"{method}: the request is not a valid message ({e})"
-        )
+        return f"{method}: the request is not a valid message ({e})"
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, method: str, e: Exception) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self._note(context, method, e))
 
     def _parse_or_refuse(self, parse: Callable, method: str):
         async def one(raw: bytes, context):
@@ -79,21 +91,29 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
         return unary_unary
 
     def _streaming(self, behavior, parse: Callable, method: str, streaming_reply: bool):
-        one = self._parse_or_refuse(parse, method)
-
         async def requests(raw_iterator: AsyncIterator[bytes], context) -> AsyncIterator:
             async for raw in raw_iterator:
-                yield await one(raw, context)
+                try:
+                    msg = parse(raw)
+                except (DecodeError, ValueError, TypeError) as e:
+                    raise CorruptRequest(self._note(context, method, e)) from None
+                yield msg
 
         if streaming_reply:
 
             async def stream_stream(raw_iterator, context):
-                async for reply in behavior(requests(raw_iterator, context), context):
-                    yield reply
+                try:
+                    async for reply in behavior(requests(raw_iterator, context), context):
+                        yield reply
+                except CorruptRequest as e:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
             return stream_stream
 
         async def stream_unary(raw_iterator, context):
-            return await behavior(requests(raw_iterator, context), context)
+            try:
+                return await behavior(requests(raw_iterator, context), context)
+            except CorruptRequest as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
         return stream_unary

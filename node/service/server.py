@@ -29,19 +29,23 @@ import grpc
 from edgeshard.node.lowbit import native
 from edgeshard.node.presence.advertise import interface_address, package_version, start_advertising
 from edgeshard.node.presence.capability import Capability, fill_wire, parse_size
-from edgeshard.node.presence.identity import claim_identity
+from edgeshard.node.presence.identity import claim_identity, default_state_dir
 from edgeshard.node.presence.microbench import measure
 from edgeshard.node.presence.monitor import start_remeasuring
 from edgeshard.node.security.channels import (
     INSECURE,
     INSECURE_WARNING,
     Insecure,
+    NodeCredentials,
     Security,
     add_security_args,
     listen,
+    revocations,
     security_from_args,
     server_interceptors,
+    use_revocation_file,
 )
+from edgeshard.node.security.credentials import CallSigner, RevocationStore, signer_for
 from edgeshard.node.service.next_hop import coalesce, drain, now_us
 from edgeshard.node.service.ownership import Ownership, caller_id
 from edgeshard.node.service.recover import recover
@@ -62,6 +66,7 @@ READY_PREFIX = "EDGESHARD_NODE_READY"
 PARENT_PID_ENV = "EDGESHARD_PARENT_PID"  # set by `cluster`: the node exits when that process is gone
 STOP_GRACE_S = 2.0
 MAX_HEALTH_PAYLOAD = 4 << 20  # largest link-test reply a node sends
+MAX_REVOCATION_BYTES = 2 << 20  # largest revocation list a node takes (10,000 names fit)
 
 
 @dataclass
@@ -137,6 +142,10 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.capability = Capability()  # set by serve() from the start-up benchmark
         self.streams: set[asyncio.Queue] = set()  # reply/result queues of open streams, ended on shutdown
         self.ownership = Ownership()  # which coordinator's plan this node serves (node/service/ownership.py)
+        # per-node credentials (#20), set by serve(): this member's key (answers GetInfo challenges) and
+        # the revocation list it enforces
+        self.signer: CallSigner | None = None
+        self.revocations: RevocationStore | None = None
 
     def end_streams(self) -> None:
         """Finish every open Forward and Results stream with OK, so shutdown does not have to cancel them."""
@@ -162,7 +171,31 @@ class NodeServicer(pb_grpc.NodeServicer):
         )
         if shard is not None:
             self.ownership.fill(info.shard)
+        self._creds_info(request, info)
         return info
+
+    # ---- per-node credentials (#20) ----------------------------------------------------------------------
+    def _creds_info(self, request: pb.GetInfoRequest, info: pb.NodeInfo) -> None:
+        """GetInfo's credential part: the revocation list's number, and (when asked) this node's certificate
+        with its signature over the caller's challenge (members/confirm refuses a revoked node by it)."""
+        store = self.revocations
+        info.creds_revocation_seq = store.current.seq if store is not None else 0
+        if self.signer is not None and 0 < len(request.creds_challenge) <= 64:
+            info.creds_certificate = self.signer.cert_der
+            info.creds_signature = self.signer.sign_challenge(request.creds_challenge)
+
+    async def PushRevocations(  # noqa: N802
+        self, request: pb.CredsRevocations, context
+    ) -> pb.CredsRevocationsReply:
+        store = self.revocations
+        if store is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "an --insecure node keeps no revocation list"
+            )
+        if len(request.signed_list) > MAX_REVOCATION_BYTES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "revocation list larger than 2 MiB")
+        taken, why = store.offer(request.signed_list)
+        return pb.CredsRevocationsReply(accepted=taken, seq=store.current.seq, reason=why)
 
     async def LoadShard(self, request: pb.LoadShardRequest, context):  # noqa: N802
         async with self.load_lock:  # one load at a time; a second waits and then replaces the first
@@ -323,6 +356,8 @@ async def serve(options: NodeOptions, ready_out=sys.stdout) -> None:
         interceptors=server_interceptors(security, options.name),  # the membership check, before handlers
     )
     servicer = NodeServicer(node, options, identity.node_id)
+    if not isinstance(security, Insecure):
+        servicer.signer, servicer.revocations = signer_for(security), revocations(security)
     pb_grpc.add_NodeServicer_to_server(servicer, server)
     try:  # bound before the benchmark: a taken port or a wrong --host fails at once
         port = listen(server, f"{options.host}:{options.port}", security)
@@ -350,7 +385,7 @@ async def serve(options: NodeOptions, ready_out=sys.stdout) -> None:
         options.name,
         options.host,
         port,
-        "INSECURE" if security is INSECURE else f"TLS, cluster key id {security.fingerprint}",
+        _security_line(security),
         native.status(),
     )
     advertiser = await start_advertising(servicer, port) if options.advertise else None
@@ -409,9 +444,22 @@ def _security(options: NodeOptions) -> Security:
     if options.security is None:
         raise ClusterKeyError("a node needs a cluster key or --insecure; see `edgeshard secret new`")
     configure(options.security)
+    # the revocation list lives with the node's identity (it survives restarts; read now: a bad file stops
+    # the node rather than letting revoked members back in)
+    use_revocation_file((options.state_dir or default_state_dir()).expanduser() / "revocations.json")
+    if not isinstance(options.security, Insecure):
+        revocations(options.security)
     if isinstance(options.security, Insecure):
         log.warning(INSECURE_WARNING)
     return options.security
+
+
+def _security_line(security: Security) -> str:
+    if security is INSECURE:
+        return "INSECURE"
+    if isinstance(security, NodeCredentials):
+        return f"TLS, own credentials as {security.name} (cluster id {security.fingerprint})"
+    return f"TLS, cluster key id {security.fingerprint}"
 
 
 def die_with_parent() -> None:

@@ -65,8 +65,10 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("creds_challenge",)
+    CREDS_CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    creds_challenge: bytes
+    def __init__(self, creds_challenge: _Optional[bytes] = ...) -> None: ...
 
 class Capabilities(_message.Message):
     __slots__ = ("cores", "memory_total", "memory_free", "arch", "torch_threads", "platform", "quant_formats", "benchmark", "memory_limit", "kernels")
@@ -193,7 +195,7 @@ class NodeStats(_message.Message):
     def __init__(self, steps: _Optional[int] = ..., messages: _Optional[int] = ..., compute_ms: _Optional[float] = ..., network_ms: _Optional[float] = ..., errors: _Optional[int] = ..., sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., wall_ms: _Optional[float] = ..., idle_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., rows: _Optional[int] = ..., sequences: _Optional[int] = ..., batch_hist: _Optional[_Iterable[int]] = ..., kv_reserved: _Optional[int] = ..., frames: _Optional[int] = ..., recovered_rows: _Optional[int] = ..., kept_bytes: _Optional[int] = ..., fed: _Optional[int] = ...) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "name", "protocol_version", "capabilities", "loaded", "shard", "max_sessions", "stats", "address", "cluster", "clock_unix_s", "version")
+    __slots__ = ("node_id", "name", "protocol_version", "capabilities", "loaded", "shard", "max_sessions", "stats", "address", "cluster", "clock_unix_s", "version", "creds_certificate", "creds_signature", "creds_revocation_seq")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +208,9 @@ class NodeInfo(_message.Message):
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     CLOCK_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CREDS_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    CREDS_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CREDS_REVOCATION_SEQ_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     protocol_version: int
@@ -218,7 +223,10 @@ class NodeInfo(_message.Message):
     cluster: str
     clock_unix_s: float
     version: str
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., loaded: _Optional[bool] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., max_sessions: _Optional[int] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., address: _Optional[str] = ..., cluster: _Optional[str] = ..., clock_unix_s: _Optional[float] = ..., version: _Optional[str] = ...) -> None: ...
+    creds_certificate: bytes
+    creds_signature: bytes
+    creds_revocation_seq: int
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., protocol_version: _Optional[int] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., loaded: _Optional[bool] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., max_sessions: _Optional[int] = ..., stats: _Optional[_Union[NodeStats, _Mapping]] = ..., address: _Optional[str] = ..., cluster: _Optional[str] = ..., clock_unix_s: _Optional[float] = ..., version: _Optional[str] = ..., creds_certificate: _Optional[bytes] = ..., creds_signature: _Optional[bytes] = ..., creds_revocation_seq: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
     __slots__ = ("model", "start_layer", "end_layer", "quant", "plan_id", "next_hop", "num_layers", "stages", "slice_manifest", "coordinator", "take_over")
@@ -271,6 +279,22 @@ class ReleasePlanReply(_message.Message):
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: bool
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class CredsRevocations(_message.Message):
+    __slots__ = ("signed_list",)
+    SIGNED_LIST_FIELD_NUMBER: _ClassVar[int]
+    signed_list: bytes
+    def __init__(self, signed_list: _Optional[bytes] = ...) -> None: ...
+
+class CredsRevocationsReply(_message.Message):
+    __slots__ = ("accepted", "seq", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    seq: int
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., seq: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
     __slots__ = ("stage", "tensors_done", "tensors_total", "bytes_done", "done", "shard")

@@ -94,6 +94,11 @@ class NodeStub:
                 request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.RecoverMessage.SerializeToString,
                 response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.RecoverReply.FromString,
                 _registered_method=True)
+        self.PushRevocations = channel.unary_unary(
+                '/edgeshard.v1.Node/PushRevocations',
+                request_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.CredsRevocations.SerializeToString,
+                response_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.CredsRevocationsReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -192,6 +197,14 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushRevocations(self, request, context):
+        """Per-node credentials (#20): a newer revocation list, signed by the cluster CA (`edgeshard secret
+        revoke`); the node keeps it in its state directory and refuses the revoked nodes from then on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -254,6 +267,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Recover,
                     request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.RecoverMessage.FromString,
                     response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.RecoverReply.SerializeToString,
+            ),
+            'PushRevocations': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushRevocations,
+                    request_deserializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.CredsRevocations.FromString,
+                    response_serializer=edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.CredsRevocationsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -580,6 +598,33 @@ class Node:
             '/edgeshard.v1.Node/Recover',
             edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.RecoverMessage.SerializeToString,
             edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.RecoverReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushRevocations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeshard.v1.Node/PushRevocations',
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.CredsRevocations.SerializeToString,
+            edgeshard_dot_node_dot_wire_dot_edgeshard__pb2.CredsRevocationsReply.FromString,
             options,
             channel_credentials,
             insecure,
