@@ -186,7 +186,9 @@ def test_http_stream_disconnect_frees_the_sequence_on_every_node(api, node_clust
 
 def test_full_kv_budget_is_429_and_admitted_requests_are_right(smollm2_path):
     prompt = [1, 504, 3458, 282, 4649, 314, 8411, 30]  # 8 tokens + 16 generated: 24 positions a request
-    per_position = 15 * 2 * 3 * 64 * 4  # 15 f32 layers of SmolLM2 on each node, K and V
+    # 15 f32 layers of SmolLM2 on each node, K and V, plus the boundary row (576 f32) the first node keeps
+    # for recovery (docs/recovery.md); the first node binds, the last keeps no rows
+    per_position = 15 * 2 * 3 * 64 * 4 + 576 * 4
     budget = 60 * per_position  # two requests fit (48 positions), a third waits
     with LocalNodes(2, model_dir=smollm2_path.parent, name="kv", node_args=["--kv-budget", str(budget)]) as c:
         server = BackgroundServer(
