@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import threading
 import time
 from collections.abc import Iterable
@@ -89,7 +90,7 @@ class SliceCache:
 
     def _write_index(self) -> None:
         # a name of this process and moment: nodes sharing one model dir (local clusters) write it at once
-        tmp = self.root / f"index.json.{os.getpid()}.{time.monotonic_ns()}.tmp"
+        tmp = self.root / f"index.json.{os.getpid()}.{secrets.token_hex(6)}.tmp"
         tmp.write_text(json.dumps(self._index))
         os.replace(tmp, self.root / "index.json")
 
@@ -106,7 +107,9 @@ class SliceCache:
     def save_manifest(self, manifest: Manifest) -> None:
         target = self.manifests / f"{manifest.id}.json"
         if not target.exists():
-            tmp = target.with_suffix(".tmp")
+            # a name of this process and moment: concurrent SliceStatus calls (a coordinator asking every
+            # node of its plan which tensors they hold) save the same manifest at once
+            tmp = target.with_name(f"{target.stem}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
             tmp.write_text(manifest.to_json())
             os.replace(tmp, target)
 
