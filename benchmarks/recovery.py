@@ -219,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--compare-replay", action="store_true", help="every other trial replays the whole history (old path)"
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="threads per node (the replacement's refill uses them; every node the same: same bits)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     global PROMPT
@@ -227,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     path = resolve_model(args.model)
     nodes = 4 if args.mode == "spare" else 3
-    with LocalNodes(nodes, model_dir=path.parent, name="recov", node_args=["--no-benchmark"]) as cluster:
+    with LocalNodes(
+        nodes, model_dir=path.parent, name="recov", threads=args.threads, node_args=["--no-benchmark"]
+    ) as cluster:
         result = asyncio.run(main_async(args, path, cluster))
     trials = result["trials"]
     from rich.console import Console
@@ -277,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "cpu": _cpu_name(),
             "load_avg_at_start": LOAD_AT_START,
+            "threads_per_node": args.threads,
         },
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "summary": {
@@ -292,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt_tokens != 100 or args.hot_spare:
         key += f"-{args.prompt_tokens}tok" + ("-hot" if args.hot_spare else "")
     key += "-vs-replay" if args.compare_replay else ""
+    key += f"-t{args.threads}" if args.threads != 1 else ""
     runs[key] = report
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
