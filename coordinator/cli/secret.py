@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from edgeshard.coordinator.errors import UserError
@@ -76,6 +77,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return secret
 
 
+def _write(out: Path, write: Callable[[], Path], exists: str = "pass --force to replace it") -> Path:
+    """Run `write` (a private file at `out`); every way it can fail becomes one UserError line."""
+    try:
+        return write()
+    except FileExistsError:
+        raise UserError(f"{out} exists; {exists}") from None
+    except UnsafePathError as e:
+        raise UserError(str(e)) from None
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
+
+
 def how_to_share(where: str, key: ClusterKey) -> str:
     """What to do with a new key: give it to every member."""
     return f"""\
@@ -101,16 +114,11 @@ def cmd_secret_new(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 0
-    try:
-        path = key.save(args.out, overwrite=args.force)
-    except FileExistsError:
-        raise UserError(
-            f"{args.out} exists; it may hold the key of a running cluster. Pass --force to replace it"
-        ) from None
-    except UnsafePathError as e:
-        raise UserError(str(e)) from None
-    except OSError as e:
-        raise UserError(f"cannot write {args.out}: {e.strerror}") from None
+    path = _write(
+        args.out,
+        lambda: key.save(args.out, overwrite=args.force),
+        "it may hold the key of a running cluster. Pass --force to replace it",
+    )
     print(path)
     print(
         how_to_share(f"written to {path}, mode 0600", key).replace("cluster.key", str(path)), file=sys.stderr
@@ -138,14 +146,7 @@ def cmd_secret_api_key(args: argparse.Namespace) -> int:
     if args.out is None:
         print(key)
         return 0
-    try:
-        path = write_private(args.out, key + "\n", overwrite=args.force)
-    except FileExistsError:
-        raise UserError(f"{args.out} exists; pass --force to replace it") from None
-    except UnsafePathError as e:
-        raise UserError(str(e)) from None
-    except OSError as e:
-        raise UserError(f"cannot write {args.out}: {e.strerror}") from None
+    path = _write(args.out, lambda: write_private(args.out, key + "\n", overwrite=args.force))
     print(path)
     print(
         f"An API key for the HTTP API (written to {path}, mode 0600). Serve with `edgeshard serve ... "
@@ -164,12 +165,7 @@ def cmd_secret_rotate(args: argparse.Namespace) -> int:
     files = getattr(args, "cluster_key_file", None) or []
     old = str(files[0]) if files else "old.key"
     nxt = ClusterKey.generate()
-    try:
-        path = nxt.save(args.out)
-    except FileExistsError:
-        raise UserError(f"{args.out} exists; name another file for the next key") from None
-    except (UnsafePathError, OSError) as e:
-        raise UserError(f"cannot write {args.out}: {getattr(e, 'strerror', None) or e}") from None
+    path = _write(args.out, lambda: nxt.save(args.out), "name another file for the next key")
     print(path)
     print(
         f"""\
@@ -202,15 +198,8 @@ def cmd_secret_enrol(args: argparse.Namespace) -> int:
     from edgeshard.node.security.credentials import issue
 
     key = _ca_holder(args, "enrolling a node")
-    try:
-        creds = issue(key, args.name)
-        path = creds.save(args.out, overwrite=args.force)
-    except FileExistsError:
-        raise UserError(f"{args.out} exists; pass --force to replace it") from None
-    except UnsafePathError as e:
-        raise UserError(str(e)) from None
-    except OSError as e:
-        raise UserError(f"cannot write {args.out}: {e.strerror}") from None
+    creds = issue(key, args.name)
+    path = _write(args.out, lambda: creds.save(args.out, overwrite=args.force))
     print(path)
     print(
         f"""\

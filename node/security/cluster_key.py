@@ -184,11 +184,34 @@ class ClusterKey:
         return _tls_material(self.derive("ca"), self.derive("tls", 48))
 
 
+def member_extensions(builder, ca_ski):
+    """`builder` (an x509.CertificateBuilder) with the extensions of a member's certificate: the name members
+    dial, not a CA, signing (TLS and call tokens), server and client use, issued by the CA of `ca_ski`. The
+    key holders' derived certificate and an enrolled node's own (credentials.py) carry the same ones."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    usage = dict(content_commitment=False, key_encipherment=False, data_encipherment=False)
+    usage.update(key_agreement=False, encipher_only=False, decipher_only=False)
+    return (
+        builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, **usage), critical=True
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+    )
+
+
 def _tls_material(ca_seed: bytes, tls_seed: bytes) -> TlsMaterial:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import NameOID
 
     ca_key = ed25519.Ed25519PrivateKey.from_private_bytes(ca_seed)
     # 48 bytes reduced mod (n - 1), + 1: a uniform scalar in [1, n) (the bias of the reduction is < 2^-128)
@@ -216,26 +239,16 @@ def _tls_material(ca_seed: bytes, tls_seed: bytes) -> TlsMaterial:
         .add_extension(ski, critical=False)
         .sign(ca_key, None)
     )
-    cert = (
+    cert = member_extensions(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_NAME)]))
         .issuer_name(ca_name)
         .public_key(tls_key.public_key())
         .serial_number(int.from_bytes(hashlib.sha256(b"tls" + ca_seed).digest()[:8], "big") | 1)
         .not_valid_before(_NOT_BEFORE)
-        .not_valid_after(_NOT_AFTER)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, **usage), critical=True
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .sign(ca_key, None)
-    )
+        .not_valid_after(_NOT_AFTER),
+        ski,
+    ).sign(ca_key, None)
     pem = serialization.Encoding.PEM
     return TlsMaterial(
         ca_pem=ca_cert.public_bytes(pem),

@@ -53,6 +53,7 @@ from edgeshard.node.security.cluster_key import (
     ClusterKey,
     ClusterKeyError,
     TlsMaterial,
+    member_extensions,
 )
 from edgeshard.node.security.files import write_private
 
@@ -121,37 +122,24 @@ def issue(key: ClusterKey, name: str, now: float | None = None) -> NodeCredentia
     """Enrol node `name`: a new P-256 key pair and a certificate for it signed by the cluster CA."""
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import NameOID
 
     check_name(name)
     primary = key.keys[0]  # during a rotation: signed by the primary key's CA, trusting every accepted one
     ca_cert = _ca_of(primary)
     node_key = ec.generate_private_key(ec.SECP256R1())
     issued = datetime.datetime.fromtimestamp(int(time.time() if now is None else now), datetime.timezone.utc)
-    usage = dict(content_commitment=False, key_encipherment=False, data_encipherment=False)
-    usage.update(key_agreement=False, encipher_only=False, decipher_only=False)
     ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
+    cert = member_extensions(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(ca_cert.subject)
         .public_key(node_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(issued - datetime.timedelta(seconds=ISSUE_SKEW_S))
-        .not_valid_after(_NOT_AFTER)
-        # the name members dial (ssl_target_name_override), as in the key holders' certificate
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, **usage), critical=True
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .sign(ca_private_key(primary), None)
-    )
+        .not_valid_after(_NOT_AFTER),
+        ski,  # the extensions of the key holders' certificate: the name members dial, signing, both uses
+    ).sign(ca_private_key(primary), None)
     return NodeCredentials(node_key, cert, ca_certificates(key), primary.fingerprint)
 
 

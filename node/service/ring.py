@@ -577,13 +577,17 @@ class RingNode:
     def _feed_failed(self, msg: pb.ForwardMessage, e: WireError) -> None:
         """The first node could not be reached with a fed step: fail the session at its coordinator."""
         self.feeds.pop(msg.session_id, None)
+        self._fail_fed(msg, e.to_proto(self.name))
+
+    def _fail_fed(self, about: pb.ForwardMessage | pb.ForwardReply, error: pb.Error) -> None:
+        """Tell the coordinator a fed step of `about`'s session failed (it waits for that step's Result)."""
         self._publish(
             pb.Result(
                 kind=pb.RESULT_ERROR,
-                plan_id=msg.plan_id,
-                session_id=msg.session_id,
-                start=msg.start,
-                error=e.to_proto(self.name),
+                plan_id=about.plan_id,
+                session_id=about.session_id,
+                start=about.start,
+                error=error,
             )
         )
 
@@ -592,15 +596,7 @@ class RingNode:
         for that step, so tell it (failures after queueing also come along the ring; a repeat is harmless)."""
         if reply.session_id in self.feeds:
             del self.feeds[reply.session_id]
-            self._publish(
-                pb.Result(
-                    kind=pb.RESULT_ERROR,
-                    plan_id=reply.plan_id,
-                    session_id=reply.session_id,
-                    start=reply.start,
-                    error=reply.error,
-                )
-            )
+            self._fail_fed(reply, reply.error)
 
     def _hold(self, result: pb.Result) -> bool:
         """Keep a fed step's Result back until its session has `results_every` (or its feed ends, or
