@@ -8,10 +8,11 @@ from collections import deque
 
 import pytest
 import torch
+from weights import TINY
 
 from edgeshard.coordinator.pipeline.groups import StepGroups
 from edgeshard.coordinator.serving.admission import Admission, kv_capacity
-from edgeshard.node.model.config import ModelConfig, ShardSpec
+from edgeshard.node.model.config import ShardSpec
 from edgeshard.node.model.decoder import Stage
 from edgeshard.node.model.executor import LocalPipeline, ShardExecutor, StepError, StepRequest
 from edgeshard.node.model.sampling import SamplingParams
@@ -21,15 +22,6 @@ from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire.tensors import invalid
 
 torch.set_num_threads(1)
-TINY = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=512,
-)
 
 
 def tiny_stage(seed: int = 0) -> Stage:

@@ -10,8 +10,9 @@ import asyncio
 
 import pytest
 import torch
+from weights import TINY
 
-from edgeshard.node.model.config import ModelConfig, ShardSpec
+from edgeshard.node.model.config import ShardSpec
 from edgeshard.node.model.decoder import Stage
 from edgeshard.node.model.executor import SessionError, ShardExecutor, StepError, StepRequest
 from edgeshard.node.model.sampling import SamplingParams
@@ -21,15 +22,6 @@ from edgeshard.node.wire import edgeshard_pb2 as pb
 from edgeshard.node.wire.tensors import WireError, tensor_to_wire
 
 torch.set_num_threads(1)
-TINY = ModelConfig(
-    vocab_size=64,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    max_position_embeddings=512,
-)
 CALLS = [(0, 7), (7, 5), (12, 1), (13, 1), (14, 1)]  # two prefill chunks, then decode steps
 TOKENS = [(i * 7 + 3) % 64 for i in range(15)]
 
