@@ -5,6 +5,7 @@
     python benchmarks/throughput.py --compare-compute   # the nodes' compute thread against inline compute
     python benchmarks/throughput.py --quick             # CI smoke: 1 and 4 requests, 16 tokens, 1 run
     python benchmarks/throughput.py --layers even       # 15 + 15 layers instead of the planner's split
+    python benchmarks/throughput.py --feed both         # with and without the direct token feed
 
 Requests take the serving path, as `edgeshard serve --peers` runs them (serving.deployment_engine): Engine
 (admission) -> generate() -> the ring driver (RemotePipeline) -> the nodes, each with one torch thread. Every
@@ -36,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeshard.coordinator.pipeline.deploy import deploy
+from edgeshard.coordinator.pipeline.remote import RemotePipeline
 from edgeshard.coordinator.placement.gather import PlacementOptions, plan_for
 from edgeshard.coordinator.sdk.local_nodes import LocalNodes
 from edgeshard.coordinator.serving.assemble import deployment_engine
@@ -47,6 +49,7 @@ TOPICS = [
     "the sea", "a lighthouse", "a robot", "the moon", "a forest", "a library", "a storm", "a cat",
     "a train", "a mountain", "a garden", "a clock", "a river", "a city", "a desert", "a violin",
 ]  # fmt: skip
+FEEDS = {"on": [True], "off": [False], "both": [True, False]}  # --feed: RemotePipeline(feed=...) settings
 TARGET_RATIO = 4.0  # tok/s at 8 concurrent requests over tok/s at 1
 STAT_FIELDS = (
     "steps", "compute_ms", "network_ms", "wall_ms", "idle_ms", "queue_ms", "rows", "sequences", "messages",
@@ -115,8 +118,11 @@ class Ring:
         }
 
 
-async def open_ring(cluster: LocalNodes, path: Path, quant: str | None, mode: str, layers: str) -> Ring:
-    """Load the model over the cluster's nodes and build the engine `serve` would; named format/compute/split.
+async def open_rings(
+    cluster: LocalNodes, path: Path, quant: str | None, mode: str, layers: str, feeds: list[bool]
+) -> list[Ring]:
+    """Load the model over the cluster's nodes and build the engine `serve` would, once per feed setting
+    (`RemotePipeline(feed=...)`, over the same shards); named format/compute/split (", unfed" without the feed).
 
     layers "auto": the planner places the layers as `serve --peers ... --layers auto --objective throughput`
     does (the least loaded bottleneck stage, counting the head on the last node); "even": an even split;
@@ -134,10 +140,15 @@ async def open_ring(cluster: LocalNodes, path: Path, quant: str | None, mode: st
         plan = await plan_for(opts, str(path), path, quant, show=False)
         addresses, specs = plan.addresses(), plan.specs()
     deployment = await deploy(addresses, path.name, 30, quant, specs=specs)
-    pipeline = await deployment.pipeline()
-    served = deployment_engine(deployment, pipeline, path, "smollm2-135m", max_running=64, max_queued=64)
     split = "+".join(str(s.end_layer - s.start_layer) for s in deployment.shards)
-    return Ring(f"{deployment.shards[0].quant}/{mode}/{split}", cluster, deployment, served)
+    rings = []
+    for feed in feeds:
+        pipeline = RemotePipeline(deployment.clients, deployment.plan_id, feed=feed)
+        await pipeline.start()
+        served = deployment_engine(deployment, pipeline, path, "smollm2-135m", max_running=64, max_queued=64)
+        name = f"{deployment.shards[0].quant}/{mode}{'' if feed else ', unfed'}/{split}"
+        rings.append(Ring(name, cluster, deployment, served))
+    return rings
 
 
 async def measure(rings: list[Ring], levels: list[int], tokens: int, runs: int) -> dict[str, dict]:
@@ -212,12 +223,13 @@ async def main_async(args: argparse.Namespace) -> dict:
                 cluster.start()
                 clusters.append(cluster)
                 fmt = None if quant == "default" else quant
-                rings.append(await open_ring(cluster, path, fmt, mode, args.layers))
+                rings += await open_rings(cluster, path, fmt, mode, args.layers, FEEDS[args.feed])
         return await measure(rings, args.levels, args.tokens, args.runs)
     finally:
         for ring in rings:
             await ring.served.close()
-            await ring.deployment.close()
+        for deployment in {id(r.deployment): r.deployment for r in rings}.values():
+            await deployment.close()
         for cluster in clusters:
             cluster.stop()
 
@@ -240,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
         "throughput`); even: 15 + 15; or counts such as 19,11",
     )
     p.add_argument("--compare-compute", action="store_true", help="measure both --compute modes")
+    p.add_argument(
+        "--feed",
+        default="on",
+        choices=tuple(FEEDS),
+        help="the direct token feed (the last node sends each token straight to the first): on (as `serve`), "
+        "off, or both, measured interleaved on the same shards",
+    )
     p.add_argument("--quick", action="store_true", help="CI smoke: levels 1,4, 16 tokens, 1 run")
     p.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
     args = p.parse_args(argv)

@@ -73,13 +73,15 @@ def test_eight_concurrent_sequences_match_one_at_a_time_and_are_batched(node_clu
         d = await deploy(node_cluster.addresses, smollm2_path.name, 30, QUANT)
         pipe = await d.pipeline()
         try:
+            before = await _node_stats(node_cluster.addresses)
             together = await asyncio.gather(*(_tokens(pipe, ids) for ids in PROMPTS))
-            return together, await _wait_freed(node_cluster.addresses)
+            after = await _wait_freed(node_cluster.addresses)
+            return together, after, [a.fed - b.fed for a, b in zip(after, before, strict=True)]
         finally:
             await pipe.aclose()
             await d.close()
 
-    together, stats = asyncio.run(run())
+    together, stats, fed = asyncio.run(run())
     assert together == alone
     for s in stats:  # counters start at the load: this run only
         assert s.sequences / s.steps > 1.5, f"batches of {s.sequences / s.steps:.2f} sequences on average"
@@ -87,6 +89,8 @@ def test_eight_concurrent_sequences_match_one_at_a_time_and_are_batched(node_clu
         # a group's steps travel as one gRPC message per hop (ForwardMessage.batch), not one per sequence
         # (1.0 without; ~1.5 here, where the opens, prompts and ends of 8 short requests go one by one)
         assert s.messages / s.frames > 1.3, f"{s.messages} messages came in {s.frames} gRPC messages"
+    # every session was fed (the last node sent its tokens straight to node 1), not just a lone one
+    assert sum(fed) >= len(PROMPTS) * (TOKENS - 2), fed
 
 
 def test_long_prompt_is_prefilled_in_chunks_while_others_decode(node_cluster, smollm2_path, ring):
