@@ -44,6 +44,7 @@ from edgeshard.node.model.executor import ShardExecutor
 from edgeshard.node.service import hop_trace
 from edgeshard.node.service.batching import STEP_KINDS, Pending, StageTimes, group_size, take_batch
 from edgeshard.node.service.next_hop import NextHop, now_us
+from edgeshard.node.service.node_args import COMPUTE_MODES, MAX_BATCH_ROWS, SESSION_IDLE_S
 from edgeshard.node.service.stage_step import Outcome, run_batch
 from edgeshard.node.weights.loader import stage_kernels
 from edgeshard.node.wire import edgeshard_pb2 as pb
@@ -53,10 +54,7 @@ from edgeshard.node.wire.tensors import TO_WIRE_DTYPE, WireError, error_message,
 log = logging.getLogger("edgeshard.node")
 
 LAST = "last"  # LoadShardRequest.next_hop of the node that samples
-MAX_BATCH_ROWS = 256  # rows one batched forward takes at most (--max-batch-rows); a bigger step runs alone
-COMPUTE_MODES = ("thread", "inline")  # where the stage computes (--compute; see the module docstring)
 KV_AVAILABLE_FRACTION = 0.5  # default KV budget: this share of the memory available once the weights are in
-SESSION_IDLE_S = 1800.0  # a session nobody stepped for this long is ended (--session-idle-timeout)
 # a session whose upstream node's stream closed (that node died, or moved to a new plan) waits this long for a
 # recovery to resume it (node/service/recover.py) before it is ended; a coordinator's closed stream ends at once
 ORPHAN_S = 60.0

@@ -27,7 +27,7 @@ from pathlib import Path
 import grpc
 
 from edgeshard.node.lowbit import native
-from edgeshard.node.presence.advertise import interface_address, package_version, start_advertising
+from edgeshard.node.presence.advertise import package_version, start_advertising
 from edgeshard.node.presence.capability import Capability, fill_wire, parse_size
 from edgeshard.node.presence.identity import claim_identity, default_state_dir
 from edgeshard.node.presence.microbench import measure
@@ -38,7 +38,6 @@ from edgeshard.node.security.channels import (
     Insecure,
     NodeCredentials,
     Security,
-    add_security_args,
     listen,
     revocations,
     security_from_args,
@@ -47,9 +46,10 @@ from edgeshard.node.security.channels import (
 )
 from edgeshard.node.security.credentials import CallSigner, RevocationStore, signer_for
 from edgeshard.node.service.next_hop import coalesce, drain, now_us
+from edgeshard.node.service.node_args import MAX_BATCH_ROWS, SESSION_IDLE_S, add_node_args
 from edgeshard.node.service.ownership import Ownership, caller_id
 from edgeshard.node.service.recover import recover
-from edgeshard.node.service.ring import COMPUTE_MODES, MAX_BATCH_ROWS, SESSION_IDLE_S, RingNode
+from edgeshard.node.service.ring import RingNode
 from edgeshard.node.service.shard_load import load_shard
 from edgeshard.node.service.slices import pull_slice, read_slice, ship_slice, slice_manifest_of, slice_status
 from edgeshard.node.weights.cache import SliceCache
@@ -489,101 +489,6 @@ async def _watch_parent(stop: asyncio.Event) -> None:
             stop.set()
             return
         await asyncio.sleep(1.0)
-
-
-def add_node_args(p: argparse.ArgumentParser) -> None:
-    """The flags of `edgeshard node` (also `python -m edgeshard.node.service.server`)."""
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all interfaces)")
-    p.add_argument("--port", type=int, default=50051, help="port to listen on; 0 picks a free one")
-    p.add_argument(
-        "--name",
-        default=None,
-        help="name shown in plans and tables (default: hostname:port, unique per node)",
-    )
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    p.add_argument(
-        "--model-dir",
-        type=Path,
-        default=None,
-        help="the only directory model files are opened from (default: the model cache)",
-    )
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        default=None,
-        help="where the node keeps its lasting id (default: ~/.local/state/edgeshard)",
-    )
-    p.add_argument("--max-sessions", type=int, default=64, help="sessions (KV caches) held at once")
-    p.add_argument(
-        "--kv-budget",
-        default=None,
-        metavar="SIZE",
-        help="memory KV caches may reserve, e.g. 256M; a session reserves its whole cache when it opens and "
-        "more are refused (RESOURCE_EXHAUSTED) (default: what --memory-limit leaves after the weights, "
-        "else half the memory available once the weights are loaded)",
-    )
-    p.add_argument(
-        "--session-idle-timeout",
-        type=float,
-        default=SESSION_IDLE_S,
-        metavar="S",
-        help=f"end a session nobody has stepped for S seconds, freeing its KV cache (default {SESSION_IDLE_S:g}; "
-        "0: never). Sessions also end when the stream that opened them closes (a coordinator exits or crashes)",
-    )
-    p.add_argument(
-        "--max-batch-rows",
-        type=int,
-        default=MAX_BATCH_ROWS,
-        metavar="N",
-        help=f"rows (tokens) one batched forward takes at most (default {MAX_BATCH_ROWS})",
-    )
-    p.add_argument(
-        "--compute",
-        choices=COMPUTE_MODES,
-        default="thread",
-        help="run the stage in one worker thread (default: messages keep arriving while it computes) or "
-        "inline on the event loop",
-    )
-    p.add_argument("--no-advertise", action="store_true", help="do not announce this node on mDNS")
-    p.add_argument(
-        "--mdns-interface",
-        action="append",
-        default=[],
-        type=interface_address,
-        metavar="IP",
-        help="IPv4 address of an interface to run mDNS on (repeatable; default: all interfaces)",
-    )
-    p.add_argument(
-        "--cluster", default="default", help="cluster name to announce (coordinators filter on it)"
-    )
-    p.add_argument(
-        "--memory-limit",
-        default=None,
-        metavar="SIZE",
-        help="memory the planner may use here for shards and KV, e.g. 512M or 2G (default: what is free)",
-    )
-    p.add_argument(
-        "--cache-limit",
-        default=None,
-        metavar="SIZE",
-        help="disk the cache of shipped model slices (<model-dir>/.edgeshard-slices) may use, e.g. 4G; the "
-        "least recently used tensors no loaded shard needs are evicted (default: no limit)",
-    )
-    p.add_argument(
-        "--no-benchmark",
-        action="store_true",
-        help="skip the start-up microbenchmark (the planner then assumes an average speed)",
-    )
-    p.add_argument(
-        "--benchmark-every",
-        type=float,
-        default=300.0,
-        metavar="S",
-        help="re-run the microbenchmark every S seconds while idle; GetInfo reports the median of the last 5 "
-        "runs (0: only at start)",
-    )
-    add_security_args(p)  # --cluster-key-file FILE / --insecure (or $EDGESHARD_CLUSTER_KEY)
-    p.add_argument("--log-level", default="WARNING", help="logging level of the node (stderr)")
 
 
 def options_from_args(args: argparse.Namespace) -> NodeOptions:
