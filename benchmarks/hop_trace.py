@@ -15,8 +15,10 @@ path: coordinator -> node 1 -> ... -> node N -> (coordinator -> node 1 | node 1)
 * `publish -> coordinator`: the last node's Result until the coordinator's reader has it,
 * `coordinator`: the result in hand to the next step written (waking the step, the generation loop).
 
-For scale it also measures the floor of any transport here: a raw socket message from a busy process to one
-that has idled 2 or 8 ms (the time a node idles in a ring), send to receive, in two plain processes.
+For scale it also measures two floors, from a busy process to one that has idled 2 or 8 ms (the time a node
+idles in a ring), send to receive, in two plain processes: a raw socket message, and a gRPC message of a hidden
+state's size on one long-lived grpc.aio stream (no edgeshard code: what any gRPC hop costs here, including
+grpc.aio's poller thread waking the event loop).
 
 Writes benchmarks/results/hop_trace.json. Timings on a shared machine are noisy: compare segments within a run.
 """
@@ -186,6 +188,74 @@ async def main_async(args) -> dict:
     return {k: {label: statistics.median(v) for label, v in rows.items()} for k, rows in out.items()}
 
 
+HIDDEN_BYTES = 576 * 4  # a hidden state of the demo model on the wire (f32)
+
+
+def _grpc_echo(conn, n: int) -> None:
+    """The receiving end of `grpc_floor`: a grpc.aio server whose one stream stamps each message's arrival."""
+    import struct
+
+    import grpc
+
+    async def serve() -> None:
+        lat: list[int] = []
+
+        async def echo(requests, _context):
+            async for raw in requests:
+                lat.append(time.time_ns() - struct.unpack("q", raw[:8])[0])
+                yield b"k" if len(lat) < n else struct.pack("q", int(statistics.median(lat)))
+
+        ident = lambda b: b  # noqa: E731 (bytes in, bytes out: no protobuf)
+        handler = grpc.method_handlers_generic_handler(
+            "floor.Echo",
+            {"Echo": grpc.stream_stream_rpc_method_handler(echo, ident, ident)},
+        )
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        conn.send(port)
+        while len(lat) < n:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        await server.stop(None)
+
+    asyncio.run(serve())
+
+
+def grpc_floor(idle_s: float, n: int = 200) -> float:
+    """Median ms from a grpc.aio stream write (by a process that computed for `idle_s`) to the receiving
+    process's handler seeing the message: the floor of a gRPC hop on this machine, without edgeshard."""
+    import multiprocessing
+    import struct
+
+    import grpc
+
+    parent, child_end = multiprocessing.Pipe()
+    child = multiprocessing.get_context("spawn").Process(target=_grpc_echo, args=(child_end, n))
+    child.start()
+    port = parent.recv()
+
+    async def send() -> float:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            ident = lambda b: b  # noqa: E731
+            call = ch.stream_stream("/floor.Echo/Echo", ident, ident)()
+            reply = b""
+            for _ in range(n):
+                t = time.perf_counter()
+                while time.perf_counter() - t < idle_s:  # the sender computes while the receiver idles
+                    pass
+                await call.write(struct.pack("q", time.time_ns()) + bytes(HIDDEN_BYTES))
+                reply = await call.read()
+            await call.done_writing()
+            return struct.unpack("q", reply)[0] / 1e6
+
+    try:
+        return asyncio.run(send())
+    finally:
+        child.join(10)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -201,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     args.tokens = max(args.tokens, 48)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     floor = {f"socket after {ms} ms idle": socket_floor(ms / 1e3) for ms in (2, 8)}
+    floor |= {f"gRPC stream after {ms} ms idle": grpc_floor(ms / 1e3) for ms in (2, 8)}
     rows = asyncio.run(main_async(args))
     from rich.console import Console
     from rich.table import Table
@@ -214,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         t.add_row(label, "" if f is None else f"{f:.3f}", "" if u is None else f"{u:.3f}")
     Console().print(t)
     for label, ms in floor.items():
-        print(f"{label}: {ms:.3f} ms (send -> receive, raw socket between two plain processes)")
+        how = "raw socket" if label.startswith("socket") else f"grpc.aio stream, {HIDDEN_BYTES} bytes"
+        print(f"{label}: {ms:.3f} ms (send -> receive, {how}, between two plain processes)")
     report = {
         "model": args.model,
         "nodes": args.nodes,
