@@ -8,6 +8,13 @@ is that 3 nodes keep >= 0.9x the single-process decode rate.
     python benchmarks/pipeline.py --nodes 1,2,3 --tokens 128 --runs 9
     python benchmarks/pipeline.py --quick          # CI smoke: 16 tokens, 1 run
     python benchmarks/pipeline.py --feed 4,1,0     # token feed, results in 4s / one by one / no feed
+    python benchmarks/pipeline.py --model gemma3-270m --nodes 3
+    python benchmarks/pipeline.py --model random-1.5b --nodes 3   # a random-weight 1.59B Q4_0 (bigmodel.py)
+
+What the ring costs per token is about fixed (a gRPC message and a wake-up per hop), so the ratio depends on
+the model's compute per token: the 135M demo model (~7 ms a token here) is the worst case; `random-<size>`
+writes a random-weight Llama-shaped Q4_0 GGUF of benchmarks/bigmodel.py's sizes into a temporary directory
+(timing only: its tokens mean nothing), the users' case of a model no single board holds.
 
 All configurations are started first and their runs interleaved, so load from other work on the machine
 hits them alike. Reported per configuration (median over runs): ttft_ms (prompt in, first token out), decode tok/s (tokens after
@@ -27,6 +34,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -207,10 +215,27 @@ def _table(rows: dict[str, dict], base: float):
     return t
 
 
+def _model_path(model: str, stack: contextlib.AsyncExitStack) -> Path:
+    """The checkpoint of `--model`: a registry name or path, or `random-<size>` written for this run."""
+    if not model.startswith("random-"):
+        return resolve_model(model)
+    from bigmodel import SIZES, params, write_model  # benchmarks/bigmodel.py, next to this script
+
+    size = model.removeprefix("random-")
+    if size not in SIZES:
+        raise SystemExit(f"--model random-SIZE takes a size of benchmarks/bigmodel.py: {', '.join(SIZES)}")
+    path = (
+        Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeshard-pipeline-"))) / f"{model}.gguf"
+    )
+    print(f"writing {path.name} ({params(size) / 1e9:.2f}B parameters, random weights, Q4_0)")
+    write_model(path, size)
+    return path
+
+
 async def main_async(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
-    path = resolve_model(args.model)
     async with contextlib.AsyncExitStack() as stack:
+        path = _model_path(args.model, stack)
         configs = [local_config(path, args.quant)]
         for n in args.nodes:
             for feed in args.feed:
