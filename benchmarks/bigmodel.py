@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -56,6 +57,25 @@ def params(size: str) -> int:
     hd = d // h
     layer = d * d * 2 + 2 * d * kv * hd + 3 * d * f
     return n * layer + 2 * v * d
+
+
+def benchmark_model(model: str, stack: contextlib.AsyncExitStack | contextlib.ExitStack) -> Path:
+    """The checkpoint of a benchmark's `--model`: a registry name or a path, or `random-<size>`: a random-weight
+    model of one of SIZES, written for this run into a temporary directory that `stack` removes."""
+    if not model.startswith("random-"):
+        from edgeshard.node.weights.registry import resolve_model
+
+        return resolve_model(model)
+
+    size = model.removeprefix("random-")
+    if size not in SIZES:
+        raise SystemExit(f"--model random-SIZE takes a size of benchmarks/bigmodel.py: {', '.join(SIZES)}")
+    path = (
+        Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeshard-pipeline-"))) / f"{model}.gguf"
+    )
+    print(f"writing {path.name} ({params(size) / 1e9:.2f}B parameters, random weights, Q4_0)")
+    write_model(path, size)
+    return path
 
 
 def write_model(path: Path, size: str, seed: int = 0) -> None:

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -50,7 +49,6 @@ from edgeshard.node.model.executor import LocalPipeline, ShardExecutor
 from edgeshard.node.model.sampling import SamplingParams
 from edgeshard.node.weights.checkpoint import open_checkpoint
 from edgeshard.node.weights.loader import load_stage
-from edgeshard.node.weights.registry import resolve_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline.json"
 # A fixed prompt of token ids (a chat turn of SmolLM2), so every configuration prefills the same 30 tokens.
@@ -215,27 +213,12 @@ def _table(rows: dict[str, dict], base: float):
     return t
 
 
-def _model_path(model: str, stack: contextlib.AsyncExitStack) -> Path:
-    """The checkpoint of `--model`: a registry name or path, or `random-<size>` written for this run."""
-    if not model.startswith("random-"):
-        return resolve_model(model)
-    from bigmodel import SIZES, params, write_model  # benchmarks/bigmodel.py, next to this script
-
-    size = model.removeprefix("random-")
-    if size not in SIZES:
-        raise SystemExit(f"--model random-SIZE takes a size of benchmarks/bigmodel.py: {', '.join(SIZES)}")
-    path = (
-        Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeshard-pipeline-"))) / f"{model}.gguf"
-    )
-    print(f"writing {path.name} ({params(size) / 1e9:.2f}B parameters, random weights, Q4_0)")
-    write_model(path, size)
-    return path
-
-
 async def main_async(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
+    from bigmodel import benchmark_model  # benchmarks/bigmodel.py, next to this script
+
     async with contextlib.AsyncExitStack() as stack:
-        path = _model_path(args.model, stack)
+        path = benchmark_model(args.model, stack)
         configs = [local_config(path, args.quant)]
         for n in args.nodes:
             for feed in args.feed:

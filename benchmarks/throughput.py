@@ -6,6 +6,7 @@
     python benchmarks/throughput.py --quick             # CI smoke: 1 and 4 requests, 16 tokens, 1 run
     python benchmarks/throughput.py --layers even       # 15 + 15 layers instead of the planner's split
     python benchmarks/throughput.py --feed both         # with and without the direct token feed
+    python benchmarks/throughput.py --model random-1.5b --quant default --levels 1,8   # a 1.59B Q4_0 model
 
 Requests take the serving path, as `edgeshard serve --peers` runs them (serving.deployment_engine): Engine
 (admission) -> generate() -> the ring driver (RemotePipeline) -> the nodes, each with one torch thread. Every
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -42,7 +44,7 @@ from edgeshard.coordinator.placement.gather import PlacementOptions, plan_for
 from edgeshard.coordinator.sdk.local_nodes import LocalNodes
 from edgeshard.coordinator.serving.assemble import deployment_engine
 from edgeshard.coordinator.serving.engine import GenerationRequest
-from edgeshard.node.weights.registry import resolve_model
+from edgeshard.node.weights.checkpoint import open_checkpoint
 
 RESULTS = Path(__file__).resolve().parent / "results" / "throughput.json"
 TOPICS = [
@@ -60,8 +62,9 @@ STAT_FIELDS = (
 class Ring:
     """A deployed 2-node ring and the serving engine over it."""
 
-    def __init__(self, name: str, cluster: LocalNodes, deployment, served) -> None:
+    def __init__(self, name: str, cluster: LocalNodes, deployment, served, chat: bool = True) -> None:
         self.name, self.cluster, self.deployment, self.served = name, cluster, deployment, served
+        self.chat = chat  # chat messages, else a plain prompt (a random-weight model has no chat template)
 
     async def stats(self) -> list[dict]:
         """Each node's counters now, and its process's CPU seconds."""
@@ -80,7 +83,7 @@ class Ring:
         gens = [
             engine.submit(
                 GenerationRequest(
-                    messages=[{"role": "user", "content": f"Write a story about {TOPICS[i % len(TOPICS)]}."}],
+                    **_request(f"Write a story about {TOPICS[i % len(TOPICS)]}.", self.chat),
                     max_tokens=tokens,
                     temperature=0.0,
                     ignore_eos=True,
@@ -118,6 +121,10 @@ class Ring:
         }
 
 
+def _request(text: str, chat: bool) -> dict:
+    return {"messages": [{"role": "user", "content": text}]} if chat else {"prompt": text}
+
+
 async def open_rings(
     cluster: LocalNodes, path: Path, quant: str | None, mode: str, layers: str, feeds: list[bool]
 ) -> list[Ring]:
@@ -139,15 +146,16 @@ async def open_rings(
         )
         plan = await plan_for(opts, str(path), path, quant, show=False)
         addresses, specs = plan.addresses(), plan.specs()
-    deployment = await deploy(addresses, path.name, 30, quant, specs=specs)
+    layers_total = open_checkpoint(path).config.num_hidden_layers
+    deployment = await deploy(addresses, path.name, layers_total, quant, specs=specs)
     split = "+".join(str(s.end_layer - s.start_layer) for s in deployment.shards)
     rings = []
     for feed in feeds:
         pipeline = RemotePipeline(deployment.clients, deployment.plan_id, feed=feed)
         await pipeline.start()
-        served = deployment_engine(deployment, pipeline, path, "smollm2-135m", max_running=64, max_queued=64)
+        served = deployment_engine(deployment, pipeline, path, path.stem, max_running=64, max_queued=64)
         name = f"{deployment.shards[0].quant}/{mode}{'' if feed else ', unfed'}/{split}"
-        rings.append(Ring(name, cluster, deployment, served))
+        rings.append(Ring(name, cluster, deployment, served, chat=not path.stem.startswith("random-")))
     return rings
 
 
@@ -211,9 +219,12 @@ def table(results: dict[str, dict], title: str) -> Table:
 
 async def main_async(args: argparse.Namespace) -> dict:
     """Start one 2-node cluster per (format, compute mode), measure them interleaved, stop them."""
-    path = resolve_model("smollm2-135m")
+    from bigmodel import benchmark_model  # benchmarks/bigmodel.py, next to this script
+
     modes = ["thread", "inline"] if args.compare_compute else [args.compute]
     clusters, rings = [], []
+    stack = contextlib.ExitStack()
+    path = benchmark_model(args.model, stack)
     try:
         for quant in args.quant:
             for mode in modes:
@@ -232,10 +243,17 @@ async def main_async(args: argparse.Namespace) -> dict:
             await deployment.close()
         for cluster in clusters:
             cluster.stop()
+        stack.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="a registry name or path, or random-SIZE: a random-weight Q4_0 model of benchmarks/bigmodel.py's "
+        "sizes (1.5b: the users' case, a model no one board holds; prompts then go as plain text)",
+    )
     p.add_argument("--levels", default="1,2,4,8,16", help="concurrent requests to measure, comma-separated")
     p.add_argument("--tokens", type=int, default=64, help="tokens each request generates")
     p.add_argument("--runs", type=int, default=3, help="runs per level (the median is reported)")
@@ -269,10 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     results = asyncio.run(main_async(args))
     console = Console(width=max(120, Console().width))  # the table, unwrapped, also in a log
-    title = f"smollm2-135m on 2 loopback nodes, 1 thread each, {args.tokens} tokens/request"
+    title = f"{args.model} on 2 loopback nodes, 1 thread each, {args.tokens} tokens/request"
     console.print(table(results, title))
     report = {
-        "model": "smollm2-135m",
+        "model": args.model,
         "nodes": 2,
         "threads_per_node": 1,
         "tokens_per_request": args.tokens,
