@@ -936,12 +936,27 @@ static inline float dot_f32(const float *a, const float *b, int64_t hd) {
 #if defined(ES_X86) /* AVX2 + FMA, also in the AVX-512 builds (256-bit vectors; hd 64 = 8 of them) */
 #define ATT_KEYS 8 /* keys per score block (one vector of scores) */
 
-static inline __m256 bf16x8(const uint16_t *p) { /* 8 bf16 -> 8 float: the bits shifted left 16 */
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+/* 16 bf16 -> their even and odd elements as floats: the odd ones are already the high halves of 32-bit words
+ * (an AND), the even ones a shift away. Two cheap operations per 16 values (pmovzx + shift would be four,
+ * on the pipes the FMAs need); queries, keys, values and the P.V sums all use this even/odd order inside
+ * each 16 dims, and att_store puts the outputs back in order. */
+static inline void bf16x16(const uint16_t *p, __m256 *even, __m256 *odd) {
+    const __m256i x = _mm256_loadu_si256((const __m256i *)p);
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    *odd = _mm256_and_ps(_mm256_castsi256_ps(x), _mm256_castsi256_ps(_mm256_set1_epi32((int)0xFFFF0000u)));
 }
 
-static inline void bf16_row(const uint16_t *src, float *dst, int64_t n) { /* n % 8 == 0 */
-    for (int64_t i = 0; i < n; i += 8) _mm256_storeu_ps(dst + i, bf16x8(src + i));
+static inline void bf16_row(const uint16_t *src, float *dst, int64_t n) { /* n % 16 == 0, even/odd order */
+    for (int64_t i = 0; i < n; i += 16) {
+        __m256 e, o;
+        bf16x16(src + i, &e, &o);
+        _mm256_storeu_ps(dst + i, e), _mm256_storeu_ps(dst + i + 8, o);
+    }
+}
+
+static inline void att_store(const float *acc, float inv, int64_t hd, uint16_t *out) { /* back to dim order */
+    for (int64_t d = 0; d < hd; d += 16)
+        for (int i = 0; i < 8; i++) out[d + 2 * i] = f_bf16(acc[d + i] * inv), out[d + 2 * i + 1] = f_bf16(acc[d + 8 + i] * inv);
 }
 
 /* exp_approx lane for lane: the same operations in the same order (no FMA), so the same bits */
@@ -971,17 +986,18 @@ static inline __m256 sum8x8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* One key row k (bf16, hd % 32 == 0) against the group's queries qf (rows 256 apart): part[h] = s0 + s1, the
- * key's 8-lane partial, s0 summing dims d..d+8 and s1 dims d+8..d+16 for d = 0, 16, 32, ... in order. The
- * row is converted 64 dims at a time into registers and used by every head; the dims a block of 64 leaves
- * over (hd 32, 96, ...) are one block of 32: the same operations in the same order either way. */
+/* One key row k (bf16, hd % 32 == 0) against the group's queries qf (even/odd order, rows 256 apart):
+ * part[h] = s0 + s1, the key's 8-lane partial, s0 summing the even dims and s1 the odd dims of each 16, in
+ * dim order. The row is converted 64 dims at a time into registers and used by every head; the 32 dims a
+ * block of 64 leaves over (hd 32, 96, ...) take the same steps. */
 static inline __attribute__((always_inline)) void att_key(const float *qf, int64_t group, const uint16_t *k,
                                                           int64_t hd, __m256 *s0, __m256 *s1, __m256 *part) {
     for (int64_t h = 0; h < group; h++) s0[h] = s1[h] = _mm256_setzero_ps();
     int64_t c = 0;
     for (; c + 64 <= hd; c += 64) {
-        const __m256 k0 = bf16x8(k + c), k1 = bf16x8(k + c + 8), k2 = bf16x8(k + c + 16), k3 = bf16x8(k + c + 24);
-        const __m256 k4 = bf16x8(k + c + 32), k5 = bf16x8(k + c + 40), k6 = bf16x8(k + c + 48), k7 = bf16x8(k + c + 56);
+        __m256 k0, k1, k2, k3, k4, k5, k6, k7;
+        bf16x16(k + c, &k0, &k1), bf16x16(k + c + 16, &k2, &k3);
+        bf16x16(k + c + 32, &k4, &k5), bf16x16(k + c + 48, &k6, &k7);
         for (int64_t h = 0; h < group; h++) {
             const float *q = qf + h * 256 + c;
             __m256 a0 = s0[h], a1 = s1[h];
@@ -997,7 +1013,8 @@ static inline __attribute__((always_inline)) void att_key(const float *qf, int64
         }
     }
     if (c < hd) { /* 32 dims left */
-        const __m256 k0 = bf16x8(k + c), k1 = bf16x8(k + c + 8), k2 = bf16x8(k + c + 16), k3 = bf16x8(k + c + 24);
+        __m256 k0, k1, k2, k3;
+        bf16x16(k + c, &k0, &k1), bf16x16(k + c + 16, &k2, &k3);
         for (int64_t h = 0; h < group; h++) {
             const float *q = qf + h * 256 + c;
             s0[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + 16), k2, _mm256_fmadd_ps(_mm256_loadu_ps(q), k0, s0[h]));
@@ -1007,7 +1024,7 @@ static inline __attribute__((always_inline)) void att_key(const float *qf, int64
     for (int64_t h = 0; h < group; h++) part[h * ATT_KEYS] = _mm256_add_ps(s0[h], s1[h]);
 }
 
-/* scores[h][j0 + i] = (q_h . k_{j0+i}) * scale for the ATT_KEYS keys from j0 (rows past len are never read:
+/* scores[h][j0 + i] = (q_h . k_{j0+i}) * scale for the ATT_KEYS keys from j0 (rows past nk are never read:
  * their partials are zero) into sc + h * stride */
 static inline __attribute__((always_inline)) void att_scores(const float *qf, int64_t group, const uint16_t *k,
                                                              int64_t hd, int64_t nk, float scale, float *sc,
@@ -1055,18 +1072,19 @@ static inline float att_max(const float *e, int64_t n) {
     return mx;
 }
 
-/* acc[h][d0 .. d0+16) += sum_j p[h][j] * v_j[d0 ..] for keys j0 .. j1, in key order, for HB heads (a constant
- * at each call, so the accumulators stay in registers) */
+/* acc[h][d0 .. d0+16) (even/odd order) += sum_j p[h][j] * v_j[d0 ..] for keys j0 .. j1, one FMA chain per
+ * element in key order, for HB heads (a constant at each call, so the accumulators stay in registers) */
 static inline __attribute__((always_inline)) void att_pv(const float *p, int64_t len, const uint16_t *v, int64_t hd,
                                                          int64_t j0, int64_t j1, int64_t d0, float *acc, const int HB) {
     __m256 a[4][2];
     for (int h = 0; h < HB; h++) a[h][0] = _mm256_loadu_ps(acc + h * 256 + d0), a[h][1] = _mm256_loadu_ps(acc + h * 256 + d0 + 8);
     for (int64_t j = j0; j < j1; j++) {
-        const __m256 v0 = bf16x8(v + j * hd + d0), v1 = bf16x8(v + j * hd + d0 + 8);
+        __m256 ve, vo;
+        bf16x16(v + j * hd + d0, &ve, &vo);
         for (int h = 0; h < HB; h++) {
             const __m256 w = _mm256_broadcast_ss(p + h * len + j);
-            a[h][0] = _mm256_fmadd_ps(w, v0, a[h][0]);
-            a[h][1] = _mm256_fmadd_ps(w, v1, a[h][1]);
+            a[h][0] = _mm256_fmadd_ps(w, ve, a[h][0]);
+            a[h][1] = _mm256_fmadd_ps(w, vo, a[h][1]);
         }
     }
     for (int h = 0; h < HB; h++) _mm256_storeu_ps(acc + h * 256 + d0, a[h][0]), _mm256_storeu_ps(acc + h * 256 + d0 + 8, a[h][1]);
@@ -1087,6 +1105,10 @@ static inline void bf16_row(const uint16_t *src, float *dst, int64_t n) { /* n %
         bf16x8(src + i, &lo, &hi);
         vst1q_f32(dst + i, lo), vst1q_f32(dst + i + 4, hi);
     }
+}
+
+static inline void att_store(const float *acc, float inv, int64_t hd, uint16_t *out) {
+    for (int64_t d = 0; d < hd; d++) out[d] = f_bf16(acc[d] * inv);
 }
 
 static inline float32x4_t exp4(float32x4_t x) { /* exp_approx lane for lane (no FMA): the same bits */
@@ -1205,6 +1227,10 @@ static inline void bf16_row(const uint16_t *src, float *dst, int64_t n) {
     for (int64_t i = 0; i < n; i++) dst[i] = bf16_f(src[i]);
 }
 
+static inline void att_store(const float *acc, float inv, int64_t hd, uint16_t *out) {
+    for (int64_t d = 0; d < hd; d++) out[d] = f_bf16(acc[d] * inv);
+}
+
 /* scores of the ATT_KEYS keys from k into sc + h * stride: each a 16-lane partial summed by sum16 */
 static inline void att_scores(const float *qf, int64_t group, const uint16_t *k, int64_t hd, int64_t nk,
                               float scale, float *sc, int64_t stride) {
@@ -1304,8 +1330,7 @@ static void attend_group(const uint16_t *q, int64_t group, int64_t hd, const uin
                 }
             }
     }
-    for (int64_t h = 0; h < group; h++)
-        for (int64_t d = 0; d < hd; d++) out[h * hd + d] = f_bf16(acc[h][d] * inv[h]);
+    for (int64_t h = 0; h < group; h++) att_store(acc[h], inv[h], hd, out + h * hd);
 }
 
 /* act (bf16, F) = silu(g) * u for gu = [g | u] (bf16, 2F) */
