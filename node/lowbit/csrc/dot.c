@@ -822,7 +822,8 @@ int es_dot_int8_mm(const uint16_t *x, int64_t M, int64_t K, const int8_t *codes,
 
 /* ---- whole-stage decode (node/model/fused.py), the same call and numerics as decode.c's AMX version ------------ *
  * Vector loops below are plain C over 16 independent lanes, which the compiler turns into the ISA's vectors
- * without reassociating anything: each result is the same whatever the batch and thread count. */
+ * without reassociating anything: each result is the same whatever the batch and thread count. Attention
+ * (attend_group) has its own vector code per ISA with the same property (docs/kernels.md). */
 
 typedef struct {
     int64_t kind;            /* 4: int4 (codes, fp16 params), 8: int8 (codes, bf16 row scales) */
