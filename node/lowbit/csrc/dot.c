@@ -889,40 +889,6 @@ static void rotary(uint16_t *heads, int64_t count, int64_t hd, const uint16_t *c
     }
 }
 
-/* sum_d a[d] * b[d] over hd (a multiple of 32) floats, in one fixed order per build */
-static inline float dot_f32(const float *a, const float *b, int64_t hd) {
-#if ES_X86 == 512
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    for (int64_t d = 0; d < hd; d += 32) {
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), s0);
-        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), _mm512_loadu_ps(b + d + 16), s1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-#elif ES_X86 == 256
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    for (int64_t d = 0; d < hd; d += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
-    }
-    const __m256 s = _mm256_add_ps(s0, s1);
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
-#elif defined(ES_NEON)
-    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = vdupq_n_f32(0.0f);
-    for (int64_t d = 0; d < hd; d += 8) {
-        s0 = vfmaq_f32(s0, vld1q_f32(a + d), vld1q_f32(b + d));
-        s1 = vfmaq_f32(s1, vld1q_f32(a + d + 4), vld1q_f32(b + d + 4));
-    }
-    return vaddvq_f32(vaddq_f32(s0, s1));
-#else
-    float part[16] = {0};
-    for (int64_t d = 0; d < hd; d += 16)
-        for (int l = 0; l < 16; l++) part[l] += a[d + l] * b[d + l];
-    return sum16(part);
-#endif
-}
-
 #define ATT_MAX_GROUP 16 /* query heads per kv head */
 #define ATT_BLOCK 64      /* keys per P.V block: their V rows (8 KB at hd 64) stay in L1 for all passes */
 
