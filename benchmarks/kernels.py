@@ -11,6 +11,8 @@ benchmarks/results/kernels.json. Used to choose the kernels behind `node/lowbit/
     python benchmarks/kernels.py --stage      # a batched decode step of the demo model's last 15 layers in
                                               # int4 (the native stage call) and its int8 head, by rows:
                                               # what batching costs; writes benchmarks/results/kernels-stage.json
+    python benchmarks/kernels.py --stage --context 1000  # the same with 1000 tokens in each sequence
+                                              # (attention's share grows with it): kernels-stage-ctx1000.json
 
 Kernels (weights random; only speed is measured here, accuracy lives in tests/test_quant.py):
   fp32          F.linear, float32 activations and weights
@@ -233,8 +235,9 @@ def main() -> None:
     if args.crossover:
         crossover(min_time_s, repeats, args.out.with_name("crossover.json"))
         return
-    if args.stage:
-        stage(repeats, args.out.with_name("kernels-stage.json"), args.quant, args.context)
+    if args.stage:  # one file per context: kernels-stage.json (60 tokens), kernels-stage-ctx250.json, ...
+        name = "kernels-stage.json" if args.context == 60 else f"kernels-stage-ctx{args.context}.json"
+        stage(repeats, args.out.with_name(name), args.quant, args.context)
         return
 
     from edgeshard.node.lowbit import native

@@ -822,7 +822,8 @@ int es_dot_int8_mm(const uint16_t *x, int64_t M, int64_t K, const int8_t *codes,
 
 /* ---- whole-stage decode (node/model/fused.py), the same call and numerics as decode.c's AMX version ------------ *
  * Vector loops below are plain C over 16 independent lanes, which the compiler turns into the ISA's vectors
- * without reassociating anything: each result is the same whatever the batch and thread count. */
+ * without reassociating anything: each result is the same whatever the batch and thread count. Attention
+ * (attend_group) has its own vector code per ISA with the same property (docs/kernels.md). */
 
 typedef struct {
     int64_t kind;            /* 4: int4 (codes, fp16 params), 8: int8 (codes, bf16 row scales) */
@@ -888,84 +889,415 @@ static void rotary(uint16_t *heads, int64_t count, int64_t hd, const uint16_t *c
     }
 }
 
-/* sum_d a[d] * b[d] over hd (a multiple of 32) floats, in one fixed order per build */
-static inline float dot_f32(const float *a, const float *b, int64_t hd) {
-#if ES_X86 == 512
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-    for (int64_t d = 0; d < hd; d += 32) {
-        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), s0);
-        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), _mm512_loadu_ps(b + d + 16), s1);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-#elif ES_X86 == 256
-    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-    for (int64_t d = 0; d < hd; d += 16) {
-        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), s0);
-        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + d + 8), _mm256_loadu_ps(b + d + 8), s1);
-    }
-    const __m256 s = _mm256_add_ps(s0, s1);
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    return _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)));
-#elif defined(ES_NEON)
-    float32x4_t s0 = vdupq_n_f32(0.0f), s1 = vdupq_n_f32(0.0f);
-    for (int64_t d = 0; d < hd; d += 8) {
-        s0 = vfmaq_f32(s0, vld1q_f32(a + d), vld1q_f32(b + d));
-        s1 = vfmaq_f32(s1, vld1q_f32(a + d + 4), vld1q_f32(b + d + 4));
-    }
-    return vaddvq_f32(vaddq_f32(s0, s1));
-#else
-    float part[16] = {0};
-    for (int64_t d = 0; d < hd; d += 16)
-        for (int l = 0; l < 16; l++) part[l] += a[d + l] * b[d + l];
-    return sum16(part);
-#endif
+#define ATT_MAX_GROUP 16 /* query heads per kv head */
+#define ATT_BLOCK 64      /* keys per P.V block: their V rows (8 KB at hd 64) stay in L1 for all passes */
+
+/* ---- decode attention: softmax(q K^T * scale) V for the `group` query heads of one kv head ------------------- *
+ * Each key's score is the same sequence of operations wherever the key sits in the cache and whatever `len` is
+ * (per-key lane partials summed by one fixed tree; keys past `len` in the last block are zero rows whose
+ * results are dropped), each exp is exp_approx's operations lane for lane (the same bits), the softmax total
+ * sums key j into lane j % lanes in order, and each output element is one FMA chain over the keys in order.
+ * So a (sequence, kv head) result depends only on its own q, K and V: never on the batch, the thread count or
+ * how its length falls on a vector. Each K and V row is loaded and converted once for all the group's heads. */
+
+#if defined(ES_X86) /* AVX2 + FMA, also in the AVX-512 builds (256-bit vectors; hd 64 = 8 of them) */
+#define ATT_KEYS 8 /* keys per score block (one vector of scores) */
+
+/* 16 bf16 -> their even and odd elements as floats: the odd ones are already the high halves of 32-bit words
+ * (an AND), the even ones a shift away. Two cheap operations per 16 values (pmovzx + shift would be four,
+ * on the pipes the FMAs need); queries, keys, values and the P.V sums all use this even/odd order inside
+ * each 16 dims, and att_store puts the outputs back in order. */
+static inline void bf16x16(const uint16_t *p, __m256 *even, __m256 *odd) {
+    const __m256i x = _mm256_loadu_si256((const __m256i *)p);
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    *odd = _mm256_and_ps(_mm256_castsi256_ps(x), _mm256_castsi256_ps(_mm256_set1_epi32((int)0xFFFF0000u)));
 }
 
-#define ATT_MAX_GROUP 16 /* query heads per kv head */
+static inline void bf16_row(const uint16_t *src, float *dst, int64_t n) { /* n % 16 == 0, even/odd order */
+    for (int64_t i = 0; i < n; i += 16) {
+        __m256 e, o;
+        bf16x16(src + i, &e, &o);
+        _mm256_storeu_ps(dst + i, e), _mm256_storeu_ps(dst + i + 8, o);
+    }
+}
+
+static inline void att_store(const float *acc, float inv, int64_t hd, uint16_t *out) { /* back to dim order */
+    for (int64_t d = 0; d < hd; d += 16)
+        for (int i = 0; i < 8; i++) out[d + 2 * i] = f_bf16(acc[d + i] * inv), out[d + 2 * i + 1] = f_bf16(acc[d + 8 + i] * inv);
+}
+
+/* exp_approx lane for lane: the same operations in the same order (no FMA), so the same bits */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
+    const __m256 t = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+    const __m256 z = _mm256_add_ps(t, _mm256_set1_ps(12582912.0f)), n = _mm256_sub_ps(z, _mm256_set1_ps(12582912.0f));
+    const __m256 r = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.693147180559945f));
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 720));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 120));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 24));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f / 6));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(0.5f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.0f));
+    const __m256i e = _mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(z), _mm256_set1_epi32(0x4B400000)),
+                                       _mm256_set1_epi32(127));
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(e, 23)));
+}
+
+/* 8 keys' lane partials a[i] -> one vector of their sums, key i = ((l0+l1)+(l2+l3)) + ((l4+l5)+(l6+l7)) */
+static inline __m256 sum8x8(const __m256 *a) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* One key row k (bf16, hd % 32 == 0) against the group's queries qf (even/odd order, rows 256 apart):
+ * part[h] = s0 + s1, the key's 8-lane partial, s0 summing the even dims and s1 the odd dims of each 16, in
+ * dim order. The row is converted 64 dims at a time into registers and used by every head; the 32 dims a
+ * block of 64 leaves over (hd 32, 96, ...) take the same steps. */
+static inline __attribute__((always_inline)) void att_key(const float *qf, int64_t group, const uint16_t *k,
+                                                          int64_t hd, __m256 *s0, __m256 *s1, __m256 *part) {
+    for (int64_t h = 0; h < group; h++) s0[h] = s1[h] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 64 <= hd; c += 64) {
+        __m256 k0, k1, k2, k3, k4, k5, k6, k7;
+        bf16x16(k + c, &k0, &k1), bf16x16(k + c + 16, &k2, &k3);
+        bf16x16(k + c + 32, &k4, &k5), bf16x16(k + c + 48, &k6, &k7);
+        for (int64_t h = 0; h < group; h++) {
+            const float *q = qf + h * 256 + c;
+            __m256 a0 = s0[h], a1 = s1[h];
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q), k0, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8), k1, a1);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 16), k2, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 24), k3, a1);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 32), k4, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 40), k5, a1);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 48), k6, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + 56), k7, a1);
+            s0[h] = a0, s1[h] = a1;
+        }
+    }
+    if (c < hd) { /* 32 dims left */
+        __m256 k0, k1, k2, k3;
+        bf16x16(k + c, &k0, &k1), bf16x16(k + c + 16, &k2, &k3);
+        for (int64_t h = 0; h < group; h++) {
+            const float *q = qf + h * 256 + c;
+            s0[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + 16), k2, _mm256_fmadd_ps(_mm256_loadu_ps(q), k0, s0[h]));
+            s1[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q + 24), k3, _mm256_fmadd_ps(_mm256_loadu_ps(q + 8), k1, s1[h]));
+        }
+    }
+    for (int64_t h = 0; h < group; h++) part[h * ATT_KEYS] = _mm256_add_ps(s0[h], s1[h]);
+}
+
+/* scores[h][j0 + i] = (q_h . k_{j0+i}) * scale for the ATT_KEYS keys from j0 (rows past nk are never read:
+ * their partials are zero) into sc + h * stride */
+static inline __attribute__((always_inline)) void att_scores(const float *qf, int64_t group, const uint16_t *k,
+                                                             int64_t hd, int64_t nk, float scale, float *sc,
+                                                             int64_t stride) {
+    __m256 s0[ATT_MAX_GROUP], s1[ATT_MAX_GROUP], part[ATT_MAX_GROUP * ATT_KEYS];
+    for (int64_t i = 0; i < ATT_KEYS; i++)
+        if (i < nk) att_key(qf, group, k + i * hd, hd, s0, s1, part + i);
+        else
+            for (int64_t h = 0; h < group; h++) part[h * ATT_KEYS + i] = _mm256_setzero_ps();
+    for (int64_t h = 0; h < group; h++)
+        _mm256_storeu_ps(sc + h * stride, _mm256_mul_ps(sum8x8(part + h * ATT_KEYS), _mm256_set1_ps(scale)));
+}
+
+/* e[j] = exp_approx(e[j] - mx) in place for j < n; returns sum_j e[j], lane j % 8 in key order, then a tree */
+static inline float att_exp(float *e, int64_t n, float mx) {
+    const __m256 m = _mm256_set1_ps(mx);
+    __m256 tot = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 x = exp8(_mm256_sub_ps(_mm256_loadu_ps(e + j), m));
+        _mm256_storeu_ps(e + j, x);
+        tot = _mm256_add_ps(tot, x);
+    }
+    if (j < n) { /* the ragged end: lanes past n add +0.0f, which changes nothing */
+        float t[8] = {0};
+        memcpy(t, e + j, (size_t)(n - j) * sizeof(float));
+        _mm256_storeu_ps(t, exp8(_mm256_sub_ps(_mm256_loadu_ps(t), m)));
+        for (int64_t i = n - j; i < 8; i++) t[i] = 0.0f;
+        memcpy(e + j, t, (size_t)(n - j) * sizeof(float));
+        tot = _mm256_add_ps(tot, _mm256_loadu_ps(t));
+    }
+    float l[8];
+    _mm256_storeu_ps(l, tot);
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+static inline float att_max(const float *e, int64_t n) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(e + j));
+    float l[8], mx = -INFINITY;
+    _mm256_storeu_ps(l, m);
+    for (int i = 0; i < 8; i++) mx = l[i] > mx ? l[i] : mx;
+    for (; j < n; j++) mx = e[j] > mx ? e[j] : mx;
+    return mx;
+}
+
+/* acc[h][d0 .. d0+16) (even/odd order) += sum_j p[h][j] * v_j[d0 ..] for keys j0 .. j1, one FMA chain per
+ * element in key order, for HB heads (a constant at each call, so the accumulators stay in registers) */
+static inline __attribute__((always_inline)) void att_pv(const float *p, int64_t len, const uint16_t *v, int64_t hd,
+                                                         int64_t j0, int64_t j1, int64_t d0, float *acc, const int HB) {
+    __m256 a[4][2];
+    for (int h = 0; h < HB; h++) a[h][0] = _mm256_loadu_ps(acc + h * 256 + d0), a[h][1] = _mm256_loadu_ps(acc + h * 256 + d0 + 8);
+    for (int64_t j = j0; j < j1; j++) {
+        __m256 ve, vo;
+        bf16x16(v + j * hd + d0, &ve, &vo);
+        for (int h = 0; h < HB; h++) {
+            const __m256 w = _mm256_broadcast_ss(p + h * len + j);
+            a[h][0] = _mm256_fmadd_ps(w, ve, a[h][0]);
+            a[h][1] = _mm256_fmadd_ps(w, vo, a[h][1]);
+        }
+    }
+    for (int h = 0; h < HB; h++) _mm256_storeu_ps(acc + h * 256 + d0, a[h][0]), _mm256_storeu_ps(acc + h * 256 + d0 + 8, a[h][1]);
+}
+
+#elif defined(ES_NEON) /* 128-bit vectors; hd 64 = 16 of them, 32 registers */
+#define ATT_KEYS 4
+
+static inline void bf16x8(const uint16_t *p, float32x4_t *lo, float32x4_t *hi) {
+    const uint16x8_t x = vld1q_u16(p);
+    *lo = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(x), 16));
+    *hi = vreinterpretq_f32_u32(vshll_high_n_u16(x, 16));
+}
+
+static inline void bf16_row(const uint16_t *src, float *dst, int64_t n) { /* n % 8 == 0 */
+    for (int64_t i = 0; i < n; i += 8) {
+        float32x4_t lo, hi;
+        bf16x8(src + i, &lo, &hi);
+        vst1q_f32(dst + i, lo), vst1q_f32(dst + i + 4, hi);
+    }
+}
+
+static inline void att_store(const float *acc, float inv, int64_t hd, uint16_t *out) {
+    for (int64_t d = 0; d < hd; d++) out[d] = f_bf16(acc[d] * inv);
+}
+
+static inline float32x4_t exp4(float32x4_t x) { /* exp_approx lane for lane (no FMA): the same bits */
+    x = vmaxq_f32(x, vdupq_n_f32(-87.0f));
+    x = vminq_f32(x, vdupq_n_f32(88.0f));
+    const float32x4_t t = vmulq_f32(x, vdupq_n_f32(1.44269504088896341f));
+    const float32x4_t z = vaddq_f32(t, vdupq_n_f32(12582912.0f)), n = vsubq_f32(z, vdupq_n_f32(12582912.0f));
+    const float32x4_t r = vmulq_f32(vsubq_f32(t, n), vdupq_n_f32(0.693147180559945f));
+    float32x4_t p = vdupq_n_f32(1.0f / 5040);
+    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(1.0f / 720));
+    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(1.0f / 120));
+    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(1.0f / 24));
+    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(1.0f / 6));
+    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(0.5f));
+    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(1.0f));
+    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(1.0f));
+    const int32x4_t e = vaddq_s32(vsubq_s32(vreinterpretq_s32_f32(z), vdupq_n_s32(0x4B400000)), vdupq_n_s32(127));
+    return vmulq_f32(p, vreinterpretq_f32_s32(vshlq_n_s32(e, 23)));
+}
+
+/* One key row against the group's queries (rows 256 apart): part[h] = s0 + s1, s0 summing dims d..d+4 and s1
+ * dims d+4..d+8 for d = 0, 8, 16, ... in order; the row is converted 32 dims at a time into registers and
+ * used by every head. */
+static inline __attribute__((always_inline)) void att_key(const float *qf, int64_t group, const uint16_t *k,
+                                                          int64_t hd, float32x4_t *s0, float32x4_t *s1,
+                                                          float32x4_t *part) {
+    for (int64_t h = 0; h < group; h++) s0[h] = s1[h] = vdupq_n_f32(0.0f);
+    for (int64_t c = 0; c < hd; c += 32) {
+        float32x4_t kr[8];
+        for (int i = 0; i < 4; i++) bf16x8(k + c + 8 * i, &kr[2 * i], &kr[2 * i + 1]);
+        for (int64_t h = 0; h < group; h++) {
+            const float *q = qf + h * 256 + c;
+            float32x4_t a0 = s0[h], a1 = s1[h];
+            for (int i = 0; i < 8; i += 2) {
+                a0 = vfmaq_f32(a0, vld1q_f32(q + 4 * i), kr[i]);
+                a1 = vfmaq_f32(a1, vld1q_f32(q + 4 * i + 4), kr[i + 1]);
+            }
+            s0[h] = a0, s1[h] = a1;
+        }
+    }
+    for (int64_t h = 0; h < group; h++) part[h * ATT_KEYS] = vaddq_f32(s0[h], s1[h]);
+}
+
+/* scores of the ATT_KEYS keys from k into sc + h * stride; key i = (l0+l1)+(l2+l3) of its partial */
+static inline void att_scores(const float *qf, int64_t group, const uint16_t *k, int64_t hd, int64_t nk,
+                              float scale, float *sc, int64_t stride) {
+    float32x4_t s0[ATT_MAX_GROUP], s1[ATT_MAX_GROUP], part[ATT_MAX_GROUP * ATT_KEYS];
+    for (int64_t i = 0; i < ATT_KEYS; i++)
+        if (i < nk) att_key(qf, group, k + i * hd, hd, s0, s1, part + i);
+        else
+            for (int64_t h = 0; h < group; h++) part[h * ATT_KEYS + i] = vdupq_n_f32(0.0f);
+    for (int64_t h = 0; h < group; h++) {
+        const float32x4_t *a = part + h * ATT_KEYS;
+        const float32x4_t t = vpaddq_f32(vpaddq_f32(a[0], a[1]), vpaddq_f32(a[2], a[3]));
+        vst1q_f32(sc + h * stride, vmulq_f32(t, vdupq_n_f32(scale)));
+    }
+}
+
+static inline float att_exp(float *e, int64_t n, float mx) { /* lane j % 8 (two vectors), in key order */
+    const float32x4_t m = vdupq_n_f32(mx);
+    float32x4_t t0 = vdupq_n_f32(0.0f), t1 = vdupq_n_f32(0.0f);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const float32x4_t x0 = exp4(vsubq_f32(vld1q_f32(e + j), m)), x1 = exp4(vsubq_f32(vld1q_f32(e + j + 4), m));
+        vst1q_f32(e + j, x0), vst1q_f32(e + j + 4, x1);
+        t0 = vaddq_f32(t0, x0), t1 = vaddq_f32(t1, x1);
+    }
+    if (j < n) { /* lanes past n add +0.0f */
+        float t[8] = {0};
+        memcpy(t, e + j, (size_t)(n - j) * sizeof(float));
+        vst1q_f32(t, exp4(vsubq_f32(vld1q_f32(t), m)));
+        vst1q_f32(t + 4, exp4(vsubq_f32(vld1q_f32(t + 4), m)));
+        for (int64_t i = n - j; i < 8; i++) t[i] = 0.0f;
+        memcpy(e + j, t, (size_t)(n - j) * sizeof(float));
+        t0 = vaddq_f32(t0, vld1q_f32(t)), t1 = vaddq_f32(t1, vld1q_f32(t + 4));
+    }
+    float l[8];
+    vst1q_f32(l, t0), vst1q_f32(l + 4, t1);
+    return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+static inline float att_max(const float *e, int64_t n) {
+    float32x4_t m = vdupq_n_f32(-INFINITY);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) m = vmaxq_f32(m, vld1q_f32(e + j));
+    float mx = vmaxvq_f32(m);
+    for (; j < n; j++) mx = e[j] > mx ? e[j] : mx;
+    return mx;
+}
+
+static inline __attribute__((always_inline)) void att_pv(const float *p, int64_t len, const uint16_t *v, int64_t hd,
+                                                         int64_t j0, int64_t j1, int64_t d0, float *acc, const int HB) {
+    float32x4_t a[4][4];
+    for (int h = 0; h < HB; h++)
+        for (int c = 0; c < 4; c++) a[h][c] = vld1q_f32(acc + h * 256 + d0 + 4 * c);
+    for (int64_t j = j0; j < j1; j++) {
+        float32x4_t v0, v1, v2, v3;
+        bf16x8(v + j * hd + d0, &v0, &v1);
+        bf16x8(v + j * hd + d0 + 8, &v2, &v3);
+        for (int h = 0; h < HB; h++) {
+            const float w = p[h * len + j];
+            a[h][0] = vfmaq_n_f32(a[h][0], v0, w);
+            a[h][1] = vfmaq_n_f32(a[h][1], v1, w);
+            a[h][2] = vfmaq_n_f32(a[h][2], v2, w);
+            a[h][3] = vfmaq_n_f32(a[h][3], v3, w);
+        }
+    }
+    for (int h = 0; h < HB; h++)
+        for (int c = 0; c < 4; c++) vst1q_f32(acc + h * 256 + d0 + 4 * c, a[h][c]);
+}
+
+#else /* plain C over 16 independent lanes: the compiler vectorizes the lane loops without reassociating */
+#define ATT_KEYS 16
+
+static inline void bf16_row(const uint16_t *src, float *dst, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dst[i] = bf16_f(src[i]);
+}
+
+static inline void att_store(const float *acc, float inv, int64_t hd, uint16_t *out) {
+    for (int64_t d = 0; d < hd; d++) out[d] = f_bf16(acc[d] * inv);
+}
+
+/* scores of the ATT_KEYS keys from k into sc + h * stride: each a 16-lane partial summed by sum16 */
+static inline void att_scores(const float *qf, int64_t group, const uint16_t *k, int64_t hd, int64_t nk,
+                              float scale, float *sc, int64_t stride) {
+    float row[256];
+    for (int64_t i = 0; i < ATT_KEYS; i++) {
+        if (i >= nk) { /* past len: zero, as the SIMD sets (dropped by the caller) */
+            for (int64_t h = 0; h < group; h++) sc[h * stride + i] = 0.0f;
+            continue;
+        }
+        bf16_row(k + i * hd, row, hd);
+        for (int64_t h = 0; h < group; h++) {
+            const float *q = qf + h * 256;
+            float part[16] = {0};
+            for (int64_t d = 0; d < hd; d += 16)
+                for (int l = 0; l < 16; l++) part[l] += q[d + l] * row[d + l];
+            sc[h * stride + i] = sum16(part) * scale;
+        }
+    }
+}
+
+static inline float att_exp(float *e, int64_t n, float mx) { /* lane j % 16 in key order */
+    float tot[16] = {0};
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int l = 0; l < 16; l++) {
+            e[j + l] = exp_approx(e[j + l] - mx);
+            tot[l] += e[j + l];
+        }
+    for (int l = 0; j + l < n; l++) {
+        e[j + l] = exp_approx(e[j + l] - mx);
+        tot[l] += e[j + l];
+    }
+    return sum16(tot);
+}
+
+static inline float att_max(const float *e, int64_t n) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; j++) mx = e[j] > mx ? e[j] : mx;
+    return mx;
+}
+
+static inline __attribute__((always_inline)) void att_pv(const float *p, int64_t len, const uint16_t *v, int64_t hd,
+                                                         int64_t j0, int64_t j1, int64_t d0, float *acc, const int HB) {
+    float a[4][16], row[16];
+    for (int h = 0; h < HB; h++)
+        for (int l = 0; l < 16; l++) a[h][l] = acc[h * 256 + d0 + l];
+    for (int64_t j = j0; j < j1; j++) {
+        for (int l = 0; l < 16; l++) row[l] = bf16_f(v[j * hd + d0 + l]);
+        for (int h = 0; h < HB; h++) {
+            const float w = p[h * len + j];
+            for (int l = 0; l < 16; l++) a[h][l] += w * row[l];
+        }
+    }
+    for (int h = 0; h < HB; h++)
+        for (int l = 0; l < 16; l++) acc[h * 256 + d0 + l] = a[h][l];
+}
+#endif
 
 /* Attend `group` query heads q (group, hd) bf16 to keys/values (len, hd) bf16; out (group, hd) bf16.
- * scores: float scratch of group * len. Each key and value row is converted to float once for all the
- * group's heads; a score is a 16-lane partial dot product summed in a fixed order. */
+ * scores: float scratch of group * len. Scores block by block of ATT_KEYS keys (each key row converted once
+ * for all heads), softmax per head, then out = (sum_j e_j v_j) / sum_j e_j with the V rows of each block of
+ * ATT_BLOCK keys converted once per 16 dims for up to 4 heads held in registers. */
 static void attend_group(const uint16_t *q, int64_t group, int64_t hd, const uint16_t *k, const uint16_t *v,
                          int64_t len, float scale, float *scores, uint16_t *out) {
-    float qf[ATT_MAX_GROUP][256], row[256], acc[ATT_MAX_GROUP][256];
-    for (int64_t h = 0; h < group; h++)
-        for (int64_t d = 0; d < hd; d++) qf[h][d] = bf16_f(q[h * hd + d]);
-    for (int64_t j = 0; j < len; j++) {
-        const uint16_t *kj = k + j * hd;
-        for (int64_t d = 0; d < hd; d++) row[d] = bf16_f(kj[d]);
-        for (int64_t h = 0; h < group; h++) {
-            scores[h * len + j] = dot_f32(qf[h], row, hd) * scale;
+    float qf[ATT_MAX_GROUP][256], acc[ATT_MAX_GROUP][256], sc[ATT_MAX_GROUP][ATT_KEYS], inv[ATT_MAX_GROUP];
+    for (int64_t h = 0; h < group; h++) bf16_row(q + h * hd, qf[h], hd);
+    int64_t j0 = 0;
+    for (; j0 + ATT_KEYS <= len; j0 += ATT_KEYS) { /* common group sizes as constants: the same operations */
+        const uint16_t *kb = k + j0 * hd;
+        switch (group) {
+        case 1: att_scores(&qf[0][0], 1, kb, hd, ATT_KEYS, scale, scores + j0, len); break;
+        case 2: att_scores(&qf[0][0], 2, kb, hd, ATT_KEYS, scale, scores + j0, len); break;
+        case 3: att_scores(&qf[0][0], 3, kb, hd, ATT_KEYS, scale, scores + j0, len); break;
+        case 4: att_scores(&qf[0][0], 4, kb, hd, ATT_KEYS, scale, scores + j0, len); break;
+        default: att_scores(&qf[0][0], group, kb, hd, ATT_KEYS, scale, scores + j0, len); break;
         }
     }
-    for (int64_t h = 0; h < group; h++) { /* softmax in place */
-        float *sc = scores + h * len, mx = -INFINITY, tot[16] = {0};
-        for (int64_t j = 0; j < len; j++) mx = sc[j] > mx ? sc[j] : mx;
-        int64_t j = 0;
-        for (; j + 16 <= len; j += 16)
-            for (int l = 0; l < 16; l++) {
-                sc[j + l] = exp_approx(sc[j + l] - mx);
-                tot[l] += sc[j + l];
+    if (j0 < len) { /* the last keys: zero partials past len, whose scores are dropped; the same operations */
+        att_scores(&qf[0][0], group, k + j0 * hd, hd, len - j0, scale, &sc[0][0], ATT_KEYS);
+        for (int64_t h = 0; h < group; h++) memcpy(scores + h * len + j0, sc[h], (size_t)(len - j0) * sizeof(float));
+    }
+    for (int64_t h = 0; h < group; h++) {
+        float *e = scores + h * len;
+        inv[h] = 1.0f / att_exp(e, len, att_max(e, len));
+        memset(acc[h], 0, sizeof acc[h]);
+    }
+    for (int64_t j0 = 0; j0 < len; j0 += ATT_BLOCK) {
+        const int64_t j1 = len - j0 < ATT_BLOCK ? len : j0 + ATT_BLOCK;
+        for (int64_t h = 0; h < group; h += 4)
+            for (int64_t d = 0; d < hd; d += 16) {
+                const float *p = scores + h * len;
+                switch (group - h) {
+                case 1: att_pv(p, len, v, hd, j0, j1, d, acc[h], 1); break;
+                case 2: att_pv(p, len, v, hd, j0, j1, d, acc[h], 2); break;
+                case 3: att_pv(p, len, v, hd, j0, j1, d, acc[h], 3); break;
+                default: att_pv(p, len, v, hd, j0, j1, d, acc[h], 4); break;
+                }
             }
-        for (int l = 0; j + l < len; l++) {
-            sc[j + l] = exp_approx(sc[j + l] - mx);
-            tot[l] += sc[j + l];
-        }
-        const float inv = 1.0f / sum16(tot);
-        for (j = 0; j < len; j++) sc[j] *= inv;
-        for (int64_t d = 0; d < hd; d++) acc[h][d] = 0.0f;
     }
-    for (int64_t j = 0; j < len; j++) { /* out = P V */
-        const uint16_t *vj = v + j * hd;
-        for (int64_t d = 0; d < hd; d++) row[d] = bf16_f(vj[d]);
-        for (int64_t h = 0; h < group; h++) {
-            const float p = scores[h * len + j];
-            for (int64_t d = 0; d < hd; d++) acc[h][d] += p * row[d];
-        }
-    }
-    for (int64_t h = 0; h < group; h++)
-        for (int64_t d = 0; d < hd; d++) out[h * hd + d] = f_bf16(acc[h][d]);
+    for (int64_t h = 0; h < group; h++) att_store(acc[h], inv[h], hd, out + h * hd);
 }
 
 /* act (bf16, F) = silu(g) * u for gu = [g | u] (bf16, 2F) */
