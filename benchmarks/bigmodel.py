@@ -70,9 +70,7 @@ def benchmark_model(model: str, stack: contextlib.AsyncExitStack | contextlib.Ex
     size = model.removeprefix("random-")
     if size not in SIZES:
         raise SystemExit(f"--model random-SIZE takes a size of benchmarks/bigmodel.py: {', '.join(SIZES)}")
-    path = (
-        Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeshard-pipeline-"))) / f"{model}.gguf"
-    )
+    path = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgeshard-bench-"))) / f"{model}.gguf"
     print(f"writing {path.name} ({params(size) / 1e9:.2f}B parameters, random weights, Q4_0)")
     write_model(path, size)
     return path

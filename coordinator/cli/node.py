@@ -21,7 +21,7 @@ DEMO_PROMPT = "Explain in three sentences why the sky is blue."
 
 
 def add_node_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """`node`: serve model shards over gRPC (its flags are the node's own, node/service/server.py)."""
+    """`node`: serve model shards over gRPC (its flags are the node's own, node/service/node_args.py)."""
     from edgeshard.node.service.node_args import add_node_args
 
     node = sub.add_parser("node", help="serve model shards over gRPC")
