@@ -18,11 +18,11 @@ Numbers only: the speed is measured by benchmarks/kernels.py --stage (docs/kerne
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from cross import aarch64_tools
 
 from edgeshard.node.lowbit import native
 
@@ -179,12 +179,5 @@ def test_attention_compiles_for_avx512(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name,flags", [("neon-dot", "-march=armv8.2-a+dotprod"), ("neon", "-march=armv8-a")])
 def test_attention_matches_float64_on_aarch64(name: str, flags: str, tmp_path: Path) -> None:
     """The NEON attention, natively on aarch64 or built for it and run under qemu-user."""
-    if native._is_arm64() and not native.runnable(name):
-        cc, runner = [native._compiler()], []
-    elif shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64"):
-        cc, runner = ["aarch64-linux-gnu-gcc", "-static"], ["qemu-aarch64"]
-    else:
-        pytest.skip(
-            "needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)"
-        )
+    cc, runner = aarch64_tools(name)
     assert _run(runner, _build(tmp_path, cc, [flags])).startswith(f"{name}: ok")

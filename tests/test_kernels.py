@@ -8,7 +8,6 @@ The AMX kernels have their own file (tests/test_amx.py). Numbers only: no timing
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cross import aarch64_tools
 from gguf import GGMLQuantizationType as QT
 from weights import FloatSrc
 
@@ -186,14 +186,7 @@ def test_the_c_harness_on_this_cpu(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name,flags", _CROSS)
 def test_the_c_harness_on_aarch64_under_qemu(name: str, flags: str, tmp_path: Path) -> None:
     """The NEON kernels, built for aarch64 and run under qemu-user (skipped without the cross tools)."""
-    if native._is_arm64() and not native.runnable(name):
-        cc, runner = [native._compiler()], []
-    elif shutil.which("aarch64-linux-gnu-gcc") and shutil.which("qemu-aarch64"):
-        cc, runner = ["aarch64-linux-gnu-gcc", "-static"], ["qemu-aarch64"]
-    else:
-        pytest.skip(
-            "needs aarch64-linux-gnu-gcc and qemu-aarch64 (apt-get install gcc-aarch64-linux-gnu qemu-user)"
-        )
+    cc, runner = aarch64_tools(name)
     assert _harness(cc, [flags], tmp_path, runner).startswith(f"{name}: ok")
 
 
