@@ -54,33 +54,12 @@ RESULTS = Path(__file__).resolve().parent / "results" / "recovery.json"
 PROMPT = list(range(1000, 1100))  # 100 token ids: a prefill of one chunk and a bit (--prompt-tokens)
 
 
-async def preload_spare(pipe, cluster: LocalNodes, stage: int, quant: str | None) -> None:
-    """Load `stage`'s layers on a node outside the plan (under a plan id of its own), so the recovery finds
+async def preload_spare(pipe, cluster: LocalNodes, stage: int) -> None:
+    """Load `stage`'s layers on a live node outside the plan (Deployment.preload_spare), so the recovery finds
     a spare already holding them."""
-    from edgeshard.coordinator.pipeline.deploy import new_plan_id
-    from edgeshard.coordinator.pipeline.stage_client import connect
-    from edgeshard.node.wire import edgeshard_pb2 as pb
-
-    plan = pipe.deployment.plan
-    used = {s["address"] for s in plan}
+    used = {s["address"] for s in pipe.deployment.plan}
     spare = next(a for a, p in zip(cluster.addresses, cluster.procs) if a not in used and p.poll() is None)
-    s = plan[stage]
-    nxt = "last" if stage == len(plan) - 1 else plan[stage + 1]["address"]
-    (client,), _ = await connect([spare])
-    try:
-        req = pb.LoadShardRequest(
-            model=pipe.deployment.shards[0].model,
-            start_layer=s["start_layer"],
-            end_layer=s["end_layer"],
-            num_layers=30,
-            quant=pipe.deployment.shards[0].quant,
-            plan_id=new_plan_id(),
-            next_hop=nxt,
-            stages=len(plan),
-        )
-        await client.load(req, lambda _progress: None)
-    finally:
-        await client.close()
+    await pipe.deployment.preload_spare(spare, stage)
 
 
 async def run_trial(pipe, cluster: LocalNodes, tokens: int, stage: int, after: int) -> dict:
@@ -134,7 +113,7 @@ async def main_async(args: argparse.Namespace, path: Path, cluster: LocalNodes) 
                 reference = [t async for t in generate(pipe, Sequence(PROMPT, SamplingParams(), args.tokens))]
             stage, after = rng.randrange(3), rng.randrange(2, args.tokens - 2)
             if args.hot_spare:
-                await preload_spare(pipe, cluster, stage, args.quant)
+                await preload_spare(pipe, cluster, stage)
             # --compare-replay: every other trial with the full replay (interleaved: the same load on both)
             pipe.policy = dataclasses.replace(pipe.policy, resume=not (args.compare_replay and i % 2))
             trial = await run_trial(pipe, cluster, args.tokens, stage, after)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from edgeshard.coordinator.pipeline.deploy import deploy, new_plan_id
+from edgeshard.coordinator.pipeline.deploy import deploy
 from edgeshard.coordinator.pipeline.generate import Sequence, generate
 from edgeshard.coordinator.pipeline.stage_client import connect
 from edgeshard.coordinator.recovery.resilient import RecoveryPolicy, resilient
@@ -92,24 +92,8 @@ async def ring(cluster, path):
 
 async def preload_spare(pipe, cluster, stage: int) -> str:
     """Load `stage`'s layers on the node outside the plan (a plan id of its own): a hot spare."""
-    plan = pipe.deployment.plan
-    spare = next(a for a in cluster.addresses if a not in {s["address"] for s in plan})
-    s = plan[stage]
-    (client,), _ = await connect([spare])
-    try:
-        req = pb.LoadShardRequest(
-            model=pipe.deployment.shards[0].model,
-            start_layer=s["start_layer"],
-            end_layer=s["end_layer"],
-            num_layers=30,
-            quant=QUANT,
-            plan_id=new_plan_id(),
-            next_hop="last" if stage == len(plan) - 1 else plan[stage + 1]["address"],
-            stages=len(plan),
-        )
-        await client.load(req, lambda _p: None)
-    finally:
-        await client.close()
+    spare = next(a for a in cluster.addresses if a not in {s["address"] for s in pipe.deployment.plan})
+    await pipe.deployment.preload_spare(spare, stage)
     return spare
 
 

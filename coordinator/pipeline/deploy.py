@@ -74,6 +74,27 @@ class Deployment:
         await pipe.start()
         return pipe
 
+    async def preload_spare(self, address: str, stage: int) -> pb.ShardInfo:
+        """Make the node at `address` (outside the plan) a hot spare of `stage`: the stage's layers loaded there
+        as this plan has them, under a plan id of its own, so a recovery that re-places that stage finds a
+        node already holding them and loads nothing (coordinator/recovery/)."""
+        shard, c = self.shards[stage], self.clients[stage]
+        (client,), _ = await connect([address], security=c.security)
+        try:
+            req = pb.LoadShardRequest(
+                model=shard.model,
+                start_layer=shard.start_layer,
+                end_layer=shard.end_layer,
+                num_layers=shard.num_layers,
+                quant=shard.quant,
+                plan_id=new_plan_id(),
+                next_hop=shard.next_hop,
+                stages=len(self.shards),
+            )
+            return await client.load(req, lambda _progress: None)
+        finally:
+            await client.close()
+
     async def close(self) -> None:
         """Let go of the nodes (they keep their shards, free for the next coordinator) and close the channels."""
         # only where our plan still runs: recovery closes the old deployment after loading the new one
