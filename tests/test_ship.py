@@ -176,6 +176,20 @@ def _cut_inside_a_tensor(manifest, want: list[str], chunk: int) -> tuple[int, st
     raise AssertionError("no tensor spans three chunks")
 
 
+def _cut_for_node_1(cluster, manifest, monkeypatch):
+    """Node 1 (the middle stage of 3) emptied and shipping set to 64 KB chunks: (the stage's tensors, the
+    manifest's tensors by hash, their bytes, chunks before a cut inside a tensor, that tensor, bytes of it
+    sent before the cut, its part file on the node)."""
+    want = manifest_wants(manifest, even_split(30, 3)[1])
+    by_hash = {t.sha256: t for t in manifest.tensors}
+    needed = sum(by_hash[s].nbytes for s in want)
+    _empty_node(cluster, 1)
+    monkeypatch.setattr(ship, "CHUNK_BYTES", 64 << 10)
+    cut, victim, sent = _cut_inside_a_tensor(manifest, want, 64 << 10)
+    partial = cluster.dirs[1] / CACHE_DIRNAME / "partial" / f"{victim}.part"
+    return want, by_hash, needed, cut, victim, sent, partial
+
+
 def _empty_node(cluster, i: int) -> None:
     os.kill(cluster.procs[i].pid, signal.SIGKILL)
     cluster.procs[i].wait()
@@ -189,14 +203,7 @@ def test_stream_broken_inside_a_tensor_resumes_at_that_byte(
 ):
     """The link breaks two chunks into a tensor: the next stream starts that tensor at the byte where it
     stopped, so not one byte is sent twice, and the loaded stage generates what --local does."""
-    spec = even_split(30, 3)[1]
-    want = manifest_wants(manifest, spec)
-    by_hash = {t.sha256: t for t in manifest.tensors}
-    needed = sum(by_hash[s].nbytes for s in want)
-    _empty_node(cluster, 1)
-    monkeypatch.setattr(ship, "CHUNK_BYTES", 64 << 10)
-    cut, victim, sent = _cut_inside_a_tensor(manifest, want, 64 << 10)
-    partial = cluster.dirs[1] / CACHE_DIRNAME / "partial" / f"{victim}.part"
+    want, by_hash, needed, cut, victim, sent, partial = _cut_for_node_1(cluster, manifest, monkeypatch)
     seen = []
     monkeypatch.setattr(ship, "after_cut", lambda: seen.append(partial.stat().st_size))
     ship.cut_next_stream_after = cut
@@ -221,14 +228,7 @@ def test_resumed_tensor_is_still_checked_whole(
 ):
     """A byte of the part received before the break is flipped on the node's disk: the resumed tensor fails
     its SHA-256 (checked over all of its bytes, not only the resumed ones), is dropped and sent again whole."""
-    spec = even_split(30, 3)[1]
-    want = manifest_wants(manifest, spec)
-    by_hash = {t.sha256: t for t in manifest.tensors}
-    needed = sum(by_hash[s].nbytes for s in want)
-    _empty_node(cluster, 1)
-    monkeypatch.setattr(ship, "CHUNK_BYTES", 64 << 10)
-    cut, victim, sent = _cut_inside_a_tensor(manifest, want, 64 << 10)
-    partial = cluster.dirs[1] / CACHE_DIRNAME / "partial" / f"{victim}.part"
+    want, by_hash, needed, cut, victim, sent, partial = _cut_for_node_1(cluster, manifest, monkeypatch)
 
     def flip() -> None:
         data = bytearray(partial.read_bytes())
